@@ -1,0 +1,152 @@
+"""Typed run configuration: dataclasses, YAML presets in ``rsitr/configs/`` and dotted overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A preset, file or override that does not describe a valid configuration."""
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of the dual encoder."""
+
+    image_backbone: str = "efficientnet_lite0"
+    image_pretrained: bool = True
+    image_stages: tuple[int, ...] = (1, 2, 3, 4)
+    freeze_image_stages: int = 3
+    text_model: str = "all-MiniLM-L6-v2"
+    text_pooling: str = "mean"
+    freeze_text_layers: int = 4
+    max_tokens: int = 32
+    embed_dim: int = 512
+    gate_hidden: int = 1024
+
+
+@dataclass
+class LossConfig:
+    """Loss terms and their weights."""
+
+    triplet_margin: float = 0.5
+    triplet_weight: float = 1.0
+    infonce_weight: float = 0.0
+    temperature: float = 0.05
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and scaling."""
+
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 1e-4
+    backbone_lr: float = 1e-5
+    weight_decay: float = 0.1
+    image_size: int = 224
+    augment: bool = True
+    num_workers: int = 2
+    cpus_per_worker: float = 0.5
+    use_gpu: bool = False
+    seed: int = 0
+    max_minutes: float = 0.0
+    eval_batch_size: int = 64
+
+
+@dataclass
+class Config:
+    """A whole run: model, loss and training settings."""
+
+    name: str = "msa-lite0-minilm"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON form (tuples become lists)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Config:
+        """Build from a nested mapping, rejecting unknown keys."""
+        return _build(cls, data, "")
+
+
+def _build(kind: type, data: dict[str, Any], where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(kind)}
+    unknown = set(data) - set(fields)
+    if unknown:
+        raise ConfigError(f"{where or 'config'}: unknown keys {sorted(unknown)}; known: {sorted(fields)}")
+    values: dict[str, Any] = {}
+    defaults = kind()
+    for name, value in data.items():
+        current = getattr(defaults, name)
+        if dataclasses.is_dataclass(current):
+            values[name] = _build(type(current), value, f"{where}{name}.")
+        else:
+            values[name] = _coerce(current, value, f"{where}{name}")
+    return kind(**values)
+
+
+def _coerce(current: Any, value: Any, key: str) -> Any:
+    try:
+        if isinstance(current, bool):
+            if isinstance(value, str):
+                if value.lower() not in {"true", "false", "1", "0", "yes", "no"}:
+                    raise ValueError(value)
+                return value.lower() in {"true", "1", "yes"}
+            return bool(value)
+        if isinstance(current, tuple):
+            items = value.split(",") if isinstance(value, str) else list(value)
+            return tuple(type(current[0])(v) if current else v for v in items)
+        if isinstance(current, (int, float, str)):
+            return type(current)(value)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{key}: cannot read {value!r} as {type(current).__name__}") from err
+    return value
+
+
+def available_presets() -> list[str]:
+    """Names of the presets shipped in ``rsitr/configs``."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def load_config(preset_or_path: str = "msa-lite0-minilm", overrides: list[str] | None = None) -> Config:
+    """Load a preset name or a YAML file and apply ``a.b=value`` overrides.
+
+    Args:
+        preset_or_path: a preset name (see :func:`available_presets`) or a path to a YAML file.
+        overrides: dotted ``key=value`` strings, applied in order.
+
+    Raises:
+        ConfigError: unknown preset, unreadable file, unknown key or a value of the wrong type.
+    """
+    path = Path(preset_or_path)
+    if not path.suffix:
+        path = CONFIG_DIR / f"{preset_or_path}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"config {preset_or_path!r}: no such preset or file; presets: {available_presets()}")
+    data = yaml.safe_load(path.read_text()) or {}
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. train.epochs=5")
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part} is not a section")
+        node[parts[-1]] = yaml.safe_load(raw) if raw else raw
+    return Config.from_dict(data)

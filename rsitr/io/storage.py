@@ -1,0 +1,85 @@
+"""Storage addressed by URI: a local path by default, ``s3://`` through s3fs.
+
+S3 endpoint and credentials come from the environment (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``,
+``AWS_SECRET_ACCESS_KEY``) or the standard AWS configuration; they are never taken from code or logged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+import fsspec
+from fsspec import AbstractFileSystem
+
+
+def is_remote(uri: str) -> bool:
+    """Whether ``uri`` names an object store rather than a local path."""
+    return "://" in uri and not uri.startswith("file://")
+
+
+def resolve(uri: str) -> str:
+    """Local paths become absolute (so Ray workers and Prefect runs agree); remote URIs stay as given."""
+    if is_remote(uri):
+        return uri.rstrip("/")
+    return str(Path(uri.removeprefix("file://")).expanduser().resolve())
+
+
+def filesystem(uri: str) -> tuple[AbstractFileSystem, str]:
+    """The fsspec filesystem for ``uri`` and the path inside it."""
+    uri = resolve(uri)
+    if uri.startswith("s3://"):
+        options: dict[str, Any] = {}
+        endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("S3_ENDPOINT_URL")
+        if endpoint:
+            options["endpoint_url"] = endpoint
+        fs = fsspec.filesystem("s3", **options)
+        return fs, uri.removeprefix("s3://")
+    fs, path = fsspec.core.url_to_fs(uri)
+    return fs, path
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join path parts onto a URI with ``/``."""
+    return "/".join([uri.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def exists(uri: str) -> bool:
+    """Whether a file or folder exists at ``uri``."""
+    fs, path = filesystem(uri)
+    return bool(fs.exists(path))
+
+
+def write_bytes_atomic(uri: str, data: bytes) -> None:
+    """Write ``data`` so readers see either nothing or the whole file.
+
+    Locally the bytes go to a temporary sibling that is renamed into place; on S3 an object only becomes
+    visible once its upload completes.
+    """
+    fs, path = filesystem(uri)
+    parent = path.rsplit("/", 1)[0]
+    fs.makedirs(parent, exist_ok=True)
+    if is_remote(uri):
+        fs.pipe_file(path, data)
+        return
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def write_json_atomic(uri: str, value: Any) -> None:
+    """Write ``value`` as indented JSON atomically."""
+    write_bytes_atomic(uri, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_json(uri: str) -> Any:
+    """Read a JSON document."""
+    fs, path = filesystem(uri)
+    with fs.open(path, "rb") as handle:
+        return json.load(handle)
