@@ -1,0 +1,103 @@
+"""The checkpoint contract: a directory with safetensors weights, optimizer state, config, epoch and metrics.
+
+Nothing here unpickles arbitrary objects: weights are safetensors, optimizer state loads with
+``weights_only=True``, the rest is JSON.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from rsitr.config import Config
+from rsitr.io import storage
+from rsitr.models.msa import MSA, build_model
+
+WEIGHTS = "model.safetensors"
+OPTIMIZER = "optimizer.pt"
+CONFIG = "config.json"
+STATE = "state.json"
+RESULT = "result.json"
+
+
+class CheckpointError(FileNotFoundError):
+    """A checkpoint or run folder that is missing or incomplete."""
+
+
+def save_checkpoint(
+    directory: str | Path, model: MSA, optimizer: torch.optim.Optimizer | None, config: Config, epoch: int,
+    metrics: dict[str, float],
+) -> str:
+    """Write a checkpoint into ``directory`` and return its model version (hash of the weights)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(directory / WEIGHTS))
+    version = hashlib.sha256((directory / WEIGHTS).read_bytes()).hexdigest()[:16]
+    if optimizer is not None:
+        torch.save(optimizer.state_dict(), directory / OPTIMIZER)
+    (directory / CONFIG).write_text(json.dumps(config.to_dict(), indent=2))
+    (directory / STATE).write_text(
+        json.dumps({"epoch": epoch, "metrics": metrics, "model_version": version}, indent=2)
+    )
+    return version
+
+
+def _local_copy(uri: str) -> Path:
+    """A local folder holding the checkpoint at ``uri`` (downloaded from object storage when remote)."""
+    if not storage.is_remote(uri):
+        return Path(storage.resolve(uri))
+    fs, path = storage.filesystem(uri)
+    target = Path(tempfile.mkdtemp(prefix="rsitr-ckpt-"))
+    fs.get(path.rstrip("/") + "/", str(target), recursive=True)
+    return target
+
+
+def resolve_checkpoint(uri: str) -> str:
+    """A checkpoint folder, or a training run folder whose ``result.json`` names its best checkpoint.
+
+    Raises:
+        CheckpointError: neither a checkpoint nor a finished run lives at ``uri``.
+    """
+    uri = storage.resolve(uri)
+    if storage.exists(storage.join(uri, WEIGHTS)):
+        return uri
+    result = storage.join(uri, RESULT)
+    if storage.exists(result):
+        return str(storage.read_json(result)["best_checkpoint"])
+    raise CheckpointError(f"{uri}: neither a checkpoint ({WEIGHTS}) nor a finished training run ({RESULT})")
+
+
+def load_checkpoint(uri: str, map_location: str | torch.device = "cpu") -> tuple[MSA, Config, dict[str, Any]]:
+    """Model (eval mode), config and state (epoch, metrics, model_version) of a checkpoint or run folder.
+
+    Raises:
+        CheckpointError: missing files or weights that do not fit the configured architecture.
+    """
+    folder = _local_copy(resolve_checkpoint(uri))
+    for name in (WEIGHTS, CONFIG, STATE):
+        if not (folder / name).is_file():
+            raise CheckpointError(f"checkpoint {uri}: missing {name}")
+    config = Config.from_dict(json.loads((folder / CONFIG).read_text()))
+    model = build_model(config.model, pretrained=False)
+    try:
+        model.load_state_dict(load_file(str(folder / WEIGHTS)), strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(f"checkpoint {uri}: weights do not fit the config ({err})") from err
+    model.to(map_location).eval()
+    return model, config, json.loads((folder / STATE).read_text())
+
+
+def load_training_state(folder: Path, model: MSA, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Restore weights and optimizer state in place for resuming; returns the saved state."""
+    model.load_state_dict(load_file(str(folder / WEIGHTS)), strict=True)
+    if (folder / OPTIMIZER).is_file():
+        optimizer.load_state_dict(torch.load(folder / OPTIMIZER, map_location="cpu", weights_only=True))
+    state: dict[str, Any] = json.loads((folder / STATE).read_text())
+    return state

@@ -1,0 +1,132 @@
+"""Ray Data pipelines over shards: decode, augment and tokenise in Ray Data, never in the train loop."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray.data
+from PIL import Image
+
+from rsitr.io import shards
+from rsitr.models.text import load_tokenizer
+
+# Fractional CPUs for Data stages: on a 2-core machine two training workers must not starve the reads
+# and decodes that feed them (whole-CPU Data tasks there wait forever for a free CPU).
+DATA_TASK_CPUS = 0.25
+
+
+def read_split(root: str, split: str, columns: list[str]) -> ray.data.Dataset:
+    """Rows of one split of an ingested dataset (``columns`` plus ``split``), streamed from its shards.
+
+    Raises:
+        shards.ShardsNotFoundError: ``root`` holds no ingested dataset.
+        ValueError: the dataset has no rows in ``split``.
+    """
+    manifest = shards.read_manifest(root)
+    if split not in manifest["splits"]:
+        raise ValueError(f"dataset {root} has no {split!r} split (splits: {sorted(manifest['splits'])})")
+    wanted = sorted(set(columns) | {"split"})
+    ds = ray.data.read_parquet(shards.shard_uris(root), columns=wanted, num_cpus=DATA_TASK_CPUS)
+    return ds.filter(expr=f"split == '{split}'")
+
+
+def decode_image(data: bytes, size: int) -> np.ndarray:
+    """Encoded bytes → (size, size, 3) uint8 RGB."""
+    with Image.open(io.BytesIO(data)) as img:
+        rgb = img.convert("RGB")
+        if rgb.size != (size, size):
+            rgb = rgb.resize((size, size), Image.Resampling.BICUBIC)
+        return np.asarray(rgb, dtype=np.uint8)
+
+
+def augment_rs(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Remote-sensing augmentation: one of the 8 dihedral transforms (90° rotations × flip)."""
+    image = np.rot90(image, k=int(rng.integers(4)))
+    if rng.integers(2):
+        image = image[:, ::-1]
+    return np.ascontiguousarray(image)
+
+
+class TrainBatches:
+    """Shard rows → ``image`` (uint8 NHWC), ``input_ids``, ``attention_mask``: one random caption per image."""
+
+    def __init__(self, image_size: int, text_model: str, max_tokens: int, augment: bool, seed: int = 0) -> None:
+        self.image_size = image_size
+        self.tokenizer = load_tokenizer(text_model)
+        self.max_tokens = max_tokens
+        self.augment = augment
+        self.rng = np.random.default_rng(seed)
+
+    def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
+        images = []
+        texts = []
+        for data, captions in zip(batch["image"].to_pylist(), batch["captions"].to_pylist(), strict=True):
+            image = decode_image(data, self.image_size)
+            images.append(augment_rs(image, self.rng) if self.augment else image)
+            texts.append(captions[int(self.rng.integers(len(captions)))])
+        tokens = self.tokenizer(
+            texts, padding="max_length", truncation=True, max_length=self.max_tokens, return_tensors="np"
+        )
+        return {
+            "image": np.stack(images),
+            "input_ids": tokens["input_ids"].astype(np.int64),
+            "attention_mask": tokens["attention_mask"].astype(np.int64),
+        }
+
+
+def decode_images(batch: pa.Table, image_size: int) -> dict[str, Any]:
+    """Shard rows → ``image_id`` and ``image`` (uint8 NHWC), no augmentation."""
+    return {
+        "image_id": np.asarray(batch["image_id"].to_pylist(), dtype=object),
+        "image": np.stack([decode_image(d, image_size) for d in batch["image"].to_pylist()]),
+    }
+
+
+class CaptionTokens:
+    """Shard rows → one row per caption: ``image_id``, ``input_ids``, ``attention_mask``."""
+
+    def __init__(self, text_model: str, max_tokens: int) -> None:
+        self.tokenizer = load_tokenizer(text_model)
+        self.max_tokens = max_tokens
+
+    def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
+        flat = pc.list_flatten(batch["captions"]).to_pylist()
+        owners = pc.list_parent_indices(batch["captions"]).to_numpy()
+        image_ids = np.asarray(batch["image_id"].to_pylist(), dtype=object)[owners]
+        tokens = self.tokenizer(
+            flat, padding="max_length", truncation=True, max_length=self.max_tokens, return_tensors="np"
+        )
+        return {
+            "image_id": image_ids,
+            "input_ids": tokens["input_ids"].astype(np.int64),
+            "attention_mask": tokens["attention_mask"].astype(np.int64),
+        }
+
+
+def train_dataset(root: str, image_size: int, text_model: str, max_tokens: int, augment: bool) -> ray.data.Dataset:
+    """The training split, decoded, augmented and tokenised."""
+    ds = read_split(root, "train", ["image", "captions"])
+    return ds.map_batches(
+        TrainBatches, fn_constructor_kwargs={"image_size": image_size, "text_model": text_model,
+                                             "max_tokens": max_tokens, "augment": augment},
+        batch_format="pyarrow", batch_size=64, concurrency=1, num_cpus=DATA_TASK_CPUS,
+    )
+
+
+def eval_datasets(
+    root: str, split: str, image_size: int, text_model: str, max_tokens: int
+) -> tuple[ray.data.Dataset, ray.data.Dataset]:
+    """Two streams for evaluation: every image once, and every caption with its image id."""
+    images = read_split(root, split, ["image_id", "image"]).map_batches(
+        decode_images, fn_kwargs={"image_size": image_size}, batch_format="pyarrow", batch_size=64,
+        num_cpus=DATA_TASK_CPUS,
+    )
+    captions = read_split(root, split, ["image_id", "captions"]).map_batches(
+        CaptionTokens, fn_constructor_kwargs={"text_model": text_model, "max_tokens": max_tokens},
+        batch_format="pyarrow", batch_size=256, concurrency=1, num_cpus=DATA_TASK_CPUS,
+    )
+    return images, captions

@@ -1,0 +1,66 @@
+"""Evaluation: encode each image once and each caption once, then chunked R@K (see :mod:`rsitr.metrics`)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import torch
+
+from rsitr.metrics import retrieval_metrics_from_embeddings
+from rsitr.models.msa import MSA
+
+
+@torch.no_grad()
+def embed_images(model: MSA, batches: Iterable[dict[str, Any]], device: torch.device) -> tuple[list[str], torch.Tensor]:
+    """Image ids and embeddings from batches of ``image_id`` / ``image``."""
+    ids: list[str] = []
+    vectors = []
+    for batch in batches:
+        ids.extend(str(i) for i in batch["image_id"])
+        vectors.append(model.encode_image(torch.as_tensor(batch["image"]).to(device)).float().cpu())
+    return ids, torch.cat(vectors) if vectors else torch.empty(0)
+
+
+@torch.no_grad()
+def embed_captions(
+    model: MSA, batches: Iterable[dict[str, Any]], device: torch.device
+) -> tuple[list[str], torch.Tensor]:
+    """Owning image ids and embeddings from batches of ``image_id`` / ``input_ids`` / ``attention_mask``."""
+    owners: list[str] = []
+    vectors = []
+    for batch in batches:
+        owners.extend(str(i) for i in batch["image_id"])
+        ids = torch.as_tensor(batch["input_ids"]).to(device)
+        mask = torch.as_tensor(batch["attention_mask"]).to(device)
+        vectors.append(model.encode_text(ids, mask).float().cpu())
+    return owners, torch.cat(vectors) if vectors else torch.empty(0)
+
+
+def evaluate_model(
+    model: MSA, image_batches: Iterable[dict[str, Any]], caption_batches: Iterable[dict[str, Any]],
+    device: torch.device,
+) -> dict[str, float]:
+    """R@1/5/10 both ways and mR of ``model`` on one split.
+
+    Raises:
+        ValueError: a caption belongs to an image that is not in the image stream, or the split is empty.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        image_ids, image_vecs = embed_images(model, image_batches, device)
+        owners, caption_vecs = embed_captions(model, caption_batches, device)
+    finally:
+        model.train(was_training)
+    if not image_ids or not owners:
+        raise ValueError("evaluation split has no images or no captions")
+    index = {image_id: i for i, image_id in enumerate(image_ids)}
+    missing = [o for o in owners if o not in index]
+    if missing:
+        raise ValueError(f"{len(missing)} captions belong to images not in the split, e.g. {missing[0]}")
+    caption_image = np.array([index[o] for o in owners])
+    metrics = retrieval_metrics_from_embeddings(image_vecs, caption_vecs, caption_image)
+    metrics.update({"images": float(len(image_ids)), "captions": float(len(owners))})
+    return metrics

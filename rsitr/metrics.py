@@ -1,0 +1,82 @@
+"""Retrieval metrics (R@1/5/10 both ways and mR), computed in chunks of images.
+
+Ties count against the query: a candidate that scores *equal* to the best correct one ranks ahead of it, so a
+constant (broken) model scores 0 rather than 100.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+KS = (1, 5, 10)
+METRIC_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "mR")
+
+
+def _ranks(
+    block: Callable[[int, int], torch.Tensor], n_images: int, caption_image: torch.Tensor, own: torch.Tensor,
+    chunk: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """0-based ranks of the best correct caption per image, and of the correct image per caption."""
+    n_captions = caption_image.shape[0]
+    i2t = torch.empty(n_images, dtype=torch.long)
+    t2i = torch.zeros(n_captions, dtype=torch.long)
+    for start in range(0, n_images, chunk):
+        stop = min(start + chunk, n_images)
+        scores = block(start, stop).float()  # (c, n_captions)
+        rows = torch.arange(start, stop).unsqueeze(1)
+        is_own = caption_image.unsqueeze(0) == rows
+        best_own = scores.masked_fill(~is_own, float("-inf")).max(dim=1).values
+        i2t[start:stop] = ((scores >= best_own.unsqueeze(1)) & ~is_own).sum(dim=1)
+        t2i += ((scores >= own.unsqueeze(0)) & ~is_own).sum(dim=0)
+    return i2t, t2i
+
+
+def _summarise(i2t: torch.Tensor, t2i: torch.Tensor) -> dict[str, float]:
+    out = {f"i2t_r{k}": 100.0 * float((i2t < k).float().mean()) for k in KS}
+    out.update({f"t2i_r{k}": 100.0 * float((t2i < k).float().mean()) for k in KS})
+    out["mR"] = float(np.mean([out[key] for key in METRIC_KEYS[:-1]]))
+    return out
+
+
+def retrieval_metrics(
+    sim: torch.Tensor | np.ndarray, caption_image: torch.Tensor | np.ndarray, chunk: int = 1024
+) -> dict[str, float]:
+    """Recall@K in percent from an images × captions score matrix.
+
+    Args:
+        sim: (n_images, n_captions) scores.
+        caption_image: (n_captions,) index of each caption's image.
+        chunk: images per block.
+    """
+    sim_t = torch.as_tensor(sim)
+    cap = torch.as_tensor(caption_image, dtype=torch.long)
+    own = sim_t[cap, torch.arange(cap.shape[0])].float()
+    return _summarise(*_ranks(lambda a, b: sim_t[a:b], sim_t.shape[0], cap, own, chunk))
+
+
+def retrieval_metrics_from_embeddings(
+    images: torch.Tensor, captions: torch.Tensor, caption_image: torch.Tensor | np.ndarray, chunk: int = 1024
+) -> dict[str, float]:
+    """Recall@K from image and caption embeddings (cosine = dot product of unit vectors), never holding the
+    full score matrix: memory is ``chunk × n_captions``."""
+    cap = torch.as_tensor(caption_image, dtype=torch.long)
+    own = (images[cap] * captions).sum(dim=1).float()
+    return _summarise(*_ranks(lambda a, b: images[a:b] @ captions.t(), images.shape[0], cap, own, chunk))
+
+
+def chance_metrics(n_images: int, captions_per_image: float) -> dict[str, float]:
+    """Expected recall of a random ranking (what a model must beat)."""
+    n_captions = n_images * captions_per_image
+    out = {}
+    for k in KS:
+        # i→t: P(at least one of c correct captions in a random top-k of n_captions).
+        miss = 1.0
+        for j in range(k):
+            miss *= max(0.0, (n_captions - captions_per_image - j) / (n_captions - j))
+        out[f"i2t_r{k}"] = 100.0 * (1.0 - miss)
+        out[f"t2i_r{k}"] = 100.0 * min(1.0, k / n_images)
+    out["mR"] = float(np.mean([out[key] for key in METRIC_KEYS[:-1]]))
+    return out

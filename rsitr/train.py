@@ -1,0 +1,287 @@
+"""Distributed MSA training with Ray Train; ``python -m rsitr.train`` is the Ray job entry point.
+
+Each worker reads its share of the training split from Ray Data (decoded and tokenised there), trains the
+model under DDP (gloo on CPU, NCCL on GPU) and reports every epoch. Rank 0 evaluates the full validation split,
+writes the checkpoint and logs; the best checkpoint by val mR is kept, and test is evaluated once at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.data
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+
+from rsitr import checkpoint as ckpt
+from rsitr.config import Config, TrainConfig, load_config
+from rsitr.data.pipeline import eval_datasets, train_dataset
+from rsitr.evaluate import evaluate_model
+from rsitr.io import shards, storage
+from rsitr.losses import total_loss
+from rsitr.models.msa import MSA, build_model
+
+log = logging.getLogger("rsitr.train")
+
+
+def make_optimizer(model: MSA, train: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW with a smaller learning rate for the pretrained towers than for the new heads."""
+    towers, heads = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (towers if name.startswith(("backbone.", "text.")) else heads).append(param)
+    groups = [{"params": heads, "lr": train.lr}]
+    if towers:
+        groups.append({"params": towers, "lr": train.backbone_lr})
+    return torch.optim.AdamW(groups, weight_decay=train.weight_decay)
+
+
+def gather_batch(local: torch.Tensor) -> torch.Tensor:
+    """All workers' embeddings, with gradients flowing only through this worker's own slice.
+
+    Every worker then computes the same global B×B loss; DDP's gradient averaging makes the update the
+    global loss's gradient (scaled by 1/world).
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return local
+    parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, local.detach().contiguous())
+    parts[dist.get_rank()] = local
+    return torch.cat(parts)
+
+
+def _agree(flag: bool) -> bool:
+    """Rank 0's decision, shared with every worker (so all stop at the same epoch)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    value = torch.tensor([1 if flag else 0])
+    dist.broadcast(value, src=0)
+    return bool(value.item())
+
+
+def train_loop(loop_config: dict[str, Any]) -> None:
+    """The per-worker training loop (runs inside Ray Train)."""
+    config = Config.from_dict(loop_config["config"])
+    train_cfg = config.train
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.set_num_threads(max(1, int(train_cfg.cpus_per_worker)))
+    torch.manual_seed(train_cfg.seed + rank)
+    device = ray.train.torch.get_device()
+    model = build_model(config.model).to(device)
+    optimizer = make_optimizer(model, train_cfg)
+    start_epoch, started = 0, time.monotonic()
+    resume = ray.train.get_checkpoint()
+    if resume is not None:
+        with resume.as_directory() as folder:
+            start_epoch = int(ckpt.load_training_state(Path(folder), model, optimizer)["epoch"]) + 1
+        if rank == 0:
+            log.info("resuming at epoch %d", start_epoch)
+    ddp = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False})
+    amp = device.type == "cuda"
+    scaler = torch.amp.GradScaler(enabled=amp)
+    per_worker = max(2, train_cfg.batch_size // world)
+    shard = ray.train.get_dataset_shard("train")
+    for epoch in range(start_epoch, train_cfg.epochs):
+        ddp.train()
+        losses, samples, wait, epoch_start = [], 0, 0.0, time.perf_counter()
+        batches = iter(shard.iter_torch_batches(batch_size=per_worker, drop_last=True, device=device))
+        while True:
+            t0 = time.perf_counter()
+            batch = next(batches, None)
+            wait += time.perf_counter() - t0
+            if batch is None:
+                break
+            with torch.autocast(device.type, enabled=amp):
+                image_emb, text_emb = ddp(batch["image"], batch["input_ids"], batch["attention_mask"])
+                sim = gather_batch(image_emb) @ gather_batch(text_emb).t()
+                terms = total_loss(sim.float(), config.loss)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(terms["loss"]).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            losses.append(float(terms["loss"].detach()))
+            samples += batch["image"].shape[0]
+            if rank == 0 and len(losses) % 10 == 0:
+                log.info("epoch %d step %d loss %.4f", epoch, len(losses), losses[-1])
+        elapsed = time.perf_counter() - epoch_start
+        metrics: dict[str, float] = {
+            "epoch": epoch,
+            "train_loss": sum(losses) / max(1, len(losses)),
+            "samples_per_s": samples * world / max(elapsed, 1e-9),
+            "data_wait_fraction": wait / max(elapsed, 1e-9),
+        }
+        out_of_time = bool(train_cfg.max_minutes) and time.monotonic() - started > 60 * train_cfg.max_minutes
+        if rank == 0:
+            val_images, val_captions = ray.train.get_dataset_shard("val_images"), ray.train.get_dataset_shard(
+                "val_captions"
+            )
+            val = evaluate_model(
+                model, val_images.iter_batches(batch_size=train_cfg.eval_batch_size),
+                val_captions.iter_batches(batch_size=256), device,
+            )
+            metrics.update({f"val_{k}": v for k, v in val.items()})
+            log.info("epoch %d %s", epoch, json.dumps({k: round(v, 4) for k, v in metrics.items()}))
+            with tempfile.TemporaryDirectory() as folder:
+                ckpt.save_checkpoint(folder, model, optimizer, config, epoch, metrics)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+        else:
+            ray.train.report(metrics, checkpoint=None)
+        if _agree(out_of_time):
+            if rank == 0:
+                log.info("wall-clock budget of %.1f min reached after epoch %d", train_cfg.max_minutes, epoch)
+            break
+
+
+@dataclass
+class FitResult:
+    """Where a finished run put its outputs, and its metrics."""
+
+    run_dir: str
+    best_checkpoint: str
+    val: dict[str, float]
+    test: dict[str, float] | None
+    history: list[dict[str, float]]
+
+
+def unique_run_name(config: Config) -> str:
+    """``<preset>-<UTC time>-<random>``: new runs never collide with (and so never resume) old ones."""
+    return f"{config.name}-{datetime.now(UTC):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
+
+
+def fit(config: Config, data: str, storage_path: str = ".rsitr/runs", name: str | None = None,
+        max_failures: int = 1, evaluate_test: bool = True) -> FitResult:
+    """Train on an ingested dataset with Ray Train; a run with an existing ``name`` resumes.
+
+    Raises:
+        shards.ShardsNotFoundError: ``data`` holds no ingested dataset.
+    """
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    data = storage.resolve(data)
+    shards.read_manifest(data)  # fail before starting anything when the data is not there
+    storage_path = storage.resolve(storage_path)
+    name = name or unique_run_name(config)
+    if not ray.is_initialized():
+        address = os.environ.get("RAY_ADDRESS") or None
+        # A fresh local Ray declares at least 4 logical CPUs: with only 2, the train workers and Ray Data's
+        # read/decode stages starve each other (see STACK.md); torch runs one thread per worker anyway.
+        ray.init(address=address, num_cpus=None if address else max(4, os.cpu_count() or 1))
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    m, t = config.model, config.train
+    val_images, val_captions = eval_datasets(data, "val", t.image_size, m.text_model, m.max_tokens)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"config": config.to_dict()},
+        scaling_config=ScalingConfig(
+            num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker={"CPU": t.cpus_per_worker}
+        ),
+        datasets={
+            "train": train_dataset(data, t.image_size, m.text_model, m.max_tokens, t.augment),
+            "val_images": val_images,
+            "val_captions": val_captions,
+        },
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage_path,
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=1, checkpoint_score_attribute="val_mR", checkpoint_score_order="max"
+            ),
+            failure_config=FailureConfig(max_failures=max_failures),
+        ),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda pair: pair[1]["val_mR"])
+    run_dir = storage.join(storage_path, name)
+    history = _history(result)
+    test = None
+    if evaluate_test:
+        test = evaluate_checkpoint(best_ckpt.path, data, "test")
+    out = FitResult(
+        run_dir=run_dir,
+        best_checkpoint=best_ckpt.path if storage_path.startswith("s3://") is False else f"s3://{best_ckpt.path}",
+        val={k.removeprefix("val_"): v for k, v in best_metrics.items() if k.startswith("val_")},
+        test=test,
+        history=history,
+    )
+    storage.write_json_atomic(storage.join(run_dir, ckpt.RESULT), out.__dict__)
+    return out
+
+
+def _history(result: Any) -> list[dict[str, float]]:
+    frame = result.metrics_dataframe
+    if frame is None:
+        return []
+    keep = [c for c in frame.columns if c in {"epoch", "train_loss", "val_mR", "samples_per_s", "data_wait_fraction"}]
+    return [{k: float(v) for k, v in row.items()} for row in frame[keep].to_dict("records")]
+
+
+def evaluate_checkpoint(checkpoint: str, data: str, split: str = "test") -> dict[str, float]:
+    """Metrics of a checkpoint (or finished run) on one split of an ingested dataset."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, config, _ = ckpt.load_checkpoint(checkpoint, map_location=device)
+    images, captions = eval_datasets(
+        storage.resolve(data), split, config.train.image_size, config.model.text_model, config.model.max_tokens
+    )
+    return evaluate_model(
+        model, images.iter_batches(batch_size=config.train.eval_batch_size), captions.iter_batches(batch_size=256),
+        device,
+    )
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """Arguments shared by ``python -m rsitr.train`` and ``rsitr train``."""
+    parser = parser or argparse.ArgumentParser(prog="python -m rsitr.train", description=__doc__)
+    parser.add_argument("--config", default="msa-lite0-minilm", help="preset name or YAML file")
+    parser.add_argument("--data", required=True, help="ingested dataset folder/URI (holds manifest.json)")
+    parser.add_argument("--storage", default=".rsitr/runs", help="where runs and checkpoints go")
+    parser.add_argument("--name", default=None, help="run name; an existing run of that name resumes")
+    parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--max-minutes", type=float, default=None, help="wall-clock budget for training")
+    parser.add_argument("--workers", type=int, default=None, help="Ray Train workers")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4")
+    return parser
+
+
+def run_from_args(args: argparse.Namespace) -> FitResult:
+    """Load the config with the CLI's overrides and call :func:`fit`."""
+    overrides = list(args.overrides)
+    if args.epochs is not None:
+        overrides.append(f"train.epochs={args.epochs}")
+    if args.max_minutes is not None:
+        overrides.append(f"train.max_minutes={args.max_minutes}")
+    if args.workers is not None:
+        overrides.append(f"train.num_workers={args.workers}")
+    config = load_config(args.config, overrides)
+    result = fit(config, args.data, args.storage, args.name)
+    print(json.dumps({"run_dir": result.run_dir, "best_checkpoint": result.best_checkpoint,
+                      "val": result.val, "test": result.test}, indent=2))
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    run_from_args(build_parser().parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
