@@ -24,6 +24,7 @@ OPTIMIZER = "optimizer.pt"
 CONFIG = "config.json"
 STATE = "state.json"
 RESULT = "result.json"
+LATEST = "latest.json"
 
 
 class CheckpointError(FileNotFoundError):
@@ -60,7 +61,8 @@ def _local_copy(uri: str) -> Path:
 
 
 def resolve_checkpoint(uri: str) -> str:
-    """A checkpoint folder, or a training run folder whose ``result.json`` names its best checkpoint.
+    """A checkpoint folder; a finished run folder (its ``result.json`` names the best checkpoint); or a runs
+    folder (its ``latest.json`` names the latest finished run's best checkpoint).
 
     Raises:
         CheckpointError: neither a checkpoint nor a finished run lives at ``uri``.
@@ -68,10 +70,12 @@ def resolve_checkpoint(uri: str) -> str:
     uri = storage.resolve(uri)
     if storage.exists(storage.join(uri, WEIGHTS)):
         return uri
-    result = storage.join(uri, RESULT)
-    if storage.exists(result):
-        return str(storage.read_json(result)["best_checkpoint"])
-    raise CheckpointError(f"{uri}: neither a checkpoint ({WEIGHTS}) nor a finished training run ({RESULT})")
+    for pointer in (RESULT, LATEST):
+        if storage.exists(storage.join(uri, pointer)):
+            return str(storage.read_json(storage.join(uri, pointer))["best_checkpoint"])
+    raise CheckpointError(
+        f"{uri}: not a checkpoint ({WEIGHTS}), a finished training run ({RESULT}) or a runs folder ({LATEST})"
+    )
 
 
 def load_checkpoint(uri: str, map_location: str | torch.device = "cpu") -> tuple[MSA, Config, dict[str, Any]]:

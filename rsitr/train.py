@@ -217,12 +217,13 @@ def fit(config: Config, data: str, storage_path: str = ".rsitr/runs", name: str 
         test = evaluate_checkpoint(best_ckpt.path, data, "test")
     out = FitResult(
         run_dir=run_dir,
-        best_checkpoint=best_ckpt.path if storage_path.startswith("s3://") is False else f"s3://{best_ckpt.path}",
+        best_checkpoint=f"s3://{best_ckpt.path}" if storage_path.startswith("s3://") else best_ckpt.path,
         val={k.removeprefix("val_"): v for k, v in best_metrics.items() if k.startswith("val_")},
         test=test,
         history=history,
     )
     storage.write_json_atomic(storage.join(run_dir, ckpt.RESULT), out.__dict__)
+    storage.write_json_atomic(storage.join(storage_path, ckpt.LATEST), {"run": name, **out.__dict__})
     return out
 
 

@@ -78,6 +78,14 @@ class TrainBatches:
         }
 
 
+def tokenize(texts: list[str], text_model: str, max_tokens: int) -> dict[str, np.ndarray]:
+    """Token ids and attention mask, padded to ``max_tokens``."""
+    tokens = load_tokenizer(text_model)(
+        texts, padding="max_length", truncation=True, max_length=max_tokens, return_tensors="np"
+    )
+    return {"input_ids": tokens["input_ids"].astype(np.int64), "attention_mask": tokens["attention_mask"].astype(np.int64)}
+
+
 def decode_images(batch: pa.Table, image_size: int) -> dict[str, Any]:
     """Shard rows → ``image_id`` and ``image`` (uint8 NHWC), no augmentation."""
     return {

@@ -1,0 +1,122 @@
+"""Prefect flow ``train-msa``: submit ``python -m rsitr.train`` as a Ray job, follow it, publish its metrics.
+
+The job goes to ``RAY_ADDRESS`` (a Ray dashboard URL such as ``http://head:8265``) or, when that is unset, to
+a local Ray head that the flow starts and stops. Cancelling the flow run stops the job.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import time
+import uuid
+from contextlib import ExitStack
+from datetime import UTC, datetime
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_table_artifact
+
+from pipelines.raycluster import local_ray_head
+from rsitr.checkpoint import RESULT
+from rsitr.io import shards, storage
+from rsitr.metrics import METRIC_KEYS
+
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+
+
+class MissingDataError(FileNotFoundError):
+    """The dataset to train on has not been ingested."""
+
+
+def require_dataset(data: str) -> None:
+    """Fail at once, saying what to ingest and how, when ``data`` holds no ingested dataset."""
+    try:
+        shards.read_manifest(data)
+    except shards.ShardsNotFoundError as err:
+        root = storage.resolve(data)
+        name = root.rstrip("/").rsplit("/", 1)[-1]
+        parent = root.rstrip("/").rsplit("/", 1)[0]
+        raise MissingDataError(
+            f"no ingested dataset at {root}. Ingest it first, e.g. `rsitr ingest corpus --images <{name} images> "
+            f"--captions <{name} captions file> --dataset {name} --out {parent}` (or `rsitr ingest folder`)"
+        ) from err
+
+
+def entrypoint(config: str, data: str, storage_path: str, name: str, epochs: int | None,
+               max_minutes: float | None, overrides: list[str]) -> str:
+    """The command line of the Ray job (the same one people pass to ``ray job submit``)."""
+    parts = ["python", "-m", "rsitr.train", "--config", config, "--data", data, "--storage", storage_path,
+             "--name", name]
+    if epochs is not None:
+        parts += ["--epochs", str(epochs)]
+    if max_minutes is not None:
+        parts += ["--max-minutes", str(max_minutes)]
+    return shlex.join(parts + list(overrides))
+
+
+def follow_job(address: str, command: str, job_id: str, poll_s: float = 2.0) -> str:
+    """Submit, stream logs into the flow run's log, and return the terminal status; stop the job on exit."""
+    from ray.job_submission import JobSubmissionClient
+
+    logger = get_run_logger()
+    client = JobSubmissionClient(address)
+    client.submit_job(entrypoint=command, submission_id=job_id)
+    logger.info("submitted Ray job %s to %s: %s", job_id, address, command)
+    shown, status = 0, "PENDING"
+    try:
+        while status not in TERMINAL:
+            time.sleep(poll_s)
+            status = str(client.get_job_status(job_id).value)
+            logs = client.get_job_logs(job_id)
+            for line in logs[shown:].splitlines():
+                if line.strip() and "Loading weights" not in line:
+                    logger.info("%s", line)
+            shown = len(logs)
+    finally:
+        if status not in TERMINAL:
+            logger.warning("flow run ended before Ray job %s; stopping the job", job_id)
+            client.stop_job(job_id)
+    return status
+
+
+@flow(name="train-msa", log_prints=True)
+def train_msa(
+    data: str,
+    config: str = "msa-lite0-minilm",
+    storage_path: str = ".rsitr/runs",
+    name: str | None = None,
+    epochs: int | None = None,
+    max_minutes: float | None = None,
+    overrides: list[str] | None = None,
+    ray_address: str | None = None,
+) -> dict[str, Any]:
+    """Train MSA on an ingested dataset as a Ray job and return the run's result (best checkpoint, metrics).
+
+    Args:
+        data: ingested dataset folder/URI (holds ``manifest.json``).
+        config: preset name or YAML file.
+        storage_path: where runs and checkpoints go.
+        name: run name; an existing run of that name resumes. Default: a new unique name.
+        epochs: override the preset's epochs.
+        max_minutes: wall-clock budget for training.
+        overrides: dotted config overrides (``train.lr=1e-4``).
+        ray_address: Ray dashboard URL; default ``RAY_ADDRESS``, else a local head started for this run.
+    """
+    require_dataset(data)
+    data, storage_path = storage.resolve(data), storage.resolve(storage_path)
+    name = name or f"{config.rsplit('/', 1)[-1].removesuffix('.yaml')}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
+    command = entrypoint(config, data, storage_path, name, epochs, max_minutes, overrides or [])
+    job_id = f"train-msa-{name}-{uuid.uuid4().hex[:6]}"
+    with ExitStack() as stack:
+        address = ray_address or os.environ.get("RAY_ADDRESS")
+        if not address or not address.startswith("http"):
+            address = stack.enter_context(local_ray_head())
+        status = follow_job(address, command, job_id)
+    if status != "SUCCEEDED":
+        raise RuntimeError(f"Ray job {job_id} ended {status}; see the flow run's log for its output")
+    result: dict[str, Any] = storage.read_json(storage.join(storage_path, name, RESULT))
+    rows = [{"split": split, **{k: round(result[split][k], 2) for k in METRIC_KEYS}}
+            for split in ("val", "test") if result.get(split)]
+    create_table_artifact(key="train-msa-recall", table=rows, description=f"R@K of run {name} (best on val)")
+    return result

@@ -1,0 +1,173 @@
+"""``rsitr``: one command with a sub-command per stage."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from rsitr.checkpoint import CheckpointError
+from rsitr.config import ConfigError
+from rsitr.index import IndexNotFoundError
+from rsitr.ingest import IngestError
+from rsitr.io.captions import CaptionFormatError
+from rsitr.io.shards import ShardsNotFoundError
+
+# Errors that carry a message meant for the user: printed on one line, exit status 2.
+USER_ERRORS = (ConfigError, IngestError, CaptionFormatError, ShardsNotFoundError, IndexNotFoundError,
+               CheckpointError, ValueError)
+
+
+def _demo_data(args: argparse.Namespace) -> None:
+    from rsitr.synthetic import generate_demo_corpus
+
+    print(json.dumps(generate_demo_corpus(args.out, seed=args.seed, scenes=args.scenes)))
+
+
+def _ingest(args: argparse.Namespace) -> None:
+    from rsitr import ingest
+
+    if args.kind == "scenes":
+        manifest = ingest.ingest_scenes(args.paths, args.dataset, args.out, args.tile_size, args.max_nodata,
+                                        args.captions)
+    elif args.kind == "corpus":
+        manifest = ingest.ingest_corpus(args.images, args.captions, args.dataset, args.out, args.format)
+    else:
+        manifest = ingest.ingest_folder(args.folder, args.dataset, args.out, args.tile_size)
+    print(json.dumps({k: manifest[k] for k in ("inputs_seen", "rows", "captions", "splits")}
+                     | {"quarantined": len(manifest["quarantined"])}))
+
+
+def _train(args: argparse.Namespace) -> None:
+    from rsitr.train import run_from_args
+
+    run_from_args(args)
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from rsitr.train import evaluate_checkpoint
+
+    metrics = evaluate_checkpoint(args.checkpoint, args.data, args.split)
+    if args.json:
+        print(json.dumps(metrics))
+    else:
+        print(format_metrics(metrics, f"{args.split} ({int(metrics['images'])} images)"))
+
+
+def format_metrics(metrics: dict[str, float], title: str) -> str:
+    """A one-table text rendering of R@K and mR."""
+    keys = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "mR")
+    head = " ".join(f"{k:>8}" for k in keys)
+    row = " ".join(f"{metrics[k]:8.2f}" for k in keys)
+    return f"{title}\n{head}\n{row}"
+
+
+def _embed(args: argparse.Namespace) -> None:
+    from rsitr.embed import embed_archive
+
+    print(json.dumps(embed_archive(args.checkpoint, args.data, args.out, actors=args.actors)))
+
+
+def _index(args: argparse.Namespace) -> None:
+    from rsitr.index import build_index
+
+    print(json.dumps(build_index(args.embeddings, args.out, args.checkpoint)))
+
+
+def _search(args: argparse.Namespace) -> None:
+    from rsitr.search import search
+
+    hits = search(args.query, args.index, args.k, args.checkpoint)
+    if args.json:
+        print(json.dumps(hits, indent=2))
+        return
+    for hit in hits:
+        print(f"{hit['rank']:3d}  {hit['score']:.3f}  {hit['image_id']}  {hit['acquired_at'] or '-'}  "
+              f"{hit['footprint'] or '(no footprint)'}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``rsitr`` argument parser."""
+    parser = argparse.ArgumentParser(prog="rsitr", description="Remote-sensing image-text retrieval")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo-data", help="generate the demo corpus (GeoTIFF scenes + captions)")
+    p.add_argument("--out", default=".rsitr/demo-data")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scenes", type=int, default=12)
+    p.set_defaults(func=_demo_data)
+
+    p = sub.add_parser("ingest", help="images/scenes + captions → Parquet shards")
+    kinds = p.add_subparsers(dest="kind", required=True)
+    k = kinds.add_parser("scenes", help="tile GeoTIFF scenes")
+    k.add_argument("paths", nargs="+")
+    k.add_argument("--captions", default=None, help="captions keyed by tile id (Karpathy JSON)")
+    k.add_argument("--max-nodata", type=float, default=0.5)
+    k = kinds.add_parser("corpus", help="an image folder and a caption file")
+    k.add_argument("--images", required=True)
+    k.add_argument("--captions", required=True)
+    k.add_argument("--format", default="auto", choices=["auto", "karpathy", "vt-rsbs"])
+    k = kinds.add_parser("folder", help="a corpus folder (scenes/ or images/, plus captions)")
+    k.add_argument("folder")
+    for k in kinds.choices.values():
+        k.add_argument("--dataset", required=True)
+        k.add_argument("--out", default=".rsitr/data")
+        k.add_argument("--tile-size", type=int, default=256)
+    p.set_defaults(func=_ingest)
+
+    from rsitr.train import build_parser as train_parser
+
+    p = sub.add_parser("train", help="train MSA with Ray Train")
+    train_parser(p)
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("eval", help="R@K and mR of a checkpoint on a split")
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder or finished run folder")
+    p.add_argument("--data", required=True)
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("embed", help="embed an ingested archive's tiles")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--actors", type=int, default=1)
+    p.set_defaults(func=_embed)
+
+    p = sub.add_parser("index", help="retrieval index")
+    actions = p.add_subparsers(dest="action", required=True)
+    b = actions.add_parser("build", help="build an index from embeddings")
+    b.add_argument("--embeddings", required=True, help="embeddings GeoParquet file")
+    b.add_argument("--out", required=True)
+    b.add_argument("--checkpoint", default=None, help="checkpoint whose text tower answers queries")
+    b.set_defaults(func=_index)
+
+    p = sub.add_parser("search", help="text → tiles")
+    p.add_argument("query")
+    p.add_argument("--index", required=True)
+    p.add_argument("-k", type=int, default=10)
+    p.add_argument("--checkpoint", default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_search)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``rsitr`` console script."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(message)s")
+    try:
+        args.func(args)
+    except USER_ERRORS as err:
+        print(f"rsitr {args.command}: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

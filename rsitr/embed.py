@@ -1,0 +1,93 @@
+"""Batch-embed an archive's tiles with a trained image tower (Ray Data actor pool) into GeoParquet."""
+
+from __future__ import annotations
+
+import io
+import logging
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+import ray.data
+import torch
+
+from rsitr import checkpoint as ckpt
+from rsitr.data.pipeline import DATA_TASK_CPUS, decode_images
+from rsitr.io import shards, storage
+
+log = logging.getLogger(__name__)
+EMBEDDINGS_FILE = "embeddings.parquet"
+META_COLUMNS = ["image_id", "geometry", "acquired_at", "source_uri", "window", "split"]
+
+
+class ImageEmbedder:
+    """Holds one model per actor; turns decoded image batches into embeddings."""
+
+    def __init__(self, checkpoint: str) -> None:
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        torch.set_num_threads(1)
+        self.model, _, _ = ckpt.load_checkpoint(checkpoint, map_location=self.device)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with torch.no_grad():
+            vectors = self.model.encode_image(torch.as_tensor(batch["image"]).to(self.device))
+        return {"image_id": batch["image_id"], "embedding": vectors.float().cpu().numpy()}
+
+
+def embed_archive(checkpoint: str, data: str, out: str, actors: int = 1, batch_size: int = 64) -> dict[str, Any]:
+    """Embed every tile of an ingested dataset; write ``<out>/embeddings.parquet`` (GeoParquet) atomically.
+
+    Returns:
+        A summary: rows, model_version, checkpoint and the output URI.
+    """
+    checkpoint = ckpt.resolve_checkpoint(checkpoint)
+    _, config, state = ckpt.load_checkpoint(checkpoint)
+    data = storage.resolve(data)
+    uris = shards.shard_uris(data)
+    if not ray.is_initialized():
+        ray.init(address=None if not _ray_address() else _ray_address())
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    ds = (
+        ray.data.read_parquet(uris, columns=["image_id", "image"], num_cpus=DATA_TASK_CPUS)
+        .map_batches(decode_images, fn_kwargs={"image_size": config.train.image_size}, batch_format="pyarrow",
+                     batch_size=batch_size, num_cpus=DATA_TASK_CPUS)
+        .map_batches(ImageEmbedder, fn_constructor_kwargs={"checkpoint": checkpoint}, batch_size=batch_size,
+                     concurrency=actors, num_cpus=0.5, num_gpus=1 if torch.cuda.is_available() else 0)
+    )
+    vectors: dict[str, np.ndarray] = {}
+    for batch in ds.iter_batches(batch_size=1024, batch_format="numpy"):
+        vectors.update(zip((str(i) for i in batch["image_id"]), batch["embedding"], strict=True))
+    rows = [row for row in shards.iter_rows(data, columns=META_COLUMNS)]
+    missing = [r["image_id"] for r in rows if r["image_id"] not in vectors]
+    if missing:
+        raise RuntimeError(f"embedding of {data} lost {len(missing)} tiles, e.g. {missing[0]}")
+    dim = len(next(iter(vectors.values())))
+    table = pa.table(
+        {
+            "image_id": [r["image_id"] for r in rows],
+            "embedding": pa.array([vectors[r["image_id"]].astype(np.float32) for r in rows],
+                                  type=pa.list_(pa.float32(), dim)),
+            "geometry": pa.array([r["geometry"] for r in rows], type=pa.binary()),
+            "acquired_at": pa.array([r["acquired_at"] for r in rows], type=pa.timestamp("us", tz="UTC")),
+            "source_uri": [r["source_uri"] for r in rows],
+            "window": pa.array([r["window"] for r in rows], type=shards.WINDOW_TYPE),
+            "split": [r["split"] for r in rows],
+            "model_version": [state["model_version"]] * len(rows),
+        }
+    ).replace_schema_metadata(shards.geo_metadata())
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression="zstd")
+    target = storage.join(storage.resolve(out), EMBEDDINGS_FILE)
+    storage.write_bytes_atomic(target, sink.getvalue())
+    summary = {"rows": table.num_rows, "model_version": state["model_version"], "checkpoint": checkpoint,
+               "embeddings": target, "dim": dim}
+    log.info("embedded %d tiles into %s", table.num_rows, target)
+    return summary
+
+
+def _ray_address() -> str | None:
+    import os
+
+    return os.environ.get("RAY_ADDRESS") or None

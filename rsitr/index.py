@@ -1,0 +1,88 @@
+"""A retrieval index over tile embeddings: LanceDB, exact for small sets, IVF-PQ above a threshold."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from datetime import UTC, datetime
+from typing import Any
+
+import lancedb
+import pyarrow as pa
+import pyarrow.parquet as pq
+import shapely
+
+from rsitr.io import storage
+
+log = logging.getLogger(__name__)
+TABLE = "tiles"
+INDEX_META = "index.json"
+ANN_THRESHOLD = 100_000
+
+
+class IndexNotFoundError(FileNotFoundError):
+    """No index at the given URI."""
+
+
+def _bbox_columns(geometries: list[bytes | None]) -> dict[str, list[float | None]]:
+    cols: dict[str, list[float | None]] = {"min_lon": [], "min_lat": [], "max_lon": [], "max_lat": []}
+    for wkb in geometries:
+        bounds = shapely.from_wkb(wkb).bounds if wkb else (None,) * 4
+        for key, value in zip(cols, bounds, strict=True):
+            cols[key].append(value)
+    return cols
+
+
+def build_index(embeddings: str, out: str, checkpoint: str | None = None) -> dict[str, Any]:
+    """Build (or rebuild) the index at ``out`` from an embeddings GeoParquet file.
+
+    LanceDB keeps versions: a rebuild commits a new version, readers keep the one they opened.
+
+    Returns:
+        ``index.json``'s content: rows, model_version, checkpoint, kind (exact or ivf_pq).
+    """
+    fs, path = storage.filesystem(embeddings)
+    with fs.open(path, "rb") as handle:
+        table = pq.read_table(handle)
+    versions = set(table["model_version"].to_pylist())
+    if len(versions) != 1:
+        raise ValueError(f"{embeddings}: embeddings of several model versions {sorted(versions)}; re-embed")
+    boxes = _bbox_columns(table["geometry"].to_pylist())
+    data = table.rename_columns(["vector" if n == "embedding" else n for n in table.column_names])
+    for name, values in boxes.items():
+        data = data.append_column(name, pa.array(values, type=pa.float64()))
+    out = storage.resolve(out)
+    db = lancedb.connect(out)
+    lance_table = db.create_table(TABLE, data=data, mode="overwrite")
+    kind = "exact"
+    if data.num_rows >= ANN_THRESHOLD:
+        lance_table.create_index(metric="cosine", index_type="IVF_PQ",
+                                 num_partitions=int(math.sqrt(data.num_rows)), num_sub_vectors=32)
+        kind = "ivf_pq"
+    meta = {
+        "table": TABLE, "rows": data.num_rows, "model_version": versions.pop(), "kind": kind,
+        "checkpoint": checkpoint, "embeddings": embeddings, "built_at": datetime.now(UTC).isoformat(),
+    }
+    storage.write_json_atomic(storage.join(out, INDEX_META), meta)
+    log.info("index %s: %d tiles (%s)", out, data.num_rows, kind)
+    return meta
+
+
+def open_index(uri: str) -> tuple[Any, dict[str, Any]]:
+    """The LanceDB table and the metadata of the index at ``uri``.
+
+    Raises:
+        IndexNotFoundError: no index was built at ``uri``.
+    """
+    uri = storage.resolve(uri)
+    meta_uri = storage.join(uri, INDEX_META)
+    if not storage.exists(meta_uri):
+        raise IndexNotFoundError(f"no index at {uri} (missing {INDEX_META}); build one with `rsitr index build`")
+    meta: dict[str, Any] = storage.read_json(meta_uri)
+    return lancedb.connect(uri).open_table(meta["table"]), meta
+
+
+def describe(meta: dict[str, Any]) -> str:
+    """One line about an index."""
+    return json.dumps({k: meta[k] for k in ("rows", "kind", "model_version")})

@@ -1,0 +1,71 @@
+"""Shared fixtures: a generated demo corpus, its shards, a real local Ray, Prefect's test harness."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.pop("RAY_ADDRESS", None)
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def demo_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo corpus generator's output (12 scenes, 432 tiles of 128 px)."""
+    from rsitr.synthetic import generate_demo_corpus
+
+    out = tmp_path_factory.mktemp("demo-corpus")
+    generate_demo_corpus(out, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def demo_shards(demo_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo corpus ingested into shards."""
+    from rsitr.ingest import ingest_folder
+
+    out = tmp_path_factory.mktemp("shards")
+    ingest_folder(str(demo_corpus), "demo", str(out), tile_size=128)
+    return out / "demo"
+
+
+@pytest.fixture(scope="session")
+def ray_local() -> Iterator[None]:
+    """A real local Ray (4 logical CPUs so Ray Data keeps CPUs beside training workers)."""
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def prefect_harness() -> Iterator[None]:
+    """Prefect's test harness: a real temporary Prefect server and database."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
+def untrained_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A checkpoint of the demo architecture with pretrained towers and untrained heads."""
+    import torch
+
+    from rsitr.checkpoint import save_checkpoint
+    from rsitr.config import load_config
+    from rsitr.models.msa import build_model
+
+    torch.manual_seed(0)
+    config = load_config("demo")
+    folder = tmp_path_factory.mktemp("ckpt") / "checkpoint"
+    save_checkpoint(folder, build_model(config.model), None, config, epoch=0, metrics={})
+    return folder

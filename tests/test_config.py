@@ -1,0 +1,31 @@
+import pytest
+
+from rsitr.config import Config, ConfigError, available_presets, load_config
+
+
+def test_presets_load_and_round_trip() -> None:
+    assert {"demo", "msa-lite0-minilm"} <= set(available_presets())
+    for name in available_presets():
+        config = load_config(name)
+        assert Config.from_dict(config.to_dict()) == config
+
+
+def test_dotted_overrides_are_typed() -> None:
+    config = load_config("demo", ["train.epochs=3", "train.lr=0.5", "model.image_stages=2,3,4", "train.augment=false"])
+    assert config.train.epochs == 3 and config.train.lr == 0.5
+    assert config.model.image_stages == (2, 3, 4)
+    assert config.train.augment is False
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [(["train.epochz=3"], "unknown keys"), (["train.epochs=three"], "cannot read"), (["epochs"], "key=value")],
+)
+def test_bad_overrides_fail_clearly(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config("demo", overrides)
+
+
+def test_unknown_preset_names_the_presets() -> None:
+    with pytest.raises(ConfigError, match="msa-lite0-minilm"):
+        load_config("no-such-preset")
