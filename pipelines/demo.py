@@ -67,13 +67,21 @@ def prefect_server(home: Path, port: int, log: Path) -> Iterator[dict[str, str]]
     """A Prefect server on 127.0.0.1:``port`` with its database in ``home``; yields the client environment."""
     ensure_port_free(port, "the Prefect server", "RSITR_PREFECT_PORT")
     env = {
-        **os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api", "PREFECT_UI_ENABLED": "false",
+        **os.environ,
+        "PREFECT_HOME": str(home),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+        "PREFECT_UI_ENABLED": "false",
     }
     home.mkdir(parents=True, exist_ok=True)
     with log.open("ab") as sink:
-        process = subprocess.Popen([_prefect_bin(), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                                   env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(
+            [_prefect_bin(), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            env=env,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         try:
             wait_http(f"http://127.0.0.1:{port}/api/health", 120, "the Prefect server", process)
             yield env
@@ -85,8 +93,14 @@ def prefect_server(home: Path, port: int, log: Path) -> Iterator[dict[str, str]]
 def prefect_worker(env: dict[str, str], log: Path) -> Iterator[None]:
     """A process worker on the ``rsitr-local`` pool (stopped with SIGINT, as Prefect expects)."""
     with log.open("ab") as sink:
-        process = subprocess.Popen([_prefect_bin(), "worker", "start", "--pool", POOL], env=env, cwd=PROJECT,
-                                   stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(
+            [_prefect_bin(), "worker", "start", "--pool", POOL],
+            env=env,
+            cwd=PROJECT,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         try:
             yield
         finally:
@@ -98,12 +112,14 @@ def prefect(env: dict[str, str], *args: str, log: Path) -> None:
     with log.open("ab") as sink:
         sink.write(f"\n$ prefect {' '.join(args)}\n".encode())
         sink.flush()
-        done = subprocess.run([_prefect_bin(), *args], env=env, cwd=PROJECT, stdout=sink,
-                              stderr=subprocess.STDOUT, check=False)
+        done = subprocess.run(
+            [_prefect_bin(), *args], env=env, cwd=PROJECT, stdout=sink, stderr=subprocess.STDOUT, check=False
+        )
     if done.returncode != 0:
         tail = log.read_text(errors="replace").strip().splitlines()[-15:]
-        raise DemoError(f"`prefect {' '.join(args[:3])}` failed (exit {done.returncode}); "
-                        f"log {log}:\n" + "\n".join(tail))
+        raise DemoError(
+            f"`prefect {' '.join(args[:3])}` failed (exit {done.returncode}); log {log}:\n" + "\n".join(tail)
+        )
 
 
 def run_deployment(env: dict[str, str], name: str, params: dict[str, object], log: Path) -> None:
@@ -154,12 +170,19 @@ def main(argv: list[str] | None = None) -> int:
             port = int(os.environ.get("RSITR_PREFECT_PORT", "4217"))
             dash = int(os.environ.get("RSITR_RAY_DASHBOARD_PORT", "8277"))
             ray_port = int(os.environ.get("RSITR_RAY_PORT", "6391"))
-            print(f"starting Prefect server (127.0.0.1:{port}) and Ray head (dashboard 127.0.0.1:{dash}); "
-                  f"logs in {logs}", flush=True)
+            print(
+                f"starting Prefect server (127.0.0.1:{port}) and Ray head (dashboard 127.0.0.1:{dash}); logs in {logs}",
+                flush=True,
+            )
             env = stack.enter_context(prefect_server(state / "prefect", port, logs / "prefect-server.log"))
             ray_url = stack.enter_context(local_ray_head(4, dash, ray_port, logs / "ray-head.log"))
-            env = {**env, "RAY_ADDRESS": ray_url, "RAY_AUTH_MODE": "disabled",
-                   "RSITR_PROJECT_DIR": str(PROJECT), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+            env = {
+                **env,
+                "RAY_ADDRESS": ray_url,
+                "RAY_AUTH_MODE": "disabled",
+                "RSITR_PROJECT_DIR": str(PROJECT),
+                "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+            }
             prefect(env, "work-pool", "create", POOL, "--type", "process", "--overwrite", log=log)
             prefect(env, "--no-prompt", "deploy", "--all", log=log)
             stack.enter_context(prefect_worker(env, logs / "prefect-worker.log"))
@@ -172,9 +195,12 @@ def main(argv: list[str] | None = None) -> int:
                 train_params["epochs"] = args.epochs
             run_deployment(env, "train-msa/demo", train_params, log)
             index_dir = state / "index" / dataset
-            run_deployment(env, "index-archive/demo", {"checkpoint": f".rsitr/runs/{run_name}",
-                                                       "data": f".rsitr/data/{dataset}",
-                                                       "out": str(index_dir)}, log)
+            run_deployment(
+                env,
+                "index-archive/demo",
+                {"checkpoint": f".rsitr/runs/{run_name}", "data": f".rsitr/data/{dataset}", "out": str(index_dir)},
+                log,
+            )
             report(state / "runs" / run_name, index_dir)
             print("\nstopping services…", flush=True)
     except KeyboardInterrupt:

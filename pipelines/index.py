@@ -53,7 +53,7 @@ def index_archive(
     create_markdown_artifact(
         key="index-archive",
         markdown=f"# Index\n\n{meta['rows']} tiles, {meta['kind']} search, model `{meta['model_version']}`, "
-                 f"at `{out}`.",
+        f"at `{out}`.",
     )
     print(f"indexed {meta['rows']} tiles at {out}")
     return {"index": out, **meta}

@@ -42,9 +42,11 @@ def ingest_flow(
     splits = " · ".join(f"{name} {v['rows']}" for name, v in sorted(manifest["splits"].items()))
     create_markdown_artifact(
         key=f"ingest-{dataset}".lower().replace("_", "-"),
-        markdown=(f"# Ingest `{dataset}`\n\n{manifest['inputs_seen']} inputs seen, {manifest['rows']} rows, "
-                  f"{manifest['captions']} captions, {len(manifest['quarantined'])} quarantined.\n\n"
-                  f"Splits: {splits}\n\nShards: `{root}`"),
+        markdown=(
+            f"# Ingest `{dataset}`\n\n{manifest['inputs_seen']} inputs seen, {manifest['rows']} rows, "
+            f"{manifest['captions']} captions, {len(manifest['quarantined'])} quarantined.\n\n"
+            f"Splits: {splits}\n\nShards: `{root}`"
+        ),
     )
     print(f"ingested {manifest['rows']} rows into {root} ({len(manifest['quarantined'])} quarantined)")
     return {"data": root, "rows": manifest["rows"], "quarantined": len(manifest["quarantined"])}

@@ -85,12 +85,22 @@ def local_ray_head(
     ensure_port_free(gcs_port, "the Ray head", "RSITR_RAY_PORT")
     # Short and private: Ray keeps unix sockets here, whose paths have a ~107 character limit.
     temp_dir = tempfile.mkdtemp(prefix="rsitr-ray-")
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    # Jobs run `python -m rsitr.train`: put this interpreter's folder first so `python` is this environment.
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "PATH": path}
     env.pop("RAY_ADDRESS", None)
     command = [
-        _ray_executable(), "start", "--head", "--block", f"--port={gcs_port}", "--dashboard-host=127.0.0.1",
-        f"--dashboard-port={dashboard_port}", f"--num-cpus={num_cpus}", f"--temp-dir={temp_dir}",
-        "--disable-usage-stats", "--include-dashboard=true",
+        _ray_executable(),
+        "start",
+        "--head",
+        "--block",
+        f"--port={gcs_port}",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dashboard_port}",
+        f"--num-cpus={num_cpus}",
+        f"--temp-dir={temp_dir}",
+        "--disable-usage-stats",
+        "--include-dashboard=true",
     ]
     sink = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - closed below
     process = subprocess.Popen(command, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)

@@ -43,11 +43,29 @@ def require_dataset(data: str) -> None:
         ) from err
 
 
-def entrypoint(config: str, data: str, storage_path: str, name: str, epochs: int | None,
-               max_minutes: float | None, overrides: list[str]) -> str:
+def entrypoint(
+    config: str,
+    data: str,
+    storage_path: str,
+    name: str,
+    epochs: int | None,
+    max_minutes: float | None,
+    overrides: list[str],
+) -> str:
     """The command line of the Ray job (the same one people pass to ``ray job submit``)."""
-    parts = ["python", "-m", "rsitr.train", "--config", config, "--data", data, "--storage", storage_path,
-             "--name", name]
+    parts = [
+        "python",
+        "-m",
+        "rsitr.train",
+        "--config",
+        config,
+        "--data",
+        data,
+        "--storage",
+        storage_path,
+        "--name",
+        name,
+    ]
     if epochs is not None:
         parts += ["--epochs", str(epochs)]
     if max_minutes is not None:
@@ -116,7 +134,10 @@ def train_msa(
     if status != "SUCCEEDED":
         raise RuntimeError(f"Ray job {job_id} ended {status}; see the flow run's log for its output")
     result: dict[str, Any] = storage.read_json(storage.join(storage_path, name, RESULT))
-    rows = [{"split": split, **{k: round(result[split][k], 2) for k in METRIC_KEYS}}
-            for split in ("val", "test") if result.get(split)]
+    rows = [
+        {"split": split, **{k: round(result[split][k], 2) for k in METRIC_KEYS}}
+        for split in ("val", "test")
+        if result.get(split)
+    ]
     create_table_artifact(key="train-msa-recall", table=rows, description=f"R@K of run {name} (best on val)")
     return result

@@ -32,8 +32,13 @@ class CheckpointError(FileNotFoundError):
 
 
 def save_checkpoint(
-    directory: str | Path, model: MSA, optimizer: torch.optim.Optimizer | None, config: Config, epoch: int,
+    directory: str | Path,
+    model: MSA,
+    optimizer: torch.optim.Optimizer | None,
+    config: Config,
+    epoch: int,
     metrics: dict[str, float],
+    scheduler: Any = None,
 ) -> str:
     """Write a checkpoint into ``directory`` and return its model version (hash of the weights)."""
     directory = Path(directory)
@@ -42,11 +47,12 @@ def save_checkpoint(
     save_file(state, str(directory / WEIGHTS))
     version = hashlib.sha256((directory / WEIGHTS).read_bytes()).hexdigest()[:16]
     if optimizer is not None:
-        torch.save(optimizer.state_dict(), directory / OPTIMIZER)
+        optim_state = {"optimizer": optimizer.state_dict()}
+        if scheduler is not None:
+            optim_state["scheduler"] = scheduler.state_dict()
+        torch.save(optim_state, directory / OPTIMIZER)
     (directory / CONFIG).write_text(json.dumps(config.to_dict(), indent=2))
-    (directory / STATE).write_text(
-        json.dumps({"epoch": epoch, "metrics": metrics, "model_version": version}, indent=2)
-    )
+    (directory / STATE).write_text(json.dumps({"epoch": epoch, "metrics": metrics, "model_version": version}, indent=2))
     return version
 
 
@@ -98,10 +104,15 @@ def load_checkpoint(uri: str, map_location: str | torch.device = "cpu") -> tuple
     return model, config, json.loads((folder / STATE).read_text())
 
 
-def load_training_state(folder: Path, model: MSA, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Restore weights and optimizer state in place for resuming; returns the saved state."""
+def load_training_state(
+    folder: Path, model: MSA, optimizer: torch.optim.Optimizer, scheduler: Any = None
+) -> dict[str, Any]:
+    """Restore weights, optimizer and scheduler state in place for resuming; returns the saved state."""
     model.load_state_dict(load_file(str(folder / WEIGHTS)), strict=True)
     if (folder / OPTIMIZER).is_file():
-        optimizer.load_state_dict(torch.load(folder / OPTIMIZER, map_location="cpu", weights_only=True))
+        optim_state = torch.load(folder / OPTIMIZER, map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(optim_state["optimizer"])
+        if scheduler is not None and "scheduler" in optim_state:
+            scheduler.load_state_dict(optim_state["scheduler"])
     state: dict[str, Any] = json.loads((folder / STATE).read_text())
     return state

@@ -16,8 +16,15 @@ from rsitr.io.captions import CaptionFormatError
 from rsitr.io.shards import ShardsNotFoundError
 
 # Errors that carry a message meant for the user: printed on one line, exit status 2.
-USER_ERRORS = (ConfigError, IngestError, CaptionFormatError, ShardsNotFoundError, IndexNotFoundError,
-               CheckpointError, ValueError)
+USER_ERRORS = (
+    ConfigError,
+    IngestError,
+    CaptionFormatError,
+    ShardsNotFoundError,
+    IndexNotFoundError,
+    CheckpointError,
+    ValueError,
+)
 
 
 def _demo_data(args: argparse.Namespace) -> None:
@@ -30,14 +37,19 @@ def _ingest(args: argparse.Namespace) -> None:
     from rsitr import ingest
 
     if args.kind == "scenes":
-        manifest = ingest.ingest_scenes(args.paths, args.dataset, args.out, args.tile_size, args.max_nodata,
-                                        args.captions)
+        manifest = ingest.ingest_scenes(
+            args.paths, args.dataset, args.out, args.tile_size, args.max_nodata, args.captions
+        )
     elif args.kind == "corpus":
         manifest = ingest.ingest_corpus(args.images, args.captions, args.dataset, args.out, args.format)
     else:
         manifest = ingest.ingest_folder(args.folder, args.dataset, args.out, args.tile_size)
-    print(json.dumps({k: manifest[k] for k in ("inputs_seen", "rows", "captions", "splits")}
-                     | {"quarantined": len(manifest["quarantined"])}))
+    print(
+        json.dumps(
+            {k: manifest[k] for k in ("inputs_seen", "rows", "captions", "splits")}
+            | {"quarantined": len(manifest["quarantined"])}
+        )
+    )
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -84,8 +96,10 @@ def _search(args: argparse.Namespace) -> None:
         print(json.dumps(hits, indent=2))
         return
     for hit in hits:
-        print(f"{hit['rank']:3d}  {hit['score']:.3f}  {hit['image_id']}  {hit['acquired_at'] or '-'}  "
-              f"{hit['footprint'] or '(no footprint)'}")
+        print(
+            f"{hit['rank']:3d}  {hit['score']:.3f}  {hit['image_id']}  {hit['acquired_at'] or '-'}  "
+            f"{hit['footprint'] or '(no footprint)'}"
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -159,8 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``rsitr`` console script."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(name)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(name)s %(message)s"
+    )
     try:
         args.func(args)
     except USER_ERRORS as err:

@@ -53,7 +53,7 @@ class TrainConfig:
     backbone_lr: float = 1e-5
     weight_decay: float = 0.1
     image_size: int = 224
-    augment: bool = True
+    augment: bool = False
     num_workers: int = 2
     cpus_per_worker: float = 0.5
     use_gpu: bool = False

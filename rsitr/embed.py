@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 from typing import Any
 
 import numpy as np
@@ -14,7 +15,7 @@ import ray.data
 import torch
 
 from rsitr import checkpoint as ckpt
-from rsitr.data.pipeline import DATA_TASK_CPUS, decode_images
+from rsitr.data.pipeline import DATA_TASK_CPUS, decode_images, read_shards
 from rsitr.io import shards, storage
 
 log = logging.getLogger(__name__)
@@ -45,16 +46,26 @@ def embed_archive(checkpoint: str, data: str, out: str, actors: int = 1, batch_s
     checkpoint = ckpt.resolve_checkpoint(checkpoint)
     _, config, state = ckpt.load_checkpoint(checkpoint)
     data = storage.resolve(data)
-    uris = shards.shard_uris(data)
     if not ray.is_initialized():
-        ray.init(address=None if not _ray_address() else _ray_address())
+        ray.init(address=os.environ.get("RAY_ADDRESS") or None)
     ray.data.DataContext.get_current().enable_progress_bars = False
     ds = (
-        ray.data.read_parquet(uris, columns=["image_id", "image"], num_cpus=DATA_TASK_CPUS)
-        .map_batches(decode_images, fn_kwargs={"image_size": config.train.image_size}, batch_format="pyarrow",
-                     batch_size=batch_size, num_cpus=DATA_TASK_CPUS)
-        .map_batches(ImageEmbedder, fn_constructor_kwargs={"checkpoint": checkpoint}, batch_size=batch_size,
-                     concurrency=actors, num_cpus=0.5, num_gpus=1 if torch.cuda.is_available() else 0)
+        read_shards(data, ["image_id", "image"])
+        .map_batches(
+            decode_images,  # type: ignore[arg-type]
+            fn_kwargs={"image_size": config.train.image_size},
+            batch_format="pyarrow",
+            batch_size=batch_size,
+            num_cpus=DATA_TASK_CPUS,
+        )
+        .map_batches(
+            ImageEmbedder,
+            fn_constructor_kwargs={"checkpoint": checkpoint},
+            batch_size=batch_size,
+            concurrency=actors,
+            num_cpus=0.5,
+            num_gpus=1 if torch.cuda.is_available() else 0,
+        )
     )
     vectors: dict[str, np.ndarray] = {}
     for batch in ds.iter_batches(batch_size=1024, batch_format="numpy"):
@@ -67,8 +78,9 @@ def embed_archive(checkpoint: str, data: str, out: str, actors: int = 1, batch_s
     table = pa.table(
         {
             "image_id": [r["image_id"] for r in rows],
-            "embedding": pa.array([vectors[r["image_id"]].astype(np.float32) for r in rows],
-                                  type=pa.list_(pa.float32(), dim)),
+            "embedding": pa.array(
+                [vectors[r["image_id"]].astype(np.float32) for r in rows], type=pa.list_(pa.float32(), dim)
+            ),
             "geometry": pa.array([r["geometry"] for r in rows], type=pa.binary()),
             "acquired_at": pa.array([r["acquired_at"] for r in rows], type=pa.timestamp("us", tz="UTC")),
             "source_uri": [r["source_uri"] for r in rows],
@@ -81,13 +93,12 @@ def embed_archive(checkpoint: str, data: str, out: str, actors: int = 1, batch_s
     pq.write_table(table, sink, compression="zstd")
     target = storage.join(storage.resolve(out), EMBEDDINGS_FILE)
     storage.write_bytes_atomic(target, sink.getvalue())
-    summary = {"rows": table.num_rows, "model_version": state["model_version"], "checkpoint": checkpoint,
-               "embeddings": target, "dim": dim}
+    summary = {
+        "rows": table.num_rows,
+        "model_version": state["model_version"],
+        "checkpoint": checkpoint,
+        "embeddings": target,
+        "dim": dim,
+    }
     log.info("embedded %d tiles into %s", table.num_rows, target)
     return summary
-
-
-def _ray_address() -> str | None:
-    import os
-
-    return os.environ.get("RAY_ADDRESS") or None

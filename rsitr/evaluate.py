@@ -39,7 +39,9 @@ def embed_captions(
 
 
 def evaluate_model(
-    model: MSA, image_batches: Iterable[dict[str, Any]], caption_batches: Iterable[dict[str, Any]],
+    model: MSA,
+    image_batches: Iterable[dict[str, Any]],
+    caption_batches: Iterable[dict[str, Any]],
     device: torch.device,
 ) -> dict[str, float]:
     """R@1/5/10 both ways and mR of ``model`` on one split.

@@ -57,12 +57,18 @@ def build_index(embeddings: str, out: str, checkpoint: str | None = None) -> dic
     lance_table = db.create_table(TABLE, data=data, mode="overwrite")
     kind = "exact"
     if data.num_rows >= ANN_THRESHOLD:
-        lance_table.create_index(metric="cosine", index_type="IVF_PQ",
-                                 num_partitions=int(math.sqrt(data.num_rows)), num_sub_vectors=32)
+        lance_table.create_index(
+            metric="cosine", index_type="IVF_PQ", num_partitions=int(math.sqrt(data.num_rows)), num_sub_vectors=32
+        )
         kind = "ivf_pq"
     meta = {
-        "table": TABLE, "rows": data.num_rows, "model_version": versions.pop(), "kind": kind,
-        "checkpoint": checkpoint, "embeddings": embeddings, "built_at": datetime.now(UTC).isoformat(),
+        "table": TABLE,
+        "rows": data.num_rows,
+        "model_version": versions.pop(),
+        "kind": kind,
+        "checkpoint": checkpoint,
+        "embeddings": embeddings,
+        "built_at": datetime.now(UTC).isoformat(),
     }
     storage.write_json_atomic(storage.join(out, INDEX_META), meta)
     log.info("index %s: %d tiles (%s)", out, data.num_rows, kind)

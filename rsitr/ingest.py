@@ -82,17 +82,40 @@ def ingest_scenes(
                 quarantined.append(shards.Quarantined(tile.image_id, "tile has no caption in the caption file"))
                 continue
             row = _row(
-                image_id=f"{dataset}/{tile.image_id}", image=tile.png, format="png", height=tile_size,
-                width=tile_size, bands=info["bands"], dtype=info["dtype"], captions=record.captions,
-                split=record.split, label=record.label, source_uri=str(Path(scene).resolve()),
-                window=tile.window, crs=info["crs"], bounds=tile.bounds, geometry=tile.geometry,
-                acquired_at=info["acquired_at"], sha256=tile.pixels_sha256,
+                image_id=f"{dataset}/{tile.image_id}",
+                image=tile.png,
+                format="png",
+                height=tile_size,
+                width=tile_size,
+                bands=info["bands"],
+                dtype=info["dtype"],
+                captions=record.captions,
+                split=record.split,
+                label=record.label,
+                source_uri=str(Path(scene).resolve()),
+                window=tile.window,
+                crs=info["crs"],
+                bounds=tile.bounds,
+                geometry=tile.geometry,
+                acquired_at=info["acquired_at"],
+                sha256=tile.pixels_sha256,
             )
             writer.add(row)
             rows.append({"split": row["split"], "captions": row["captions"]})
-    return _finish(root, writer, rows, quarantined, seen, {
-        "kind": "scenes", "paths": paths, "tile_size": tile_size, "max_nodata": max_nodata, "captions": captions,
-    })
+    return _finish(
+        root,
+        writer,
+        rows,
+        quarantined,
+        seen,
+        {
+            "kind": "scenes",
+            "paths": paths,
+            "tile_size": tile_size,
+            "max_nodata": max_nodata,
+            "captions": captions,
+        },
+    )
 
 
 def _finish(
@@ -154,15 +177,34 @@ def ingest_corpus(images: str, captions: str, dataset: str, out: str, fmt: str =
             quarantined.append(shards.Quarantined(name, reason))
             continue
         row = _row(
-            image_id=f"{dataset}/{Path(name).stem}", image=data, format=fmt_name, height=pixels.shape[0],
-            width=pixels.shape[1], bands=3, dtype="uint8", captions=record.captions, split=record.split,
-            label=record.label, source_uri=str(path), sha256=hashlib.sha256(pixels.tobytes()).hexdigest(),
+            image_id=f"{dataset}/{Path(name).stem}",
+            image=data,
+            format=fmt_name,
+            height=pixels.shape[0],
+            width=pixels.shape[1],
+            bands=3,
+            dtype="uint8",
+            captions=record.captions,
+            split=record.split,
+            label=record.label,
+            source_uri=str(path),
+            sha256=hashlib.sha256(pixels.tobytes()).hexdigest(),
         )
         writer.add(row)
         rows.append({"split": row["split"], "captions": row["captions"]})
-    return _finish(root, writer, rows, quarantined, seen, {
-        "kind": "corpus", "images": str(folder), "captions": str(captions), "format": fmt,
-    })
+    return _finish(
+        root,
+        writer,
+        rows,
+        quarantined,
+        seen,
+        {
+            "kind": "corpus",
+            "images": str(folder),
+            "captions": str(captions),
+            "format": fmt,
+        },
+    )
 
 
 def find_captions(folder: Path) -> Path:

@@ -16,7 +16,10 @@ METRIC_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "mR
 
 
 def _ranks(
-    block: Callable[[int, int], torch.Tensor], n_images: int, caption_image: torch.Tensor, own: torch.Tensor,
+    block: Callable[[int, int], torch.Tensor],
+    n_images: int,
+    caption_image: torch.Tensor,
+    own: torch.Tensor,
     chunk: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """0-based ranks of the best correct caption per image, and of the correct image per caption."""

@@ -54,12 +54,10 @@ class Searcher:
         if not query.strip():
             raise SearchError("empty query: type what to look for, e.g. 'a river crossing farmland'")
         tokens = tokenize([query], self.config.model.text_model, self.config.model.max_tokens)
-        vector = self.model.encode_text(torch.as_tensor(tokens["input_ids"]),
-                                        torch.as_tensor(tokens["attention_mask"]))[0]
-        rows = (
-            self.table.search(vector.numpy(), vector_column_name="vector")
-            .distance_type("cosine").limit(k).to_list()
-        )
+        vector = self.model.encode_text(
+            torch.as_tensor(tokens["input_ids"]), torch.as_tensor(tokens["attention_mask"])
+        )[0]
+        rows = self.table.search(vector.numpy(), vector_column_name="vector").distance_type("cosine").limit(k).to_list()
         return [_hit(rank, row) for rank, row in enumerate(rows, start=1)]
 
 

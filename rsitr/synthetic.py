@@ -114,9 +114,7 @@ def captions_for(cell: Cell, rng: np.random.Generator) -> list[str]:
     else:
         water = "there is no water"
         parts.append(f"an area of {name} without water")
-    road = {"none": "no road", "ns": "a road running north to south", "ew": "a road running west to east"}[
-        cell.road
-    ]
+    road = {"none": "no road", "ns": "a road running north to south", "ew": "a road running west to east"}[cell.road]
     count = NUMBERS[cell.buildings]
     plural = "building" if cell.buildings == 1 else "buildings"
     if cell.buildings:
@@ -171,9 +169,17 @@ def generate_demo_corpus(
         # UTM zone 33N around 15°E; scenes laid side by side, 10 m pixels.
         transform = from_origin(500_000 + s * size * 10, 5_000_000, 10, 10)
         profile = {
-            "driver": "GTiff", "height": size, "width": size, "count": 3, "dtype": "uint8",
-            "crs": "EPSG:32633", "transform": transform, "tiled": True, "blockxsize": 128,
-            "blockysize": 128, "compress": "deflate",
+            "driver": "GTiff",
+            "height": size,
+            "width": size,
+            "count": 3,
+            "dtype": "uint8",
+            "crs": "EPSG:32633",
+            "transform": transform,
+            "tiled": True,
+            "blockxsize": 128,
+            "blockysize": 128,
+            "compress": "deflate",
         }
         with rasterio.open(out / "scenes" / f"{stem}.tif", "w", **profile) as dst:
             dst.write(pixels.transpose(2, 0, 1))

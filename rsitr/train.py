@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import tempfile
@@ -40,7 +41,8 @@ log = logging.getLogger("rsitr.train")
 
 def make_optimizer(model: MSA, train: TrainConfig) -> torch.optim.Optimizer:
     """AdamW with a smaller learning rate for the pretrained towers than for the new heads."""
-    towers, heads = [], []
+    towers: list[torch.nn.Parameter] = []
+    heads: list[torch.nn.Parameter] = []
     for name, param in model.named_parameters():
         if param.requires_grad:
             (towers if name.startswith(("backbone.", "text.")) else heads).append(param)
@@ -48,6 +50,19 @@ def make_optimizer(model: MSA, train: TrainConfig) -> torch.optim.Optimizer:
     if towers:
         groups.append({"params": towers, "lr": train.backbone_lr})
     return torch.optim.AdamW(groups, weight_decay=train.weight_decay)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_fraction: float = 0.05) -> Any:
+    """Linear warm-up, then cosine decay to zero over ``total_steps`` optimizer steps."""
+    warmup = max(1, int(total_steps * warmup_fraction))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def gather_batch(local: torch.Tensor) -> torch.Tensor:
@@ -84,11 +99,12 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     model = build_model(config.model).to(device)
     optimizer = make_optimizer(model, train_cfg)
+    scheduler = make_scheduler(optimizer, max(1, loop_config["steps_per_epoch"]) * train_cfg.epochs)
     start_epoch, started = 0, time.monotonic()
     resume = ray.train.get_checkpoint()
     if resume is not None:
         with resume.as_directory() as folder:
-            start_epoch = int(ckpt.load_training_state(Path(folder), model, optimizer)["epoch"]) + 1
+            start_epoch = int(ckpt.load_training_state(Path(folder), model, optimizer, scheduler)["epoch"]) + 1
         if rank == 0:
             log.info("resuming at epoch %d", start_epoch)
     ddp = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False})
@@ -114,6 +130,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             scaler.scale(terms["loss"]).backward()
             scaler.step(optimizer)
             scaler.update()
+            scheduler.step()
             losses.append(float(terms["loss"].detach()))
             samples += batch["image"].shape[0]
             if rank == 0 and len(losses) % 10 == 0:
@@ -127,17 +144,20 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         }
         out_of_time = bool(train_cfg.max_minutes) and time.monotonic() - started > 60 * train_cfg.max_minutes
         if rank == 0:
-            val_images, val_captions = ray.train.get_dataset_shard("val_images"), ray.train.get_dataset_shard(
-                "val_captions"
+            val_images, val_captions = (
+                ray.train.get_dataset_shard("val_images"),
+                ray.train.get_dataset_shard("val_captions"),
             )
             val = evaluate_model(
-                model, val_images.iter_batches(batch_size=train_cfg.eval_batch_size),
-                val_captions.iter_batches(batch_size=256), device,
+                model,
+                val_images.iter_batches(batch_size=train_cfg.eval_batch_size),
+                val_captions.iter_batches(batch_size=256),
+                device,
             )
             metrics.update({f"val_{k}": v for k, v in val.items()})
             log.info("epoch %d %s", epoch, json.dumps({k: round(v, 4) for k, v in metrics.items()}))
             with tempfile.TemporaryDirectory() as folder:
-                ckpt.save_checkpoint(folder, model, optimizer, config, epoch, metrics)
+                ckpt.save_checkpoint(folder, model, optimizer, config, epoch, metrics, scheduler)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
         else:
             ray.train.report(metrics, checkpoint=None)
@@ -163,8 +183,14 @@ def unique_run_name(config: Config) -> str:
     return f"{config.name}-{datetime.now(UTC):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
 
 
-def fit(config: Config, data: str, storage_path: str = ".rsitr/runs", name: str | None = None,
-        max_failures: int = 1, evaluate_test: bool = True) -> FitResult:
+def fit(
+    config: Config,
+    data: str,
+    storage_path: str = ".rsitr/runs",
+    name: str | None = None,
+    max_failures: int = 1,
+    evaluate_test: bool = True,
+) -> FitResult:
     """Train on an ingested dataset with Ray Train; a run with an existing ``name`` resumes.
 
     Raises:
@@ -174,7 +200,8 @@ def fit(config: Config, data: str, storage_path: str = ".rsitr/runs", name: str 
     from ray.train.torch import TorchTrainer
 
     data = storage.resolve(data)
-    shards.read_manifest(data)  # fail before starting anything when the data is not there
+    manifest = shards.read_manifest(data)  # fail before starting anything when the data is not there
+    steps_per_epoch = manifest["splits"].get("train", {}).get("rows", 0) // config.train.batch_size
     storage_path = storage.resolve(storage_path)
     name = name or unique_run_name(config)
     if not ray.is_initialized():
@@ -187,7 +214,7 @@ def fit(config: Config, data: str, storage_path: str = ".rsitr/runs", name: str 
     val_images, val_captions = eval_datasets(data, "val", t.image_size, m.text_model, m.max_tokens)
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"config": config.to_dict()},
+        train_loop_config={"config": config.to_dict(), "steps_per_epoch": steps_per_epoch},
         scaling_config=ScalingConfig(
             num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker={"CPU": t.cpus_per_worker}
         ),
@@ -209,7 +236,7 @@ def fit(config: Config, data: str, storage_path: str = ".rsitr/runs", name: str 
     result = trainer.fit()
     if result.error is not None:
         raise result.error
-    best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda pair: pair[1]["val_mR"])
+    best_ckpt, best_metrics = max(result.best_checkpoints or [], key=lambda pair: pair[1]["val_mR"])
     run_dir = storage.join(storage_path, name)
     history = _history(result)
     test = None
@@ -243,7 +270,9 @@ def evaluate_checkpoint(checkpoint: str, data: str, split: str = "test") -> dict
         storage.resolve(data), split, config.train.image_size, config.model.text_model, config.model.max_tokens
     )
     return evaluate_model(
-        model, images.iter_batches(batch_size=config.train.eval_batch_size), captions.iter_batches(batch_size=256),
+        model,
+        images.iter_batches(batch_size=config.train.eval_batch_size),
+        captions.iter_batches(batch_size=256),
         device,
     )
 
@@ -273,8 +302,17 @@ def run_from_args(args: argparse.Namespace) -> FitResult:
         overrides.append(f"train.num_workers={args.workers}")
     config = load_config(args.config, overrides)
     result = fit(config, args.data, args.storage, args.name)
-    print(json.dumps({"run_dir": result.run_dir, "best_checkpoint": result.best_checkpoint,
-                      "val": result.val, "test": result.test}, indent=2))
+    print(
+        json.dumps(
+            {
+                "run_dir": result.run_dir,
+                "best_checkpoint": result.best_checkpoint,
+                "val": result.val,
+                "test": result.test,
+            },
+            indent=2,
+        )
+    )
     return result
 
 

@@ -79,8 +79,9 @@ def test_nothing_usable_or_missing_folder_fails_clearly(tmp_path: Path) -> None:
     assert not (tmp_path / "out" / "bad" / "manifest.json").exists()
 
 
-@pytest.mark.skipif(not (Path(__file__).resolve().parents[2] / "shared/data/rsicd").is_dir(),
-                    reason="../shared/data/rsicd is absent")
+@pytest.mark.skipif(
+    not (Path(__file__).resolve().parents[2] / "shared/data/rsicd").is_dir(), reason="../shared/data/rsicd is absent"
+)
 def test_rsicd_vt_rsbs_captions_parse() -> None:
     from rsitr.io.captions import read_captions
 

@@ -19,6 +19,11 @@ from rsitr.models.text import load_tokenizer
 DATA_TASK_CPUS = 0.25
 
 
+def read_shards(root: str, columns: list[str]) -> ray.data.Dataset:
+    """The given columns of every shard of an ingested dataset, streamed."""
+    return ray.data.read_parquet(shards.shard_uris(root), num_cpus=DATA_TASK_CPUS).select_columns(columns)
+
+
 def read_split(root: str, split: str, columns: list[str]) -> ray.data.Dataset:
     """Rows of one split of an ingested dataset (``columns`` plus ``split``), streamed from its shards.
 
@@ -30,7 +35,7 @@ def read_split(root: str, split: str, columns: list[str]) -> ray.data.Dataset:
     if split not in manifest["splits"]:
         raise ValueError(f"dataset {root} has no {split!r} split (splits: {sorted(manifest['splits'])})")
     wanted = sorted(set(columns) | {"split"})
-    ds = ray.data.read_parquet(shards.shard_uris(root), columns=wanted, num_cpus=DATA_TASK_CPUS)
+    ds = read_shards(root, wanted)
     return ds.filter(expr=f"split == '{split}'")
 
 
@@ -83,7 +88,10 @@ def tokenize(texts: list[str], text_model: str, max_tokens: int) -> dict[str, np
     tokens = load_tokenizer(text_model)(
         texts, padding="max_length", truncation=True, max_length=max_tokens, return_tensors="np"
     )
-    return {"input_ids": tokens["input_ids"].astype(np.int64), "attention_mask": tokens["attention_mask"].astype(np.int64)}
+    return {
+        "input_ids": tokens["input_ids"].astype(np.int64),
+        "attention_mask": tokens["attention_mask"].astype(np.int64),
+    }
 
 
 def decode_images(batch: pa.Table, image_size: int) -> dict[str, Any]:
@@ -119,9 +127,17 @@ def train_dataset(root: str, image_size: int, text_model: str, max_tokens: int, 
     """The training split, decoded, augmented and tokenised."""
     ds = read_split(root, "train", ["image", "captions"])
     return ds.map_batches(
-        TrainBatches, fn_constructor_kwargs={"image_size": image_size, "text_model": text_model,
-                                             "max_tokens": max_tokens, "augment": augment},
-        batch_format="pyarrow", batch_size=64, concurrency=1, num_cpus=DATA_TASK_CPUS,
+        TrainBatches,
+        fn_constructor_kwargs={
+            "image_size": image_size,
+            "text_model": text_model,
+            "max_tokens": max_tokens,
+            "augment": augment,
+        },
+        batch_format="pyarrow",
+        batch_size=64,
+        concurrency=1,
+        num_cpus=DATA_TASK_CPUS,
     )
 
 
@@ -130,11 +146,18 @@ def eval_datasets(
 ) -> tuple[ray.data.Dataset, ray.data.Dataset]:
     """Two streams for evaluation: every image once, and every caption with its image id."""
     images = read_split(root, split, ["image_id", "image"]).map_batches(
-        decode_images, fn_kwargs={"image_size": image_size}, batch_format="pyarrow", batch_size=64,
+        decode_images,  # type: ignore[arg-type]
+        fn_kwargs={"image_size": image_size},
+        batch_format="pyarrow",
+        batch_size=64,
         num_cpus=DATA_TASK_CPUS,
     )
     captions = read_split(root, split, ["image_id", "captions"]).map_batches(
-        CaptionTokens, fn_constructor_kwargs={"text_model": text_model, "max_tokens": max_tokens},
-        batch_format="pyarrow", batch_size=256, concurrency=1, num_cpus=DATA_TASK_CPUS,
+        CaptionTokens,
+        fn_constructor_kwargs={"text_model": text_model, "max_tokens": max_tokens},
+        batch_format="pyarrow",
+        batch_size=256,
+        concurrency=1,
+        num_cpus=DATA_TASK_CPUS,
     )
     return images, captions

@@ -55,7 +55,7 @@ def _stretch_limits(src: rasterio.DatasetReader, bands: list[int]) -> tuple[np.n
     for band in data:
         valid = band.compressed()
         valid = valid[np.isfinite(valid)]
-        lo, hi = (np.percentile(valid, [2, 98]) if valid.size else (0.0, 1.0))
+        lo, hi = np.percentile(valid, [2, 98]) if valid.size else (0.0, 1.0)
         low.append(lo)
         high.append(hi)
     return np.array(low), np.array(high)

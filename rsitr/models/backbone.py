@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-import torch
+from typing import Any
+
 import timm
+import torch
 from torch import nn
 
 # MSA's backbone names → timm names. Everything else is passed to timm as given.
@@ -53,17 +55,22 @@ class MultiScaleBackbone(nn.Module):
     (N, H, W, 3) in 0–255; normalisation happens here so data pipelines can ship compact uint8.
     """
 
-    def __init__(self, name: str, pretrained: bool = True, stages: tuple[int, ...] = (1, 2, 3, 4),
-                 frozen_stages: int = 0) -> None:
+    def __init__(
+        self, name: str, pretrained: bool = True, stages: tuple[int, ...] = (1, 2, 3, 4), frozen_stages: int = 0
+    ) -> None:
         super().__init__()
         timm_name = TIMM_NAMES.get(name, name)
-        self.body = timm.create_model(timm_name, pretrained=False, features_only=True, out_indices=stages)
+        body: Any = timm.create_model(timm_name, pretrained=False, features_only=True, out_indices=stages)
+        self.body = body
         if pretrained:
             full = create_classifier(name, pretrained=True).state_dict()
             missing, _ = self.body.load_state_dict(full, strict=False)
             if missing:
                 raise WeightsError(f"{name}: pretrained weights miss {missing[:5]}")
-        self.channels: list[int] = list(self.body.feature_info.channels())
+        self.channels: list[int] = list(body.feature_info.channels())
+        self.stage_modules: list[str] = [info["module"] for info in body.feature_info.get_dicts()]
+        self.mean: torch.Tensor
+        self.std: torch.Tensor
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255, persistent=False)
         self._frozen: list[nn.Module] = []
@@ -72,7 +79,7 @@ class MultiScaleBackbone(nn.Module):
 
     def _freeze_through(self, stages: int) -> None:
         """Freeze the stem and every module up to the end of the ``stages``-th selected stage."""
-        last = self.body.feature_info.get_dicts()[min(stages, len(self.channels)) - 1]["module"]
+        last = self.stage_modules[min(stages, len(self.channels)) - 1]
         for name, module in self.body.named_children():
             self._frozen.append(module)
             module.requires_grad_(False)
@@ -81,7 +88,8 @@ class MultiScaleBackbone(nn.Module):
             if name == last.split(".")[0]:
                 # Inside a sequential of blocks: undo the freeze for blocks after the stage's end.
                 cut = int(last.split(".")[1])
-                for index, block in enumerate(module):  # type: ignore[arg-type]
+                blocks: Any = module
+                for index, block in enumerate(blocks):
                     if index > cut:
                         block.requires_grad_(True)
                 break

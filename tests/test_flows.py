@@ -1,0 +1,65 @@
+"""End to end: the three Prefect flows on the demo corpus, training as a real Ray job on a local Ray head."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipelines.index import index_archive
+from pipelines.ingest import ingest_flow
+from pipelines.train import MissingDataError, train_msa
+from rsitr.metrics import chance_metrics
+from rsitr.search import Searcher
+
+PROJECT = Path(__file__).resolve().parents[1]
+
+
+def test_prefect_yaml_declares_the_deployments() -> None:
+    spec = yaml.safe_load((PROJECT / "prefect.yaml").read_text())
+    names = set()
+    for deployment in spec["deployments"]:
+        path, func = deployment["entrypoint"].split(":")
+        module = __import__(path.removesuffix(".py").replace("/", "."), fromlist=[func])
+        flow = getattr(module, func)
+        names.add(f"{flow.name}/{deployment['name']}")
+        assert set(deployment.get("parameters", {})) <= set(flow.parameters.properties), deployment
+    assert {
+        "ingest/demo",
+        "train-msa/demo",
+        "train-msa/rsitmd",
+        "train-msa/rsicd",
+        "index-archive/demo",
+        "index-archive/nightly",
+    } <= names
+    nightly = next(d for d in spec["deployments"] if d["name"] == "nightly")
+    assert nightly["schedules"][0]["cron"]
+
+
+def test_train_on_missing_data_fails_at_once_saying_what_to_ingest(prefect_harness: None, tmp_path: Path) -> None:
+    with pytest.raises(MissingDataError, match=r"rsitr ingest corpus .* --dataset rsitmd"):
+        train_msa(data=str(tmp_path / "data" / "rsitmd"))
+
+
+@pytest.mark.e2e
+def test_ingest_train_index_search_end_to_end(prefect_harness: None, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    ingested = ingest_flow(source="demo", dataset="demo", out=str(tmp_path / "data"))
+    assert ingested["rows"] == 432 and ingested["quarantined"] == 0
+    result = train_msa(
+        data=ingested["data"],
+        config="demo",
+        storage_path=str(tmp_path / "runs"),
+        name="e2e",
+        epochs=4,
+    )
+    history = result["history"]
+    assert len(history) == 4
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    test = result["test"]
+    chance = chance_metrics(int(test["images"]), test["captions"] / test["images"])
+    assert test["mR"] > chance["mR"] + 8, (test, chance)
+    indexed = index_archive(checkpoint=str(tmp_path / "runs"), data=ingested["data"], out=str(tmp_path / "index"))
+    assert indexed["rows"] == 432
+    hits = Searcher(str(tmp_path / "index")).search("a river crosses dense forest", k=5)
+    assert len(hits) == 5 and hits[0].footprint
