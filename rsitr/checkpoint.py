@@ -39,6 +39,7 @@ def save_checkpoint(
     epoch: int,
     metrics: dict[str, float],
     scheduler: Any = None,
+    history: list[dict[str, float]] | None = None,
 ) -> str:
     """Write a checkpoint into ``directory`` and return its model version (hash of the weights)."""
     directory = Path(directory)
@@ -52,7 +53,8 @@ def save_checkpoint(
             optim_state["scheduler"] = scheduler.state_dict()
         torch.save(optim_state, directory / OPTIMIZER)
     (directory / CONFIG).write_text(json.dumps(config.to_dict(), indent=2))
-    (directory / STATE).write_text(json.dumps({"epoch": epoch, "metrics": metrics, "model_version": version}, indent=2))
+    state = {"epoch": epoch, "metrics": metrics, "model_version": version, "history": history or []}
+    (directory / STATE).write_text(json.dumps(state, indent=2))
     return version
 
 

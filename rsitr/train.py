@@ -37,6 +37,7 @@ from rsitr.losses import total_loss
 from rsitr.models.msa import MSA, build_model
 
 log = logging.getLogger("rsitr.train")
+HISTORY_KEYS = ("epoch", "train_loss", "val_mR", "samples_per_s", "data_wait_fraction")
 
 
 def make_optimizer(model: MSA, train: TrainConfig) -> torch.optim.Optimizer:
@@ -52,9 +53,13 @@ def make_optimizer(model: MSA, train: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, weight_decay=train.weight_decay)
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_fraction: float = 0.05) -> Any:
-    """Linear warm-up, then cosine decay to zero over ``total_steps`` optimizer steps."""
-    warmup = max(1, int(total_steps * warmup_fraction))
+def make_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int) -> Any:
+    """Linear warm-up over ``warmup_steps``, then cosine decay to zero at ``total_steps`` optimizer steps.
+
+    Contrastive heads collapse (every embedding the same point) when AdamW starts at full learning rate, so
+    the warm-up matters; one epoch is the default.
+    """
+    warmup = max(1, min(warmup_steps, total_steps // 2))
 
     def factor(step: int) -> float:
         if step < warmup:
@@ -99,12 +104,15 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     model = build_model(config.model).to(device)
     optimizer = make_optimizer(model, train_cfg)
-    scheduler = make_scheduler(optimizer, max(1, loop_config["steps_per_epoch"]) * train_cfg.epochs)
+    steps_per_epoch = max(1, loop_config["steps_per_epoch"])
+    scheduler = make_scheduler(optimizer, steps_per_epoch * train_cfg.epochs, steps_per_epoch)
     start_epoch, started = 0, time.monotonic()
+    history: list[dict[str, float]] = []
     resume = ray.train.get_checkpoint()
     if resume is not None:
         with resume.as_directory() as folder:
-            start_epoch = int(ckpt.load_training_state(Path(folder), model, optimizer, scheduler)["epoch"]) + 1
+            state = ckpt.load_training_state(Path(folder), model, optimizer, scheduler)
+        start_epoch, history = int(state["epoch"]) + 1, list(state.get("history", []))
         if rank == 0:
             log.info("resuming at epoch %d", start_epoch)
     ddp = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False})
@@ -156,8 +164,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             )
             metrics.update({f"val_{k}": v for k, v in val.items()})
             log.info("epoch %d %s", epoch, json.dumps({k: round(v, 4) for k, v in metrics.items()}))
+            history.append({k: metrics[k] for k in HISTORY_KEYS})
             with tempfile.TemporaryDirectory() as folder:
-                ckpt.save_checkpoint(folder, model, optimizer, config, epoch, metrics, scheduler)
+                ckpt.save_checkpoint(folder, model, optimizer, config, epoch, metrics, scheduler, history)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
         else:
             ray.train.report(metrics, checkpoint=None)
@@ -238,7 +247,7 @@ def fit(
         raise result.error
     best_ckpt, best_metrics = max(result.best_checkpoints or [], key=lambda pair: pair[1]["val_mR"])
     run_dir = storage.join(storage_path, name)
-    history = _history(result)
+    history = _history(result.checkpoint)  # the latest checkpoint (Ray always keeps it)
     test = None
     if evaluate_test:
         test = evaluate_checkpoint(best_ckpt.path, data, "test")
@@ -254,12 +263,12 @@ def fit(
     return out
 
 
-def _history(result: Any) -> list[dict[str, float]]:
-    frame = result.metrics_dataframe
-    if frame is None:
+def _history(latest: ray.train.Checkpoint | None) -> list[dict[str, float]]:
+    """Per-epoch metrics, as the latest checkpoint recorded them (they survive restarts and resumes)."""
+    if latest is None:
         return []
-    keep = [c for c in frame.columns if c in {"epoch", "train_loss", "val_mR", "samples_per_s", "data_wait_fraction"}]
-    return [{k: float(v) for k, v in row.items()} for row in frame[keep].to_dict("records")]
+    with latest.as_directory() as folder:
+        return list(json.loads((Path(folder) / ckpt.STATE).read_text()).get("history", []))
 
 
 def evaluate_checkpoint(checkpoint: str, data: str, split: str = "test") -> dict[str, float]:
