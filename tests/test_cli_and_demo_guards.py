@@ -1,0 +1,59 @@
+"""The one-line errors of the CLI and of `make demo`'s guards (no services started here)."""
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipelines.demo import DemoError, main, single_instance
+from pipelines.raycluster import PortInUseError, ensure_port_free
+from rsitr.cli import main as cli_main
+
+
+def test_missing_data_folder_is_one_line_error(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert main(["--data", str(tmp_path / "nope")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "does not exist" in err and "nope" in err
+
+
+def test_busy_port_is_named() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        with pytest.raises(PortInUseError, match=f"port {port} for the Prefect server.*RSITR_PREFECT_PORT"):
+            ensure_port_free(port, "the Prefect server", "RSITR_PREFECT_PORT")
+
+
+def test_second_demo_is_refused_while_one_runs(tmp_path: Path) -> None:
+    lock = tmp_path / "demo.lock"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"import fcntl,time;f=open(r'{lock}','a+');fcntl.flock(f,fcntl.LOCK_EX);"
+            "print('held',flush=True);time.sleep(30)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        with pytest.raises(DemoError, match="another demo is running"), single_instance(lock):
+            pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with single_instance(lock):
+        pass
+
+
+def test_cli_user_errors_exit_2_with_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert cli_main(["search", "rivers", "--index", str(tmp_path / "none")]) == 2
+    assert "no index at" in capsys.readouterr().err
+    assert cli_main(["ingest", "folder", str(tmp_path / "none"), "--dataset", "x", "--out", str(tmp_path)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert cli_main(["eval", "--checkpoint", str(tmp_path), "--data", str(tmp_path)]) == 2
+    assert "not a checkpoint" in capsys.readouterr().err
