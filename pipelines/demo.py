@@ -180,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
                 **env,
                 "RAY_ADDRESS": ray_url,
                 "RAY_AUTH_MODE": "disabled",
+                "RSITR_RAY_CLUSTER": f"127.0.0.1:{ray_port}",
                 "RSITR_PROJECT_DIR": str(PROJECT),
                 "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
             }

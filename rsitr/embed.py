@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import ray
-import ray.data
 import torch
 
 from rsitr import checkpoint as ckpt
 from rsitr.data.pipeline import DATA_TASK_CPUS, decode_images, read_shards
 from rsitr.io import shards, storage
+from rsitr.raysession import init_ray
 
 log = logging.getLogger(__name__)
 EMBEDDINGS_FILE = "embeddings.parquet"
@@ -46,9 +44,7 @@ def embed_archive(checkpoint: str, data: str, out: str, actors: int = 1, batch_s
     checkpoint = ckpt.resolve_checkpoint(checkpoint)
     _, config, state = ckpt.load_checkpoint(checkpoint)
     data = storage.resolve(data)
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    init_ray()
     ds = (
         read_shards(data, ["image_id", "image"])
         .map_batches(

@@ -11,7 +11,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import sys
 import tempfile
 import time
@@ -35,6 +34,7 @@ from rsitr.evaluate import evaluate_model
 from rsitr.io import shards, storage
 from rsitr.losses import total_loss
 from rsitr.models.msa import MSA, build_model
+from rsitr.raysession import init_ray
 
 log = logging.getLogger("rsitr.train")
 HISTORY_KEYS = ("epoch", "train_loss", "val_mR", "samples_per_s", "data_wait_fraction")
@@ -213,12 +213,7 @@ def fit(
     steps_per_epoch = manifest["splits"].get("train", {}).get("rows", 0) // config.train.batch_size
     storage_path = storage.resolve(storage_path)
     name = name or unique_run_name(config)
-    if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS") or None
-        # A fresh local Ray declares at least 4 logical CPUs: with only 2, the train workers and Ray Data's
-        # read/decode stages starve each other (see STACK.md); torch runs one thread per worker anyway.
-        ray.init(address=address, num_cpus=None if address else max(4, os.cpu_count() or 1))
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    init_ray()
     m, t = config.model, config.train
     val_images, val_captions = eval_datasets(data, "val", t.image_size, m.text_model, m.max_tokens)
     trainer = TorchTrainer(
