@@ -63,7 +63,6 @@ def ingest_scenes(
     records = read_captions(captions) if captions else {}
     root = shards.dataset_root(out, dataset)
     writer = shards.ShardWriter(root)
-    rows: list[dict[str, Any]] = []
     quarantined: list[shards.Quarantined] = []
     seen = 0
     for scene in scenes:
@@ -101,11 +100,9 @@ def ingest_scenes(
                 sha256=tile.pixels_sha256,
             )
             writer.add(row)
-            rows.append({"split": row["split"], "captions": row["captions"]})
     return _finish(
         root,
         writer,
-        rows,
         quarantined,
         seen,
         {
@@ -121,16 +118,15 @@ def ingest_scenes(
 def _finish(
     root: str,
     writer: shards.ShardWriter,
-    rows: list[dict[str, Any]],
     quarantined: list[shards.Quarantined],
     seen: int,
     parameters: dict[str, Any],
 ) -> dict[str, Any]:
     writer.flush()
-    if not rows:
+    if not writer.splits:
         reasons = "; ".join(f"{q.input}: {q.reason}" for q in quarantined[:3])
         raise IngestError(f"nothing usable to ingest into {root} ({len(quarantined)} quarantined: {reasons})")
-    manifest = shards.write_manifest(root, writer, rows, quarantined, seen, parameters)
+    manifest = shards.write_manifest(root, writer, quarantined, seen, parameters)
     log.info("ingested %d rows into %s (%d quarantined)", manifest["rows"], root, len(quarantined))
     return manifest
 
@@ -152,7 +148,6 @@ def ingest_corpus(images: str, captions: str, dataset: str, out: str, fmt: str =
     records = read_captions(captions, fmt)
     root = shards.dataset_root(out, dataset)
     writer = shards.ShardWriter(root)
-    rows: list[dict[str, Any]] = []
     quarantined: list[shards.Quarantined] = []
     seen = 0
     for name, record in sorted(records.items()):
@@ -191,11 +186,9 @@ def ingest_corpus(images: str, captions: str, dataset: str, out: str, fmt: str =
             sha256=hashlib.sha256(pixels.tobytes()).hexdigest(),
         )
         writer.add(row)
-        rows.append({"split": row["split"], "captions": row["captions"]})
     return _finish(
         root,
         writer,
-        rows,
         quarantined,
         seen,
         {

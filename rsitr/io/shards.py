@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,11 +77,15 @@ class ShardWriter:
     root: str
     target_bytes: int = 128 * 1024 * 1024
     shards: list[dict[str, Any]] = field(default_factory=list)
+    splits: dict[str, dict[str, int]] = field(default_factory=dict)
     _rows: list[dict[str, Any]] = field(default_factory=list)
     _bytes: int = 0
 
     def add(self, row: dict[str, Any]) -> None:
         """Queue one row; flushes a shard when the buffer reaches ``target_bytes``."""
+        tally = self.splits.setdefault(row["split"], {"rows": 0, "captions": 0})
+        tally["rows"] += 1
+        tally["captions"] += len(row["captions"])
         self._rows.append(row)
         self._bytes += len(row["image"])
         if self._bytes >= self.target_bytes:
@@ -107,7 +111,6 @@ class ShardWriter:
 def write_manifest(
     root: str,
     writer: ShardWriter,
-    rows: Iterable[dict[str, Any]],
     quarantined: list[Quarantined],
     inputs_seen: int,
     parameters: dict[str, Any],
@@ -117,14 +120,9 @@ def write_manifest(
     Raises:
         RuntimeError: the counts do not reconcile (inputs seen != rows written + quarantined).
     """
-    splits: dict[str, dict[str, int]] = {}
-    n_rows = n_captions = 0
-    for row in rows:
-        entry = splits.setdefault(row["split"], {"rows": 0, "captions": 0})
-        entry["rows"] += 1
-        entry["captions"] += len(row["captions"])
-        n_rows += 1
-        n_captions += len(row["captions"])
+    splits = writer.splits
+    n_rows = sum(tally["rows"] for tally in splits.values())
+    n_captions = sum(tally["captions"] for tally in splits.values())
     if inputs_seen != n_rows + len(quarantined):
         raise RuntimeError(
             f"ingest of {root}: {inputs_seen} inputs seen but {n_rows} written + {len(quarantined)} quarantined"
