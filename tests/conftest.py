@@ -41,9 +41,12 @@ def ray_local() -> Iterator[None]:
     """A real local Ray (4 logical CPUs so Ray Data keeps CPUs beside training workers)."""
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield
-    ray.shutdown()
+    if started:
+        ray.shutdown()
 
 
 @pytest.fixture(scope="session")

@@ -41,7 +41,9 @@ def test_train_on_missing_data_fails_at_once_saying_what_to_ingest(prefect_harne
 
 
 @pytest.mark.e2e
-def test_ingest_train_index_search_end_to_end(prefect_harness: None, tmp_path: Path, monkeypatch) -> None:
+def test_ingest_train_index_search_end_to_end(
+    prefect_harness: None, ray_local: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     ingested = ingest_flow(source="demo", dataset="demo", out=str(tmp_path / "data"))
