@@ -73,13 +73,26 @@ def entrypoint(
     return shlex.join(parts + list(overrides))
 
 
+def submit_with_retry(client: Any, command: str, job_id: str, timeout_s: float = 120.0) -> None:
+    """Submit a job; a head that just started may answer before its job agent is up, so retry that case."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            client.submit_job(entrypoint=command, submission_id=job_id)
+            return
+        except RuntimeError as err:
+            if "No available agent" not in str(err) or time.monotonic() > deadline:
+                raise
+            time.sleep(2.0)
+
+
 def follow_job(address: str, command: str, job_id: str, poll_s: float = 2.0) -> str:
     """Submit, stream logs into the flow run's log, and return the terminal status; stop the job on exit."""
     from ray.job_submission import JobSubmissionClient
 
     logger = get_run_logger()
     client = JobSubmissionClient(address)
-    client.submit_job(entrypoint=command, submission_id=job_id)
+    submit_with_retry(client, command, job_id)
     logger.info("submitted Ray job %s to %s: %s", job_id, address, command)
     shown, status = 0, "PENDING"
     try:
