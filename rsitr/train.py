@@ -243,12 +243,11 @@ def fit(
     best_ckpt, best_metrics = max(result.best_checkpoints or [], key=lambda pair: pair[1]["val_mR"])
     run_dir = storage.join(storage_path, name)
     history = _history(result.checkpoint)  # the latest checkpoint (Ray always keeps it)
-    test = None
-    if evaluate_test:
-        test = evaluate_checkpoint(best_ckpt.path, data, "test")
+    best_path = f"s3://{best_ckpt.path}" if storage_path.startswith("s3://") else best_ckpt.path
+    test = evaluate_checkpoint(best_path, data, "test") if evaluate_test else None
     out = FitResult(
         run_dir=run_dir,
-        best_checkpoint=f"s3://{best_ckpt.path}" if storage_path.startswith("s3://") else best_ckpt.path,
+        best_checkpoint=best_path,
         val={k.removeprefix("val_"): v for k, v in best_metrics.items() if k.startswith("val_")},
         test=test,
         history=history,
