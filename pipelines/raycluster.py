@@ -100,6 +100,11 @@ def local_ray_head(
         f"--num-cpus={num_cpus}",
         f"--temp-dir={temp_dir}",
         "--disable-usage-stats",
+        # Private agent ports, so this head can run beside another Ray on the same machine (its defaults clash).
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--ray-client-server-port={free_port()}",
+        "--metrics-export-port=0",
+        "--runtime-env-agent-port=0",
         "--include-dashboard=true",
     ]
     sink = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - closed below
