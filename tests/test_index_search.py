@@ -35,7 +35,6 @@ def test_search_returns_ranked_tiles_with_footprints(built_index: Path) -> None:
     assert [h.rank for h in hits] == list(range(1, 8))
     assert all(a.score >= b.score for a, b in zip(hits, hits[1:], strict=False))
     assert all(shapely.from_wkt(h.footprint).is_valid for h in hits)
-    # Exact search: the top hit is the tile whose stored embedding is closest to the query.
     table, _ = open_index(str(built_index))
     assert table.count_rows() == 432
 
