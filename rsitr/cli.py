@@ -12,7 +12,8 @@ from rsitr.checkpoint import CheckpointError
 from rsitr.config import ConfigError
 from rsitr.index import IndexNotFoundError
 from rsitr.ingest import IngestError
-from rsitr.io.captions import CaptionFormatError
+from rsitr.io.captions import FORMATS, CaptionFormatError
+from rsitr.io.geotiff import BAND_PRESETS
 from rsitr.io.shards import ShardsNotFoundError
 
 # Errors that carry a message meant for the user: printed on one line, exit status 2.
@@ -35,21 +36,38 @@ def _demo_data(args: argparse.Namespace) -> None:
 
 def _ingest(args: argparse.Namespace) -> None:
     from rsitr import ingest
+    from rsitr.io import geotiff
 
+    common = {"workers": args.workers, "strict": args.strict, "overwrite": args.overwrite, "shard_mb": args.shard_mb}
     if args.kind == "scenes":
+        options = geotiff.TileOptions(
+            tile_size=args.tile_size,
+            out_size=args.out_size,
+            overlap=args.overlap,
+            bands=geotiff.parse_bands(args.bands),
+            max_nodata=args.max_nodata,
+            edge=args.edge,
+            require_georef=args.require_georef,
+        )
         manifest = ingest.ingest_scenes(
-            args.paths, args.dataset, args.out, args.tile_size, args.max_nodata, args.captions
+            args.paths, args.dataset, args.out, options, args.captions, split=args.split or "none", **common
         )
     elif args.kind == "corpus":
-        manifest = ingest.ingest_corpus(args.images, args.captions, args.dataset, args.out, args.format)
-    else:
-        manifest = ingest.ingest_folder(args.folder, args.dataset, args.out, args.tile_size)
-    print(
-        json.dumps(
-            {k: manifest[k] for k in ("inputs_seen", "rows", "captions", "splits")}
-            | {"quarantined": len(manifest["quarantined"])}
+        manifest = ingest.ingest_corpus(
+            args.images,
+            args.captions,
+            args.dataset,
+            args.out,
+            args.format,
+            split=args.split,
+            split_table=args.split_table,
+            seed=args.seed,
+            **common,
         )
-    )
+    else:
+        manifest = ingest.ingest_folder(args.folder, args.dataset, args.out, args.tile_size, workers=args.workers)
+    summary = {k: manifest[k] for k in ("inputs_seen", "rows", "captions", "skipped", "splits")}
+    print(json.dumps(summary | {"quarantined": len(manifest["quarantined"]), "shards": len(manifest["shards"])}))
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -116,20 +134,34 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("ingest", help="images/scenes + captions → Parquet shards")
     kinds = p.add_subparsers(dest="kind", required=True)
-    k = kinds.add_parser("scenes", help="tile GeoTIFF scenes")
+    k = kinds.add_parser("scenes", help="tile raster scenes (paths, globs, folders, s3:// URIs; a,b,c = band files)")
     k.add_argument("paths", nargs="+")
-    k.add_argument("--captions", default=None, help="captions keyed by tile id (Karpathy JSON)")
+    k.add_argument("--tile-size", type=int, default=256, help="window side in source pixels")
+    k.add_argument("--out-size", type=int, default=None, help="stored tile side (default: tile size)")
+    k.add_argument("--overlap", type=int, default=0)
+    k.add_argument("--bands", default=None, help=f"R,G,B band numbers or a preset ({', '.join(BAND_PRESETS)})")
     k.add_argument("--max-nodata", type=float, default=0.5)
-    k = kinds.add_parser("corpus", help="an image folder and a caption file")
+    k.add_argument("--edge", choices=["pad", "drop"], default="pad", help="partial windows at the right/bottom")
+    k.add_argument("--require-georef", action="store_true", help="reject scenes without a usable Earth CRS")
+    k.add_argument("--captions", action="append", default=None, help="caption file keyed by tile id (repeatable)")
+    k.add_argument("--split", default=None, choices=["train", "val", "test", "none"])
+    k = kinds.add_parser("corpus", help="an image folder and its caption files")
     k.add_argument("--images", required=True)
-    k.add_argument("--captions", required=True)
-    k.add_argument("--format", default="auto", choices=["auto", "karpathy", "vt-rsbs"])
+    k.add_argument("--captions", action="append", required=True, help="caption file or AMFMN folder (repeatable)")
+    k.add_argument("--format", default="auto", choices=["auto", *FORMATS])
+    k.add_argument("--split", default=None, choices=["train", "val", "test"], help="split when the corpus has none")
+    k.add_argument("--split-table", default=None, help="CSV of filename,split[,label] that decides the split")
+    k.add_argument("--seed", type=int, default=0, help="seed of the 80/10/10 split for images with no split")
     k = kinds.add_parser("folder", help="a corpus folder (scenes/ or images/, plus captions)")
     k.add_argument("folder")
+    k.add_argument("--tile-size", type=int, default=128)
     for k in kinds.choices.values():
         k.add_argument("--dataset", required=True)
         k.add_argument("--out", default=".rsitr/data")
-        k.add_argument("--tile-size", type=int, default=256)
+        k.add_argument("--workers", type=int, default=None, help="parallel units (1: this process; default: all CPUs)")
+        k.add_argument("--strict", action="store_true", help="exit non-zero when anything is quarantined")
+        k.add_argument("--overwrite", action="store_true", help="replace a different ingest at the same place")
+        k.add_argument("--shard-mb", type=int, default=64, help="target shard size")
     p.set_defaults(func=_ingest)
 
     from rsitr.train import build_parser as train_parser

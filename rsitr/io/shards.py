@@ -6,7 +6,6 @@ import hashlib
 import io
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
@@ -62,80 +61,49 @@ def dataset_root(out: str, dataset: str) -> str:
     return storage.join(storage.resolve(out), dataset)
 
 
-@dataclass
-class Quarantined:
-    """An input that was rejected, and why."""
+def write_shard(root: str, name: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Write rows as ``<root>/shards/<name>`` atomically; the same rows always give the same bytes.
 
-    input: str
-    reason: str
-
-
-@dataclass
-class ShardWriter:
-    """Buffers rows and writes size-bounded shards atomically, recording each shard's checksum."""
-
-    root: str
-    target_bytes: int = 128 * 1024 * 1024
-    shards: list[dict[str, Any]] = field(default_factory=list)
-    splits: dict[str, dict[str, int]] = field(default_factory=dict)
-    _rows: list[dict[str, Any]] = field(default_factory=list)
-    _bytes: int = 0
-
-    def add(self, row: dict[str, Any]) -> None:
-        """Queue one row; flushes a shard when the buffer reaches ``target_bytes``."""
-        tally = self.splits.setdefault(row["split"], {"rows": 0, "captions": 0})
-        tally["rows"] += 1
-        tally["captions"] += len(row["captions"])
-        self._rows.append(row)
-        self._bytes += len(row["image"])
-        if self._bytes >= self.target_bytes:
-            self.flush()
-
-    def flush(self) -> None:
-        """Write the buffered rows as the next shard."""
-        if not self._rows:
-            return
-        table = pa.Table.from_pylist(self._rows, schema=SHARD_SCHEMA)
-        table = table.replace_schema_metadata(geo_metadata())
-        sink = io.BytesIO()
-        pq.write_table(table, sink, compression="zstd", row_group_size=256)
-        data = sink.getvalue()
-        name = f"part-{len(self.shards):05d}.parquet"
-        storage.write_bytes_atomic(storage.join(self.root, SHARD_DIR, name), data)
-        self.shards.append(
-            {"path": f"{SHARD_DIR}/{name}", "rows": table.num_rows, "sha256": hashlib.sha256(data).hexdigest()}
-        )
-        self._rows, self._bytes = [], 0
+    Returns:
+        The shard's manifest entry: ``path`` (relative to ``root``), ``rows``, ``bytes`` and ``sha256``.
+    """
+    table = pa.Table.from_pylist(rows, schema=SHARD_SCHEMA).replace_schema_metadata(geo_metadata())
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression="zstd", row_group_size=256)
+    data = sink.getvalue()
+    storage.write_bytes_atomic(storage.join(root, SHARD_DIR, name), data)
+    return {
+        "path": f"{SHARD_DIR}/{name}",
+        "rows": table.num_rows,
+        "bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }
 
 
-def write_manifest(
-    root: str,
-    writer: ShardWriter,
-    quarantined: list[Quarantined],
-    inputs_seen: int,
-    parameters: dict[str, Any],
-) -> dict[str, Any]:
-    """Write ``manifest.json`` for a finished ingest and return it.
+class ManifestMismatchError(RuntimeError):
+    """The counts of an ingest do not reconcile; the manifest is not written."""
+
+
+def write_manifest(root: str, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Check that a finished ingest's counts reconcile, then write ``manifest.json`` atomically.
+
+    Inputs seen = rows + quarantined + skipped, and captions seen = captions written + captions rejected
+    + captions of quarantined inputs.
 
     Raises:
-        RuntimeError: the counts do not reconcile (inputs seen != rows written + quarantined).
+        ManifestMismatchError: the counts do not reconcile.
     """
-    splits = writer.splits
-    n_rows = sum(tally["rows"] for tally in splits.values())
-    n_captions = sum(tally["captions"] for tally in splits.values())
-    if inputs_seen != n_rows + len(quarantined):
-        raise RuntimeError(
-            f"ingest of {root}: {inputs_seen} inputs seen but {n_rows} written + {len(quarantined)} quarantined"
+    accounted = manifest["rows"] + len(manifest["quarantined"]) + manifest["skipped"]
+    if manifest["inputs_seen"] != accounted:
+        raise ManifestMismatchError(
+            f"ingest of {root}: {manifest['inputs_seen']} inputs seen but {manifest['rows']} written + "
+            f"{len(manifest['quarantined'])} quarantined + {manifest['skipped']} skipped"
         )
-    manifest = {
-        "inputs_seen": inputs_seen,
-        "rows": n_rows,
-        "captions": n_captions,
-        "splits": splits,
-        "quarantined": [{"input": q.input, "reason": q.reason} for q in quarantined],
-        "shards": writer.shards,
-        "parameters": parameters,
-    }
+    captions = manifest["captions"] + len(manifest["captions_rejected"]) + manifest["captions_of_quarantined"]
+    if manifest["captions_seen"] != captions:
+        raise ManifestMismatchError(
+            f"ingest of {root}: {manifest['captions_seen']} captions seen but {captions} accounted for"
+        )
     storage.write_json_atomic(storage.join(root, MANIFEST_NAME), manifest)
     return manifest
 

@@ -53,6 +53,12 @@ def exists(uri: str) -> bool:
     return bool(fs.exists(path))
 
 
+def is_dir(uri: str) -> bool:
+    """Whether a folder (or, on S3, a non-empty prefix) exists at ``uri``."""
+    fs, path = filesystem(uri)
+    return bool(fs.isdir(path))
+
+
 def write_bytes_atomic(uri: str, data: bytes) -> None:
     """Write ``data`` so readers see either nothing or the whole file.
 
@@ -83,3 +89,26 @@ def read_json(uri: str) -> Any:
     fs, path = filesystem(uri)
     with fs.open(path, "rb") as handle:
         return json.load(handle)
+
+
+def read_bytes(uri: str) -> bytes:
+    """The whole content of a file."""
+    fs, path = filesystem(uri)
+    with fs.open(path, "rb") as handle:
+        data: bytes = handle.read()
+    return data
+
+
+def list_files(uri: str) -> dict[str, int]:
+    """Every file under a folder (recursively) as ``{path relative to the folder: size in bytes}``."""
+    fs, path = filesystem(uri)
+    found = fs.find(path, detail=True)
+    base = path.rstrip("/") + "/"
+    return {name[len(base) :]: int(info.get("size") or 0) for name, info in found.items() if name.startswith(base)}
+
+
+def remove_tree(uri: str) -> None:
+    """Delete a folder and everything in it, if it exists."""
+    fs, path = filesystem(uri)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
