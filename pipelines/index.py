@@ -8,13 +8,14 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
 from rsitr import embed, index, ingest
-from rsitr.io import shards, storage
+from rsitr.io import geotiff, shards, storage
 
 
 @task
 def ingest_archive(archive: str, out: str, tile_size: int) -> str:
     """Tile the archive's GeoTIFF scenes into the ``archive`` dataset; return its folder."""
-    ingest.ingest_scenes([archive], "archive", out, tile_size=tile_size)
+    options = geotiff.TileOptions(tile_size=tile_size)
+    ingest.ingest_scenes([archive], "archive", out, options, workers=1, overwrite=True)
     return shards.dataset_root(out, "archive")
 
 

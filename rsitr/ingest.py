@@ -19,6 +19,7 @@ import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from functools import partial
 from pathlib import Path, PurePosixPath
 from typing import Any, TypeVar
@@ -53,6 +54,7 @@ class UnitReport:
     skipped: int = 0
     inputs: int = 0
     without_footprint: int = 0
+    captions_skipped: int = 0
 
     def add_row(self, row: dict[str, Any]) -> None:
         """Count a row that will be written."""
@@ -171,7 +173,8 @@ def _finish(
         "skipped": sum(report.skipped for report in reports),
         "splits": splits,
         "quarantined": [{"input": q["input"], "reason": q["reason"]} for q in all_quarantined],
-        "captions_of_quarantined": sum(q.get("captions", 0) for q in all_quarantined),
+        "captions_of_unwritten_inputs": sum(q.get("captions", 0) for q in all_quarantined)
+        + sum(report.captions_skipped for report in reports),
         "shards": [report.shard for report in reports if report.shard],
         **extra,
     }
@@ -250,10 +253,11 @@ def _scene_unit(
         if tile.failed:
             report.quarantine(tile.image_id, tile.failed)
             continue
+        record = records.get(tile.image_id) if records is not None else None
         if tile.skipped:
             report.skipped += 1
+            report.captions_skipped += len(record.captions) if record else 0
             continue
-        record = records.get(tile.image_id) if records is not None else None
         if records is not None and (record is None or not record.captions):
             report.quarantine(tile.image_id, "tile has no caption in the caption files")
             continue
@@ -275,12 +279,16 @@ def _scene_unit(
             crs=plan.crs,
             bounds=tile.bounds,
             geometry=tile.geometry,
-            acquired_at=plan.acquired_at,
+            acquired_at=_timestamp(plan.acquired_at),
             sha256=tile.pixels_sha256,
         )
         report.add_row(row)
         rows.append(row)
     return rows, report
+
+
+def _timestamp(iso: str | None) -> datetime | None:
+    return datetime.fromisoformat(iso) if iso else None
 
 
 def _tiles_per_unit(options: geotiff.TileOptions, shard_mb: int) -> int:
@@ -331,6 +339,17 @@ def ingest_scenes(
         first_unit = len(units)
         units.extend((plan, windows[i : i + per_unit]) for i in range(0, len(windows), per_unit))
         scene_reports.append({**plan.summary(), "windows": len(windows), "units": [first_unit, len(units)]})
+    records = corpus.records
+    used = {geotiff.tile_id(p.name, r, c) for p, w in units for r, c in w}
+    quarantined.extend(_entry_rejections(corpus))
+    quarantined.extend(
+        {
+            "input": name,
+            "reason": "caption entry names no tile of these scenes",
+            "captions": len(records[name].captions),
+        }
+        for name in sorted(set(records) - used)
+    )
     parameters = {
         "kind": "scenes",
         "dataset": dataset,
@@ -345,7 +364,6 @@ def ingest_scenes(
     if done is not None:
         log.info("%s already holds this ingest; nothing to do", root)
         return done
-    records = corpus.records
     tasks = [
         partial(
             _run_unit,
@@ -375,12 +393,11 @@ def ingest_scenes(
         del scene["units"]
         if scene["rows"] == 0 and scene["skipped"] == scene["windows"]:
             scene["note"] = f"no tiles: every window is over the nodata limit ({options.max_nodata})"
-    used = {tile for p, w in units for tile in (geotiff.tile_id(p.name, r, c) for r, c in w)}
-    unmatched = sorted(name for name in records if name not in used)
-    caption_stats = _caption_stats(corpus, extra_quarantined=sum(len(records[n].captions) for n in unmatched))
-    extra = {"fingerprint": fingerprint, "parameters": parameters, "scenes": scene_reports, **caption_stats}
-    if unmatched:
-        extra["captions_unmatched"] = unmatched[:100]
+            if min(scene["width"], scene["height"]) < options.tile_size:
+                scene["note"] += "; the scene is smaller than one tile and edge padding counts as nodata"
+        if scene["without_footprint"]:
+            scene["footprint_reason"] = "tile corners fall outside the projection's valid area (off the Earth's disk)"
+    extra = {"fingerprint": fingerprint, "parameters": parameters, "scenes": scene_reports, **_caption_stats(corpus)}
     return _finish(root, reports, quarantined, len(quarantined) + sum(r.inputs for r in reports), extra, strict)
 
 
@@ -392,15 +409,17 @@ def _records_for(
     return {name: records[name] for name in names if name in records}
 
 
-def _caption_stats(corpus: CaptionCorpus, extra_quarantined: int = 0) -> dict[str, Any]:
-    rejected = [{"input": r.input, "reason": r.reason} for r in corpus.rejected_captions]
-    duplicates = sum(r.captions for r in corpus.duplicate_entries)
+def _caption_stats(corpus: CaptionCorpus) -> dict[str, Any]:
     return {
         "captions_seen": corpus.captions_seen,
-        "captions_rejected": rejected,
-        "captions_unused": extra_quarantined + duplicates,
+        "captions_rejected": [{"input": r.input, "reason": r.reason} for r in corpus.rejected_captions],
         "caption_formats": corpus.formats,
     }
+
+
+def _entry_rejections(corpus: CaptionCorpus) -> list[dict[str, Any]]:
+    """Caption entries rejected while reading (duplicates), as quarantined inputs with their captions."""
+    return [{"input": r.input, "reason": r.reason, "captions": r.captions} for r in corpus.duplicate_entries]
 
 
 # ---------------------------------------------------------------------------------------------- corpus
@@ -482,7 +501,7 @@ def _decode_tiff(data: bytes) -> dict[str, Any]:
     geo: dict[str, Any] = {"crs": plan.crs}
     if plan.georef_reason is None:
         geo.update(bounds=tile.bounds, geometry=tile.geometry)
-    return {**described, **geo, "acquired_at": plan.acquired_at}
+    return {**described, **geo, "acquired_at": _timestamp(plan.acquired_at)}
 
 
 def _corpus_unit(dataset: str, items: list[_CorpusItem]) -> tuple[list[dict[str, Any]], UnitReport]:
@@ -514,9 +533,10 @@ def _match_images(
     by_base: dict[str, list[str]] = {}
     for file_rel in files:
         by_base.setdefault(PurePosixPath(file_rel).name, []).append(file_rel)
-    quarantined = [{"input": r.input, "reason": r.reason, "captions": r.captions} for r in corpus.duplicate_entries]
+    quarantined = _entry_rejections(corpus)
     items: list[tuple[_CorpusItem, int]] = []
     claimed: dict[str, str] = {}
+    named: set[str] = set()
     ids: dict[str, str] = {}
     for name, record in sorted(corpus.records.items()):
         normal = posixpath.normpath(name)
@@ -538,6 +558,8 @@ def _match_images(
             reason = f"duplicate image id {image_id} (also {ids[image_id]})"
         elif not record.captions:
             reason = "image has no usable caption"
+        if rel is not None:
+            named.add(rel)
         if reason is not None:
             quarantined.append({"input": name, "reason": reason, "captions": len(record.captions)})
             continue
@@ -545,7 +567,7 @@ def _match_images(
         claimed[rel] = name
         ids[image_id] = rel
         items.append((_CorpusItem(rel, storage.join(images_uri, rel), image_id, record), files[rel]))
-    for rel in sorted(set(files) - set(claimed)):
+    for rel in sorted(set(files) - named):
         quarantined.append({"input": rel, "reason": "image has no caption in the caption files", "captions": 0})
     return items, quarantined
 

@@ -172,7 +172,7 @@ def open_scene(spec: str) -> Iterator[list[rasterio.DatasetReader]]:
             try:
                 if storage.is_remote(uri):
                     fs, path = storage.filesystem(uri)
-                    datasets.append(stack.enter_context(rasterio.open(path, opener=fs.open)))
+                    datasets.append(stack.enter_context(rasterio.open(path, opener=fs)))
                 else:
                     datasets.append(stack.enter_context(rasterio.open(uri)))
             except (RasterioError, OSError) as err:

@@ -88,7 +88,7 @@ def write_manifest(root: str, manifest: dict[str, Any]) -> dict[str, Any]:
     """Check that a finished ingest's counts reconcile, then write ``manifest.json`` atomically.
 
     Inputs seen = rows + quarantined + skipped, and captions seen = captions written + captions rejected
-    + captions of quarantined inputs.
+    + captions of the inputs that were quarantined or skipped.
 
     Raises:
         ManifestMismatchError: the counts do not reconcile.
@@ -99,7 +99,7 @@ def write_manifest(root: str, manifest: dict[str, Any]) -> dict[str, Any]:
             f"ingest of {root}: {manifest['inputs_seen']} inputs seen but {manifest['rows']} written + "
             f"{len(manifest['quarantined'])} quarantined + {manifest['skipped']} skipped"
         )
-    captions = manifest["captions"] + len(manifest["captions_rejected"]) + manifest["captions_of_quarantined"]
+    captions = manifest["captions"] + len(manifest["captions_rejected"]) + manifest["captions_of_unwritten_inputs"]
     if manifest["captions_seen"] != captions:
         raise ManifestMismatchError(
             f"ingest of {root}: {manifest['captions_seen']} captions seen but {captions} accounted for"

