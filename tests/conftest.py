@@ -49,6 +49,36 @@ def ray_local() -> Iterator[None]:
         ray.shutdown()
 
 
+def shared(*parts: str) -> Path:
+    """A path under ``../shared/data``; skips the test, naming what is missing, when it is absent."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"real data {path} is absent (see ../shared/data/README.md)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def s3_bucket(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A bucket on a real S3-compatible server (SeaweedFS) on 127.0.0.1; the S3 variables point at it meanwhile."""
+    from s3server import seaweed_s3
+
+    from rsitr.io import storage
+
+    with seaweed_s3(tmp_path_factory.mktemp("s3")) as server:
+        saved = {key: os.environ.get(key) for key in server.environ()}
+        os.environ.update(server.environ())
+        try:
+            fs, _ = storage.filesystem("s3://rsitr-test")
+            fs.mkdir("rsitr-test")
+            yield "s3://rsitr-test"
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
+
 @pytest.fixture(scope="session")
 def prefect_harness() -> Iterator[None]:
     """Prefect's test harness: a real temporary Prefect server and database."""

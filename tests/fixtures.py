@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ import rasterio
 from PIL import Image
 from rasterio.control import GroundControlPoint
 from rasterio.crs import CRS
+from rasterio.errors import NotGeoreferencedWarning
 from rasterio.transform import from_origin
 
 UTM33N = CRS.from_epsg(32633)
@@ -51,17 +53,19 @@ def write_geotiff(
     }
     if crs is not None and not gcps:
         profile.update(crs=crs, transform=from_origin(500000, 5000000, 10, 10))
-    with rasterio.open(path, "w", **profile) as dst:
-        dst.write(data)
-        if gcps:
-            points = [
-                GroundControlPoint(0, 0, 15.0, 45.0),
-                GroundControlPoint(0, data.shape[2], 15.1, 45.0),
-                GroundControlPoint(data.shape[1], 0, 15.0, 44.9),
-            ]
-            dst.gcps = (points, CRS.from_epsg(4326))
-        if tags:
-            dst.update_tags(**tags)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        with rasterio.open(path, "w", **profile) as dst:
+            dst.write(data)
+            if gcps:
+                points = [
+                    GroundControlPoint(0, 0, 15.0, 45.0),
+                    GroundControlPoint(0, data.shape[2], 15.1, 45.0),
+                    GroundControlPoint(data.shape[1], 0, 15.0, 44.9),
+                ]
+                dst.gcps = (points, CRS.from_epsg(4326))
+            if tags:
+                dst.update_tags(**tags)
     return path
 
 
@@ -126,9 +130,7 @@ def odd_scenes(root: Path) -> dict[str, Path]:
         "no_crs": write_geotiff(root / "no_crs.tif", data, crs=None),
         "gcps_only": write_geotiff(root / "gcps_only.tif", data, gcps=True),
         "mars": write_geotiff(root / "mars.tif", data, crs=CRS.from_wkt(MARS_WKT)),
-        "uint16": write_geotiff(
-            root / "uint16.tif", gradient(96, 80, dtype="uint16", scale=4000.0) + 1000, nodata=0
-        ),
+        "uint16": write_geotiff(root / "uint16.tif", gradient(96, 80, dtype="uint16", scale=4000.0) + 1000, nodata=0),
         "dated": write_geotiff(root / "dated.tif", data, tags={"TIFFTAG_DATETIME": "2021:06:01 10:30:00"}),
     }
     floats = gradient(96, 80, bands=1, dtype="float32", scale=1.0)

@@ -4,9 +4,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from fixtures import broken_corpus, odd_scenes
 
 from pipelines.index import index_archive
-from pipelines.ingest import ingest_flow
+from pipelines.ingest import ingest_archive_flow, ingest_corpus_flow, ingest_flow
 from pipelines.train import MissingDataError, train_msa
 from rsitr.metrics import chance_metrics
 from rsitr.search import Searcher
@@ -25,6 +26,8 @@ def test_prefect_yaml_declares_the_deployments() -> None:
         assert set(deployment.get("parameters", {})) <= set(flow.parameters.properties), deployment
     assert {
         "ingest/demo",
+        "ingest-corpus/rsicd",
+        "ingest-archive/geotiff-samples",
         "train-msa/demo",
         "train-msa/rsitmd",
         "train-msa/rsicd",
@@ -33,6 +36,19 @@ def test_prefect_yaml_declares_the_deployments() -> None:
     } <= names
     nightly = next(d for d in spec["deployments"] if d["name"] == "nightly")
     assert nightly["schedules"][0]["cron"]
+
+
+def test_ingest_corpus_and_archive_flows_run(prefect_harness: None, tmp_path: Path) -> None:
+    images, captions = broken_corpus(tmp_path / "corpus")
+    corpus = ingest_corpus_flow(
+        images=str(images), captions=[str(captions)], dataset="bad", out=str(tmp_path), workers=1
+    )
+    assert corpus == {"data": str(tmp_path / "bad"), "rows": 3, "skipped": 0, "quarantined": 9}
+    odd_scenes(tmp_path / "scenes")
+    archive = ingest_archive_flow(scenes=[str(tmp_path / "scenes")], out=str(tmp_path), tile_size=64, workers=1)
+    assert archive["rows"] == 11 and archive["quarantined"] == 2 and archive["skipped"] == 13
+    with pytest.raises(ValueError, match="edge mode"):
+        ingest_archive_flow(scenes=[str(tmp_path / "scenes")], out=str(tmp_path), edge="wrap")
 
 
 def test_train_on_missing_data_fails_at_once_saying_what_to_ingest(prefect_harness: None, tmp_path: Path) -> None:
