@@ -16,7 +16,6 @@ import argparse
 import io
 import json
 import logging
-import resource
 import subprocess
 import sys
 import tempfile
