@@ -22,6 +22,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -129,15 +130,23 @@ def main() -> None:
     bound_s, kept = _timed(lambda: scenes_bound(specs, options))
     for workers in (1, 2):
         seconds, manifest = _timed(
-            lambda w=workers: ingest_scenes(specs, "s", str(work / f"scenes{w}"), options, workers=w, shard_mb=SHARD_MB)
+            partial(
+                ingest_scenes, specs, "s", str(work / f"scenes{workers}"), options, workers=workers, shard_mb=SHARD_MB
+            )
         )
         assert manifest["rows"] == kept, (manifest["rows"], kept)
         rows.append({"stage": "scenes", "workers": workers, "items": kept, "seconds": seconds, "bound_s": bound_s})
     bound_s, count = _timed(lambda: corpus_bound(rsicd / "images"))
     for workers in (1, 2):
         seconds, manifest = _timed(
-            lambda w=workers: ingest_corpus(
-                str(rsicd / "images"), captions, "c", str(work / f"corpus{w}"), workers=w, shard_mb=SHARD_MB
+            partial(
+                ingest_corpus,
+                str(rsicd / "images"),
+                captions,
+                "c",
+                str(work / f"corpus{workers}"),
+                workers=workers,
+                shard_mb=SHARD_MB,
             )
         )
         assert manifest["rows"] == count
