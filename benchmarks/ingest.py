@@ -67,9 +67,9 @@ def scenes_bound(specs: list[str], options: TileOptions) -> int:
             valid = (mask > 0).sum() / options.tile_size**2
             if 1.0 - valid > options.max_nodata:
                 continue
-            Image.fromarray(np.ascontiguousarray(data.transpose(1, 2, 0)).astype(np.uint8)).save(
-                io.BytesIO(), format="PNG"
-            )
+            with np.errstate(invalid="ignore"):  # NaNs of float scenes: the bound only needs some bytes to encode
+                pixels = np.ascontiguousarray(data.transpose(1, 2, 0)).astype(np.uint8)
+            Image.fromarray(pixels).save(io.BytesIO(), format="PNG")
             kept += 1
         for ds in datasets:
             ds.close()

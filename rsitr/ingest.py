@@ -447,7 +447,7 @@ def _decode_chip(name: str, data: bytes) -> dict[str, Any]:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
             fmt = (img.format or "").lower()
-            pixels = np.asarray(img.convert("RGB"))
+            pixels = np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
             bands = len(img.getbands())
     except UnidentifiedImageError as err:
         raise ValueError("not an image (unrecognised content)") from err
@@ -462,7 +462,7 @@ def _decode_chip(name: str, data: bytes) -> dict[str, Any]:
         "width": pixels.shape[1],
         "bands": bands,
         "dtype": "uint8",
-        "sha256": hashlib.sha256(pixels.tobytes()).hexdigest(),
+        "sha256": hashlib.sha256(np.ascontiguousarray(pixels).data).hexdigest(),
     }
 
 
@@ -477,7 +477,7 @@ def _as_png(pixels: np.ndarray, bands: int, dtype: str) -> dict[str, Any]:
         "width": rgb.shape[1],
         "bands": bands,
         "dtype": dtype,
-        "sha256": hashlib.sha256(rgb.tobytes()).hexdigest(),
+        "sha256": hashlib.sha256(rgb.data).hexdigest(),
     }
 
 

@@ -342,25 +342,19 @@ def read_tiles(plan: ScenePlan, options: TileOptions, windows: list[tuple[int, i
             read_w, read_h = max(1, round(width * out / size)), max(1, round(height * out / size))
             window = Window(col_off, row_off, width, height)
             try:
-                pixels, valid = _read_window(datasets, sources, window, (read_h, read_w), out < size)
+                tile = _read_tile(datasets, sources, window, (read_h, read_w), out, plan, options.max_nodata)
             except RasterioError as err:
                 result.failed = f"unreadable window {window_dict}: {err}"
                 yield result
                 continue
-            canvas = np.zeros((3, out, out), dtype=np.uint8)
-            mask = np.zeros((out, out), dtype=bool)
-            canvas[:, :read_h, :read_w] = np.where(valid, _to_uint8(pixels, plan.stretch_low, plan.stretch_high), 0)
-            mask[:read_h, :read_w] = valid
-            nodata = 1.0 - float(mask.mean())
-            if nodata > options.max_nodata:
-                result.skipped = f"nodata fraction {nodata:.2f} > {options.max_nodata}"
+            if isinstance(tile, float):
+                result.skipped = f"nodata fraction {tile:.2f} > {options.max_nodata}"
                 yield result
                 continue
-            rgb = np.ascontiguousarray(canvas.transpose(1, 2, 0))
             encoded = io.BytesIO()
-            Image.fromarray(rgb).save(encoded, format="PNG")
+            Image.fromarray(tile).save(encoded, format="PNG")
             result.png = encoded.getvalue()
-            result.pixels_sha256 = hashlib.sha256(rgb.tobytes()).hexdigest()
+            result.pixels_sha256 = hashlib.sha256(tile.data).hexdigest()
             if plan.crs is not None and plan.georef_reason != "no geotransform":
                 geometry, bounds = _footprint(first, Window(col_off, row_off, size, size))
                 result.bounds = bounds
@@ -368,19 +362,34 @@ def read_tiles(plan: ScenePlan, options: TileOptions, windows: list[tuple[int, i
             yield result
 
 
-def _read_window(
+def _read_tile(
     datasets: list[rasterio.DatasetReader],
     sources: list[tuple[int, int]],
     window: Window,
     shape: tuple[int, int],
-    downsample: bool,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Selected bands as (3, h, w) plus a validity mask combining every source file's mask and finiteness."""
-    resampling = Resampling.average if downsample else Resampling.nearest
-    bands = np.stack([datasets[i].read(b, window=window, out_shape=shape, resampling=resampling) for i, b in sources])
+    out: int,
+    plan: ScenePlan,
+    max_nodata: float,
+) -> np.ndarray | float:
+    """One window as a padded (out, out, 3) uint8 tile, or its nodata fraction when that is over ``max_nodata``.
+
+    The masks are read first, so windows that will be skipped never have their bands read (floats excepted: their
+    NaNs count as nodata, which takes the data).
+    """
+    resampling = Resampling.average if out < window.width or out < window.height else Resampling.nearest
     valid = np.ones(shape, dtype=bool)
     for index in sorted({i for i, _ in sources}):
         valid &= datasets[index].dataset_mask(window=window, out_shape=shape) > 0
-    if bands.dtype.kind == "f":
+    floating = np.dtype(plan.dtype).kind == "f"
+    if not floating and 1.0 - valid.sum() / out**2 > max_nodata:
+        return 1.0 - float(valid.sum()) / out**2
+    bands = np.stack([datasets[i].read(b, window=window, out_shape=shape, resampling=resampling) for i, b in sources])
+    if floating:
         valid &= np.all(np.isfinite(bands), axis=0)
-    return bands, valid
+        if 1.0 - valid.sum() / out**2 > max_nodata:
+            return 1.0 - float(valid.sum()) / out**2
+    identity = plan.dtype == "uint8" and plan.stretch_low == [0.0] * 3 and plan.stretch_high == [255.0] * 3
+    pixels = bands if identity else _to_uint8(bands, plan.stretch_low, plan.stretch_high)
+    tile = np.zeros((out, out, 3), dtype=np.uint8)
+    tile[: shape[0], : shape[1]] = np.where(valid[..., None], pixels.transpose(1, 2, 0), 0)
+    return tile

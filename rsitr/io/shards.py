@@ -41,6 +41,9 @@ SHARD_SCHEMA = pa.schema(
     ]
 )
 
+# JPEG/PNG bytes do not compress further: zstd on them costs time and saves nothing.
+COMPRESSION = {name: ("none" if name == "image" else "zstd") for name in SHARD_SCHEMA.names}
+
 # Written by ingest; what later stages rely on to find the shards.
 MANIFEST_NAME = "manifest.json"
 SHARD_DIR = "shards"
@@ -69,7 +72,7 @@ def write_shard(root: str, name: str, rows: list[dict[str, Any]]) -> dict[str, A
     """
     table = pa.Table.from_pylist(rows, schema=SHARD_SCHEMA).replace_schema_metadata(geo_metadata())
     sink = io.BytesIO()
-    pq.write_table(table, sink, compression="zstd", row_group_size=256)
+    pq.write_table(table, sink, compression=COMPRESSION, row_group_size=256)
     data = sink.getvalue()
     storage.write_bytes_atomic(storage.join(root, SHARD_DIR, name), data)
     return {
