@@ -8,7 +8,7 @@ from fixtures import broken_corpus
 
 from rsitr.ingest import ingest_corpus, ingest_scenes
 from rsitr.io import shards, storage
-from rsitr.io.geotiff import TileOptions
+from rsitr.io.geotiff import TileOptions, plan_scene, read_tiles
 
 
 def _upload(local: Path, uri: str) -> None:
@@ -48,3 +48,25 @@ def test_scenes_and_corpus_round_trip_through_s3(s3_bucket: str, tmp_path: Path)
     reasons = [(q["input"], q["reason"].split(" from ")[0]) for q in s3_corpus["quarantined"]]
     assert reasons == [(q["input"], q["reason"].split(" from ")[0]) for q in local_corpus["quarantined"]]
     assert shards.read_manifest(f"{s3_bucket}/out/bad")["fingerprint"] == s3_corpus["fingerprint"]
+
+
+def test_a_window_of_a_remote_cog_is_read_by_ranges(s3_bucket: str, monkeypatch) -> None:
+    import s3fs.core
+
+    world = shared("geotiff", "cog_world.tif")
+    uri = f"{s3_bucket}/in/world/cog_world.tif"
+    _upload(world, uri)
+    fetched: list[int] = []
+    real_fetch = s3fs.core.S3File._fetch_range
+
+    def counting_fetch(self: s3fs.core.S3File, start: int, end: int) -> bytes:
+        fetched.append(end - start)
+        return real_fetch(self, start, end)
+
+    monkeypatch.setattr(s3fs.core.S3File, "_fetch_range", counting_fetch)
+    options = TileOptions(256)
+    plan = plan_scene(uri, options)
+    (tile,) = read_tiles(plan, options, [(4096, 18944)])  # a 256-px window over Europe, at full resolution
+    assert tile.png is not None
+    # header + the window's blocks, not the file (s3fs's default 50 MiB read-ahead would fetch all 2.9 MB)
+    assert sum(fetched) < world.stat().st_size / 3, fetched

@@ -171,7 +171,7 @@ def open_scene(spec: str) -> Iterator[list[rasterio.DatasetReader]]:
         for uri in scene_files(spec):
             try:
                 if storage.is_remote(uri):
-                    fs, path = storage.filesystem(uri)
+                    fs, path = storage.filesystem(uri, random_access=True)
                     datasets.append(stack.enter_context(rasterio.open(path, opener=fs)))
                 else:
                     datasets.append(stack.enter_context(rasterio.open(uri)))
