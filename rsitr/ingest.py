@@ -142,6 +142,8 @@ def _prepare_output(root: str, fingerprint: str, overwrite: bool) -> dict[str, A
         manifest: dict[str, Any] = storage.read_json(storage.join(root, shards.MANIFEST_NAME))
         if manifest.get("fingerprint") == fingerprint:
             return manifest
+    if existing == fingerprint and (removed := storage.remove_temporaries(root)):
+        log.info("resuming the ingest at %s: removed %d half-written file(s) of the interrupted run", root, removed)
     storage.write_json_atomic(plan_uri, {"fingerprint": fingerprint})
     return None
 
@@ -447,22 +449,24 @@ def _decode_chip(name: str, data: bytes) -> dict[str, Any]:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
             fmt = (img.format or "").lower()
-            pixels = np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
             bands = len(img.getbands())
+            rgb = img if img.mode == "RGB" else img.convert("RGB")
+            if fmt not in ("jpeg", "png"):
+                return _as_png(np.asarray(rgb), bands, "uint8")
+            pixels = rgb.tobytes()  # row-major RGB, the same bytes np.asarray(rgb) would hold
+            width, height = rgb.size
     except UnidentifiedImageError as err:
         raise ValueError("not an image (unrecognised content)") from err
     except (OSError, SyntaxError) as err:
         raise ValueError(f"corrupt or truncated image ({err})") from err
-    if fmt not in ("jpeg", "png"):
-        return _as_png(pixels, bands, "uint8")
     return {
         "image": data,
         "format": fmt,
-        "height": pixels.shape[0],
-        "width": pixels.shape[1],
+        "height": height,
+        "width": width,
         "bands": bands,
         "dtype": "uint8",
-        "sha256": hashlib.sha256(np.ascontiguousarray(pixels).data).hexdigest(),
+        "sha256": hashlib.sha256(pixels).hexdigest(),
     }
 
 

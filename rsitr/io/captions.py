@@ -338,7 +338,7 @@ def _add(corpus: CaptionCorpus, seen_per_image: set[tuple[str, str]], origin: st
             corpus.rejected_captions.append(Rejection(key, f"caption is not a string ({type(raw).__name__})"))
         elif _SURROGATE.search(raw):
             corpus.rejected_captions.append(Rejection(key, "caption is not valid UTF-8"))
-        elif not normalize_caption(raw):
+        elif not (caption := normalize_caption(raw)):
             corpus.rejected_captions.append(Rejection(key, "empty caption"))
         else:
-            record.captions.append(normalize_caption(raw))
+            record.captions.append(caption)

@@ -31,8 +31,8 @@ def resolve(uri: str) -> str:
 def filesystem(uri: str, random_access: bool = False) -> tuple[AbstractFileSystem, str]:
     """The fsspec filesystem for ``uri`` and the path inside it.
 
-    ``random_access`` suits windowed raster reads: remote files are fetched in 256 KiB blocks as GDAL seeks (kept in an LRU),
-    instead of s3fs's default 50 MiB read-ahead blocks.
+    ``random_access`` suits windowed raster reads: remote files are fetched in 256 KiB blocks as GDAL seeks
+    (kept in an LRU), instead of s3fs's default 50 MiB read-ahead blocks.
     """
     uri = resolve(uri)
     if uri.startswith("s3://"):
@@ -65,6 +65,22 @@ def is_dir(uri: str) -> bool:
     return bool(fs.isdir(path))
 
 
+TEMPORARY_MARK = ".tmp-"
+
+
+def remove_temporaries(uri: str) -> int:
+    """Delete the temporary files an interrupted atomic write left under a local folder; return how many.
+
+    Only for a folder no other writer is using (ingest calls it when it resumes its own output).
+    """
+    if is_remote(uri) or not Path(uri).is_dir():
+        return 0  # object stores publish whole objects: nothing half-written is ever left there
+    stale = [p for p in Path(uri).rglob(f"*{TEMPORARY_MARK}*") if p.is_file()]
+    for path in stale:
+        path.unlink()
+    return len(stale)
+
+
 def write_bytes_atomic(uri: str, data: bytes) -> None:
     """Write ``data`` so readers see either nothing or the whole file.
 
@@ -77,7 +93,7 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
     if is_remote(uri):
         fs.pipe_file(path, data)
         return
-    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    tmp = f"{path}{TEMPORARY_MARK}{uuid.uuid4().hex}"
     with open(tmp, "wb") as handle:
         handle.write(data)
         handle.flush()
