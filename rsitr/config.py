@@ -31,6 +31,17 @@ class ModelConfig:
     max_tokens: int = 32
     embed_dim: int = 512
     gate_hidden: int = 1024
+    # a local .safetensors/.pth of the backbone's classifier weights (e.g. ResNet-50 on a machine without a hub)
+    image_weights: str = ""
+    text_pretrained: bool = True
+    # MSCMAT (training only): width 0 = the text tower's width; mask_padding=False is the official behaviour
+    mscmat: bool = False
+    mscmat_dim: int = 0
+    mscmat_heads: int = 12
+    mscmat_mask_padding: bool = True
+    # CMPAGL's Gswin block over these of the selected stages (1-based positions in image_stages)
+    gswin_stages: tuple[int, ...] = ()
+    gswin_window: int = 7
 
 
 @dataclass
@@ -41,6 +52,12 @@ class LossConfig:
     triplet_weight: float = 1.0
     infonce_weight: float = 0.0
     temperature: float = 0.05
+    mscma_weight: float = 0.0
+    mscma_both_directions: bool = False
+    csmmc_weight: float = 0.0
+    csmmc_temperature: float = 2.0
+    # CMPAGL's intra-class distance term, on pairs of the batch that share a shard `label`
+    intra_class_weight: float = 0.0
 
 
 @dataclass
@@ -108,8 +125,12 @@ def _coerce(current: Any, value: Any, key: str) -> Any:
                 return value.lower() in {"true", "1", "yes"}
             return bool(value)
         if isinstance(current, tuple):
-            items = value.split(",") if isinstance(value, str) else list(value)
-            return tuple(type(current[0])(v) if current else v for v in items)
+            if isinstance(value, str):
+                items: list[Any] = [v for v in value.split(",") if v.strip()]
+            else:
+                items = list(value) if isinstance(value, (list, tuple)) else [value]
+            # every tuple field holds ints (stage numbers); an empty default gives no element type to copy
+            return tuple(type(current[0])(v) if current else int(v) for v in items)
         if isinstance(current, (int, float, str)):
             return type(current)(value)
     except (TypeError, ValueError) as err:

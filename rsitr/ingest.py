@@ -231,7 +231,7 @@ def _plan_or_reason(spec: str, options: geotiff.TileOptions) -> geotiff.ScenePla
     try:
         return geotiff.plan_scene(spec, options)
     except geotiff.SceneError as err:
-        return str(err)
+        return str(err).removeprefix(f"{spec}: ")  # the quarantine entry names the scene already
 
 
 def _scene_unit(

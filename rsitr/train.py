@@ -131,9 +131,10 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             if batch is None:
                 break
             with torch.autocast(device.type, enabled=amp):
-                image_emb, text_emb = ddp(batch["image"], batch["input_ids"], batch["attention_mask"])
-                sim = gather_batch(image_emb) @ gather_batch(text_emb).t()
-                terms = total_loss(sim.float(), config.loss)
+                out = ddp(batch["image"], batch["input_ids"], batch["attention_mask"])
+                sim = gather_batch(out.image) @ gather_batch(out.text).t()
+                labels = gather_batch(batch["label"]) if config.loss.intra_class_weight else None
+                terms = total_loss(sim.float(), config.loss, [m.float() for m in out.mscmat], labels)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(terms["loss"]).backward()
             scaler.step(optimizer)

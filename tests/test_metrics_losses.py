@@ -1,8 +1,11 @@
+import math
+
 import numpy as np
 import torch
 
-from rsitr.losses import info_nce, triplet_loss
+from rsitr.losses import csmmc_loss, info_nce, intra_class_loss, mscma_loss, triplet_loss
 from rsitr.metrics import chance_metrics, retrieval_metrics, retrieval_metrics_from_embeddings
+from rsitr.rerank import rerank_matrix, rerank_topk
 
 
 def _brute_force(sim: np.ndarray, caption_image: np.ndarray) -> dict[str, float]:
@@ -68,3 +71,76 @@ def test_info_nce_by_hand() -> None:
     sim = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     expected = -torch.log(torch.exp(torch.tensor(10.0)) / (torch.exp(torch.tensor(10.0)) + 1))
     assert torch.isclose(info_nce(sim, 0.1), expected)
+
+
+def test_mscma_by_hand() -> None:
+    m = torch.tensor([[0.9, 0.2], [0.4, 0.6]])
+    row0 = -math.log(math.exp(0.9) / (math.exp(0.9) + math.exp(0.2)))
+    row1 = -math.log(math.exp(0.6) / (math.exp(0.4) + math.exp(0.6)))
+    col0 = -math.log(math.exp(0.9) / (math.exp(0.9) + math.exp(0.4)))
+    col1 = -math.log(math.exp(0.6) / (math.exp(0.2) + math.exp(0.6)))
+    # two scales: rows averaged over the batch, summed over the scales
+    assert math.isclose(float(mscma_loss([m, m])), row0 + row1, rel_tol=1e-6)
+    assert math.isclose(float(mscma_loss([m], both_directions=True)), (row0 + row1 + col0 + col1) / 2, rel_tol=1e-6)
+
+
+def test_csmmc_by_hand_and_teacher_gets_no_gradient() -> None:
+    student = torch.tensor([[0.9, 0.2], [0.4, 0.6]], requires_grad=True)
+    teacher = torch.tensor([[0.7, 0.5], [0.1, 0.3]], requires_grad=True)
+    t = 2.0
+
+    def column_softmax(m: list[list[float]]) -> list[list[float]]:
+        out = [[0.0, 0.0], [0.0, 0.0]]
+        for j in range(2):
+            z = sum(math.exp(m[i][j] / t) for i in range(2))
+            for i in range(2):
+                out[i][j] = math.exp(m[i][j] / t) / z
+        return out
+
+    p = column_softmax(student.tolist())
+    q = column_softmax(teacher.tolist())
+    expected = sum(p[i][j] * math.log(p[i][j] / q[i][j]) for i in range(2) for j in range(2)) / 4
+    loss = csmmc_loss([student, teacher], temperature=t)
+    assert math.isclose(loss.item(), expected, rel_tol=1e-5)
+    loss.backward()
+    assert teacher.grad is None and student.grad is not None and student.grad.any()
+
+
+def test_intra_class_term_by_hand() -> None:
+    sim = torch.tensor([[0.9, 0.5, 0.1], [0.3, 0.8, 0.2], [0.0, 0.4, 0.7]])
+    labels = torch.tensor([1, 1, -1])
+    # same class, off the diagonal: (0,1) and (1,0); the unlabelled third item is never paired
+    assert math.isclose(float(intra_class_loss(sim, labels)), ((1 - 0.5) + (1 - 0.3)) / 2, rel_tol=1e-6)
+    assert float(intra_class_loss(sim, torch.tensor([1, 2, -1]))) == 0.0
+
+
+def _rerank_by_hand(sim: torch.Tensor, query: int, k: int) -> tuple[list[int], list[float]]:
+    top = sim[query].topk(k).indices.tolist()
+    reverse = [int((sim[:, j] > sim[query, j]).sum()) for j in top]
+    by_reverse = sorted(range(k), key=lambda r: (reverse[r], r))
+    reverse_position = {top[r]: position for position, r in enumerate(by_reverse)}
+    scores = {
+        j: float(sim[query, j] / sim[:, j].sum())
+        + math.exp(-0.05 * (r + 1))
+        + 0.7 * math.exp(-0.05 * (reverse_position[j] + 1))
+        for r, j in enumerate(top)
+    }
+    order = sorted(scores, key=lambda j: -scores[j])
+    return order, [scores[j] for j in order]
+
+
+def test_rerank_equals_the_formula_by_hand_in_both_directions() -> None:
+    gen = torch.Generator().manual_seed(3)
+    sim = torch.rand(9, 30, generator=gen) + 0.1  # cosine-like, positive column sums
+    for matrix in (sim, sim.t()):
+        order, scores = rerank_topk(matrix, k=6, chunk=4)
+        for query in range(matrix.shape[0]):
+            expected_order, expected_scores = _rerank_by_hand(matrix, query, 6)
+            assert order[query].tolist() == expected_order
+            assert torch.allclose(scores[query], torch.tensor(expected_scores), atol=1e-5)
+        lifted = rerank_matrix(matrix, k=6)
+        assert torch.equal(lifted.argsort(dim=1, descending=True)[:, :6], order)
+        rest = matrix.argsort(dim=1, descending=True)[:, 6:]
+        assert torch.equal(lifted.gather(1, rest), matrix.gather(1, rest))
+    candidates = sim.topk(6, dim=1).indices.flip(1)  # the same candidates in another order give the same re-rank
+    assert torch.equal(rerank_topk(sim, k=6, candidates=candidates)[0], rerank_topk(sim, k=6)[0])

@@ -7,7 +7,10 @@ from rsitr.checkpoint import WEIGHTS, load_checkpoint, save_checkpoint
 from rsitr.config import load_config
 from rsitr.losses import total_loss
 from rsitr.models.backbone import IMAGENET_MEAN, IMAGENET_STD, create_classifier
+from rsitr.models.gswin import GswinBlock
 from rsitr.models.msa import build_model
+from rsitr.models.mscmat import MSCMAT
+from rsitr.models.text import load_tokenizer
 from rsitr.train import make_optimizer
 
 
@@ -21,14 +24,21 @@ def _batch(n: int = 4, size: int = 64) -> tuple[torch.Tensor, torch.Tensor, torc
 
 
 def test_gradients_reach_every_trainable_parameter_and_frozen_stay_frozen() -> None:
-    config = load_config("msa-lite0-minilm")
+    config = load_config("msa-lite0-minilm", ["model.gswin_stages=4", "loss.intra_class_weight=1"])
     model = build_model(config.model)
     model.train()
-    image_emb, text_emb = model(*_batch())
-    total_loss(image_emb @ text_emb.t(), config.loss)["loss"].backward()
+    for name, parameter in model.named_parameters():  # Gswin's residual outputs start at zero; move them off it
+        if name.startswith("backbone.gswin") and ("out_proj" in name or "mlp.2" in name):
+            torch.nn.init.normal_(parameter, std=0.02)
+    out = model(*_batch())
+    labels = torch.tensor([3, 3, -1, 5])
+    terms = total_loss(out.image @ out.text.t(), config.loss, out.mscmat, labels)
+    assert set(terms) == {"triplet", "infonce", "mscma", "csmmc", "intra", "loss"}
+    terms["loss"].backward()
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     without_grad = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
     assert not without_grad
+    assert any(n.startswith("mscmat.scales.3") for n in trainable) and "backbone.gswin.4.mlp.0.weight" in trainable
     assert any(n.startswith("backbone.body.blocks.6") for n in trainable)
     assert not any(n.startswith("backbone.body.conv_stem") for n in trainable)
     assert "text.encoder.encoder.layer.5.attention.self.query.weight" in trainable
@@ -37,12 +47,83 @@ def test_gradients_reach_every_trainable_parameter_and_frozen_stay_frozen() -> N
     assert not model.backbone.body.bn1.training
 
 
+def test_paper_preset_builds_offline_and_trains_a_step() -> None:
+    config = load_config("msa-resnet50-bert", ["model.image_pretrained=false", "model.text_pretrained=false"])
+    model = build_model(config.model)
+    assert model.backbone.channels == [256, 512, 1024, 2048] and model.text.width == 768
+    assert model.mscmat is not None and len(model.mscmat.scales) == 4
+    optimizer = make_optimizer(model, config.train)
+    out = model(*_batch(n=3))
+    terms = total_loss(out.image @ out.text.t(), config.loss, out.mscmat)
+    assert set(terms) == {"triplet", "mscma", "csmmc", "loss"}
+    before = model.mscmat.scales[0].k.weight.detach().clone()
+    terms["loss"].backward()
+    optimizer.step()
+    assert not torch.equal(before, model.mscmat.scales[0].k.weight)
+    # timm zero-initialises each ResNet block's last BatchNorm, so at step 0 only some of the branch gets gradients;
+    # every trainable parameter must still be reached by autograd
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    tokens = load_tokenizer("bert-base-uncased")("a playground near trees")["input_ids"]
+    assert tokens == [101, 1037, 14705, 2379, 3628, 102]  # bert-base-uncased's WordPiece ids
+
+
+def test_vectorised_mscmat_equals_the_pair_loop_with_padding() -> None:
+    torch.manual_seed(0)
+    channels = [24, 40, 112, 320]
+    scales = [torch.randn(5, c) for c in channels]
+    tokens = torch.randn(6, 9, 48)
+    mask = torch.ones(6, 9, dtype=torch.long)
+    for j in range(6):
+        mask[j, 2 + j :] = 0
+    text_global = torch.randn(6, 48)
+    for dim, mask_padding in ((48, True), (64, True), (48, False)):
+        mscmat = MSCMAT(channels, 48, dim, heads=4, mask_padding=mask_padding)
+        fast = mscmat(scales, tokens, mask, text_global)
+        slow = mscmat.pairwise_reference(scales, tokens, mask, text_global)
+        assert [m.shape for m in fast] == [(5, 6)] * 4
+        for a, b in zip(fast, slow, strict=True):
+            assert (a - b).abs().max() <= 1e-5
+    # the padding mask matters: the same inputs without it score differently
+    unmasked = MSCMAT(channels, 48, 48, heads=4, mask_padding=False)
+    unmasked.load_state_dict(mscmat.state_dict())
+    masked = MSCMAT(channels, 48, 48, heads=4, mask_padding=True)
+    masked.load_state_dict(mscmat.state_dict())
+    assert (
+        masked(scales, tokens, mask, text_global)[0] - unmasked(scales, tokens, mask, text_global)[0]
+    ).abs().max() > 1e-4
+
+
+def test_the_whole_model_scores_alike_with_either_mscmat() -> None:
+    config = load_config("msa-lite0-minilm")
+    model = build_model(config.model).eval()
+    with torch.no_grad():
+        fast = model(*_batch(n=3)).mscmat
+        model.use_pairwise_reference = True
+        slow = model(*_batch(n=3)).mscmat
+    assert max(float((a - b).abs().max()) for a, b in zip(fast, slow, strict=True)) <= 1e-5
+
+
+def test_gswin_starts_as_identity_and_keeps_the_map_shape() -> None:
+    torch.manual_seed(0)
+    block = GswinBlock(64, window=4)
+    x = torch.randn(2, 64, 10, 9)
+    assert torch.equal(block(x), x)
+    for parameter in block.parameters():
+        torch.nn.init.normal_(parameter, std=0.05)
+    y = block(x)
+    assert y.shape == x.shape and not torch.allclose(y, x)
+    shifted = x.clone()
+    shifted[1] += 1.0
+    assert torch.equal(block(shifted)[0], y[0])  # images of a batch never mix
+
+
 def test_embeddings_are_unit_norm_and_image_size_free() -> None:
     model = build_model(load_config("demo").model).eval()
     for size in (64, 96):
         images, ids, mask = _batch(size=size)
         with torch.no_grad():
-            image_emb, text_emb = model(images, ids, mask)
+            out = model(images, ids, mask)
+        image_emb, text_emb = out.image, out.text
         assert image_emb.shape == text_emb.shape == (4, 256)
         assert torch.allclose(image_emb.norm(dim=1), torch.ones(4), atol=1e-5)
 
@@ -73,7 +154,7 @@ def test_optimizer_covers_exactly_the_trainable_parameters() -> None:
 
 
 def test_checkpoint_round_trip_is_bit_exact(tmp_path: Path) -> None:
-    config = load_config("demo")
+    config = load_config("demo", ["model.mscmat=true", "model.gswin_stages=3,4"])
     model = build_model(config.model)
     version = save_checkpoint(tmp_path, model, None, config, epoch=3, metrics={"val_mR": 1.0})
     loaded, loaded_config, state = load_checkpoint(str(tmp_path))

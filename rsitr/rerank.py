@@ -1,0 +1,72 @@
+"""Similarity-matrix re-weighting re-rank (CMPAGL's SMR, in the published GaLR form).
+
+For a query q (an image for image→text) and its top-K candidates c at forward ranks r = 0..K-1:
+
+    s′(q, c) = s(q, c) / Σ_{q′} s(q′, c) + e^(−0.05 (r + 1)) + 0.7 · e^(−0.05 (r′ + 1))
+
+where the sum runs over every query (the candidate's column of the matrix) and r′ is the candidate's position once
+the K candidates are re-sorted by their reverse rank — the rank of q among all queries in the candidate's own
+ordering. Text→image is the same on the transposed matrix. Candidates outside the top K keep their order below the
+re-ranked ones.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+DECAY = 0.05
+REVERSE_WEIGHT = 0.7
+
+
+def rerank_topk(
+    sim: torch.Tensor, k: int = 10, chunk: int = 256, candidates: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Re-ranked top-K candidates of every query (row) of ``sim``.
+
+    Args:
+        sim: (queries, candidates) scores over the full collection (the column sums and reverse ranks need it).
+        k: candidates re-ranked per query.
+        chunk: queries processed at once (bounds memory at ``queries × chunk × k`` booleans).
+        candidates: (queries, k') candidate indices to re-rank instead of each row's top k (e.g. from an ANN
+            index); their forward ranks come from ``sim``.
+
+    Returns:
+        Candidate indices (queries, k) in their new order, and their re-ranked scores s′.
+    """
+    k = min(k, sim.shape[1])
+    if candidates is None:
+        candidates = sim.topk(k, dim=1).indices
+    else:  # forward ranks are by score, whatever order the candidates came in
+        candidates = candidates.gather(1, sim.gather(1, candidates).argsort(dim=1, descending=True, stable=True))
+        k = candidates.shape[1]
+    column_sums = sim.sum(dim=0)
+    forward_bonus = torch.exp(-DECAY * (torch.arange(k, dtype=sim.dtype, device=sim.device) + 1))
+    reverse_bonus = REVERSE_WEIGHT * forward_bonus
+    order_out, score_out = [], []
+    for start in range(0, sim.shape[0], chunk):
+        rows = torch.arange(start, min(start + chunk, sim.shape[0]), device=sim.device)
+        picked = candidates[rows]  # (c, k)
+        scores = sim[rows[:, None], picked]  # (c, k)
+        # rank of each query among all queries in its candidate's column
+        columns = sim[:, picked.reshape(-1)].view(sim.shape[0], len(rows), k)  # (queries, c, k)
+        reverse = (columns > scores[None]).sum(dim=0)  # (c, k)
+        reverse_position = reverse.argsort(dim=1, stable=True).argsort(dim=1)
+        new = scores / column_sums[picked] + forward_bonus[None, :] + reverse_bonus[reverse_position]
+        order = new.argsort(dim=1, descending=True, stable=True)
+        order_out.append(picked.gather(1, order))
+        score_out.append(new.gather(1, order))
+    return torch.cat(order_out), torch.cat(score_out)
+
+
+def rerank_matrix(sim: torch.Tensor, k: int = 10, chunk: int = 256) -> torch.Tensor:
+    """``sim`` with each row's top-K re-ranked: those K are lifted above every other entry, in their new order.
+
+    Ranking rows of the result gives the re-ranked order; use ``sim.t()`` for the other direction.
+    """
+    order, scores = rerank_topk(sim, k, chunk)
+    lift = float(sim.max() - scores.min()) + 1.0 if math.isfinite(float(sim.max())) else 1e9
+    out = sim.clone()
+    out.scatter_(1, order, scores + lift)
+    return out
