@@ -79,7 +79,7 @@ def _train(args: argparse.Namespace) -> None:
 def _eval(args: argparse.Namespace) -> None:
     from rsitr.train import evaluate_checkpoint
 
-    metrics = evaluate_checkpoint(args.checkpoint, args.data, args.split)
+    metrics = evaluate_checkpoint(args.checkpoint, args.data, args.split, args.rerank)
     if args.json:
         print(json.dumps(metrics))
     else:
@@ -175,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True)
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--json", action="store_true")
+    p.add_argument("--rerank", type=int, default=None, metavar="K", help="re-rank each query's top K (0: off)")
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("embed", help="embed an ingested archive's tiles")

@@ -77,6 +77,8 @@ class TrainConfig:
     seed: int = 0
     max_minutes: float = 0.0
     eval_batch_size: int = 64
+    # re-rank each query's top K in val/test evaluation (0: off, until it is shown to help on RSICD val)
+    rerank_k: int = 0
 
 
 @dataclass

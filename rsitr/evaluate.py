@@ -10,6 +10,7 @@ import torch
 
 from rsitr.metrics import retrieval_metrics_from_embeddings
 from rsitr.models.msa import MSA
+from rsitr.rerank import reranked_metrics
 
 
 @torch.no_grad()
@@ -43,8 +44,10 @@ def evaluate_model(
     image_batches: Iterable[dict[str, Any]],
     caption_batches: Iterable[dict[str, Any]],
     device: torch.device,
+    rerank_k: int = 0,
 ) -> dict[str, float]:
-    """R@1/5/10 both ways and mR of ``model`` on one split.
+    """R@1/5/10 both ways and mR of ``model`` on one split; with ``rerank_k``, after re-ranking each query's top
+    ``rerank_k`` (:mod:`rsitr.rerank`), the plain mR kept as ``mR_plain``.
 
     Raises:
         ValueError: a caption belongs to an image that is not in the image stream, or the split is empty.
@@ -64,5 +67,9 @@ def evaluate_model(
         raise ValueError(f"{len(missing)} captions belong to images not in the split, e.g. {missing[0]}")
     caption_image = np.array([index[o] for o in owners])
     metrics = retrieval_metrics_from_embeddings(image_vecs, caption_vecs, caption_image)
+    if rerank_k:
+        plain = metrics["mR"]
+        metrics = reranked_metrics(image_vecs @ caption_vecs.t(), caption_image, rerank_k)
+        metrics["mR_plain"] = plain
     metrics.update({"images": float(len(image_ids)), "captions": float(len(owners))})
     return metrics

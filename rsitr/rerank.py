@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
+
+from rsitr.metrics import METRIC_KEYS, retrieval_metrics
 
 DECAY = 0.05
 REVERSE_WEIGHT = 0.7
@@ -69,4 +72,15 @@ def rerank_matrix(sim: torch.Tensor, k: int = 10, chunk: int = 256) -> torch.Ten
     lift = float(sim.max() - scores.min()) + 1.0 if math.isfinite(float(sim.max())) else 1e9
     out = sim.clone()
     out.scatter_(1, order, scores + lift)
+    return out
+
+
+def reranked_metrics(sim: torch.Tensor, caption_image: torch.Tensor | np.ndarray, k: int = 10) -> dict[str, float]:
+    """R@K and mR after re-ranking: image→text on the rows of ``sim`` (images × captions), text→image on its
+    columns."""
+    i2t = retrieval_metrics(rerank_matrix(sim, k), caption_image)
+    t2i = retrieval_metrics(rerank_matrix(sim.t(), k).t(), caption_image)
+    out = {key: i2t[key] for key in i2t if key.startswith("i2t")}
+    out.update({key: t2i[key] for key in t2i if key.startswith("t2i")})
+    out["mR"] = float(np.mean([out[key] for key in METRIC_KEYS[:-1]]))
     return out

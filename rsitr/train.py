@@ -162,6 +162,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 val_images.iter_batches(batch_size=train_cfg.eval_batch_size),
                 val_captions.iter_batches(batch_size=256),
                 device,
+                rerank_k=train_cfg.rerank_k,
             )
             metrics.update({f"val_{k}": v for k, v in val.items()})
             log.info("epoch %d %s", epoch, json.dumps({k: round(v, 4) for k, v in metrics.items()}))
@@ -266,8 +267,11 @@ def _history(latest: ray.train.Checkpoint | None) -> list[dict[str, float]]:
         return list(json.loads((Path(folder) / ckpt.STATE).read_text()).get("history", []))
 
 
-def evaluate_checkpoint(checkpoint: str, data: str, split: str = "test") -> dict[str, float]:
-    """Metrics of a checkpoint (or finished run) on one split of an ingested dataset."""
+def evaluate_checkpoint(
+    checkpoint: str, data: str, split: str = "test", rerank_k: int | None = None
+) -> dict[str, float]:
+    """Metrics of a checkpoint (or finished run) on one split of an ingested dataset (``rerank_k``: override the
+    run's ``train.rerank_k``)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, config, _ = ckpt.load_checkpoint(checkpoint, map_location=device)
     images, captions = eval_datasets(
@@ -278,6 +282,7 @@ def evaluate_checkpoint(checkpoint: str, data: str, split: str = "test") -> dict
         images.iter_batches(batch_size=config.train.eval_batch_size),
         captions.iter_batches(batch_size=256),
         device,
+        rerank_k=config.train.rerank_k if rerank_k is None else rerank_k,
     )
 
 

@@ -5,7 +5,7 @@ import torch
 
 from rsitr.losses import csmmc_loss, info_nce, intra_class_loss, mscma_loss, triplet_loss
 from rsitr.metrics import chance_metrics, retrieval_metrics, retrieval_metrics_from_embeddings
-from rsitr.rerank import rerank_matrix, rerank_topk
+from rsitr.rerank import rerank_matrix, rerank_topk, reranked_metrics
 
 
 def _brute_force(sim: np.ndarray, caption_image: np.ndarray) -> dict[str, float]:
@@ -144,3 +144,13 @@ def test_rerank_equals_the_formula_by_hand_in_both_directions() -> None:
         assert torch.equal(lifted.gather(1, rest), matrix.gather(1, rest))
     candidates = sim.topk(6, dim=1).indices.flip(1)  # the same candidates in another order give the same re-rank
     assert torch.equal(rerank_topk(sim, k=6, candidates=candidates)[0], rerank_topk(sim, k=6)[0])
+
+
+def test_reranked_metrics_keep_order_at_k1_and_differ_at_k10() -> None:
+    gen = torch.Generator().manual_seed(5)
+    caption_image = torch.arange(100) // 5
+    images = torch.nn.functional.normalize(torch.randn(20, 8, generator=gen), dim=1)
+    captions = torch.nn.functional.normalize(images[caption_image] + 0.9 * torch.randn(100, 8, generator=gen), dim=1)
+    sim = images @ captions.t() + 1.0  # keep column sums positive, as trained cosine scores are
+    assert reranked_metrics(sim, caption_image, k=1) == retrieval_metrics(sim, caption_image)
+    assert reranked_metrics(sim, caption_image, k=10) != retrieval_metrics(sim, caption_image)
