@@ -1,0 +1,109 @@
+"""RSICD retrieval quality of a preset trained on this machine within a wall-clock budget, beside published results.
+
+Ingests RSICD from ``../shared/data/rsicd`` (VT-RSBS captions, official split), trains with Ray Train (best epoch
+chosen on val), evaluates test once, and measures on val whether the SMR re-rank helps. Prints the table and
+writes JSON.
+
+Usage: ``python benchmarks/quality.py [--config msa-lite0-minilm] [--budget-minutes 80] [--epochs 20] [key=value …]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from rsitr.config import load_config
+from rsitr.ingest import ingest_corpus
+from rsitr.metrics import METRIC_KEYS
+from rsitr.train import evaluate_checkpoint, fit
+
+ROOT = Path(__file__).resolve().parents[1]
+# Published RSICD test mR (see ../shared/data/README.md) and the floor measured here (DESIGN.md)
+REFERENCES = {
+    "frozen features + MLP heads (floor, this machine)": 21.56,
+    "MSA (ResNet-50 + BERT, GPU, 5 seeds)": 21.44,
+    "GaLR": 18.96,
+    "PIR": 24.46,
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "rsicd"))
+    parser.add_argument("--work", default=str(ROOT / ".rsitr" / "quality"))
+    parser.add_argument("--config", default="msa-lite0-minilm")
+    parser.add_argument("--budget-minutes", type=float, default=80.0, help="training wall-clock budget")
+    parser.add_argument("--epochs", type=int, default=20, help="planned epochs (the LR schedule's length)")
+    parser.add_argument("--name", default=None, help="run name (an existing one resumes)")
+    parser.add_argument("--rerank-k", type=int, default=10)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "quality.json"))
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    rsicd, work = Path(args.data), Path(args.work)
+    if not (rsicd / "images").is_dir():
+        raise SystemExit(f"RSICD is absent at {rsicd} (see ../shared/data/README.md)")
+
+    started = time.monotonic()
+    manifest = ingest_corpus(
+        str(rsicd / "images"),
+        str(rsicd / "captions" / "vt-rsbs_RSICD.csv"),
+        "rsicd",
+        str(work / "data"),
+        split_table=str(rsicd / "rsicd_splits.csv"),
+        workers=1,
+    )
+    ingest_s = time.monotonic() - started
+    overrides = [f"train.epochs={args.epochs}", f"train.max_minutes={args.budget_minutes}", *args.overrides]
+    config = load_config(args.config, overrides)
+    started = time.monotonic()
+    result = fit(config, str(work / "data" / "rsicd"), str(work / "runs"), name=args.name)
+    train_s = time.monotonic() - started
+    assert result.test is not None
+    val_plain = evaluate_checkpoint(result.best_checkpoint, str(work / "data" / "rsicd"), "val", rerank_k=0)
+    val_rerank = evaluate_checkpoint(result.best_checkpoint, str(work / "data" / "rsicd"), "val", args.rerank_k)
+    helps = val_rerank["mR"] > val_plain["mR"]
+    test_rerank = (
+        evaluate_checkpoint(result.best_checkpoint, str(work / "data" / "rsicd"), "test", args.rerank_k)
+        if helps
+        else None
+    )
+
+    report: dict[str, Any] = {
+        "config": config.to_dict(),
+        "budget_minutes": args.budget_minutes,
+        "ingest_s": ingest_s,
+        "train_and_test_s": train_s,
+        "epochs_run": len(result.history),
+        "best_checkpoint": result.best_checkpoint,
+        "val": result.val,
+        "test": result.test,
+        "history": result.history,
+        "rerank": {"k": args.rerank_k, "val_plain": val_plain, "val_rerank": val_rerank, "test": test_rerank},
+        "references": REFERENCES,
+        "rows": manifest["rows"],
+    }
+    keys = METRIC_KEYS
+    print(f"\nRSICD test ({int(result.test['images'])} images, {int(result.test['captions'])} captions)")
+    print(f"{'model':52} " + " ".join(f"{k:>7}" for k in keys))
+    print(
+        f"{'ours: ' + args.config + f' ({len(result.history)} epochs, {train_s / 60:.0f} min)':52} "
+        + " ".join(f"{result.test[k]:7.2f}" for k in keys)
+    )
+    if test_rerank is not None:
+        print(f"{'ours + re-rank (helped on val)':52} " + " ".join(f"{test_rerank[k]:7.2f}" for k in keys))
+    for name, value in REFERENCES.items():
+        print(f"{name:52} " + " ".join(f"{'':>7}" for _ in keys[:-1]) + f" {value:7.2f}")
+    print(f"\nre-rank on val (k={args.rerank_k}): mR {val_plain['mR']:.2f} → {val_rerank['mR']:.2f}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
