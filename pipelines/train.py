@@ -6,6 +6,8 @@ a local Ray head that the flow starts and stops. Cancelling the flow run stops t
 
 from __future__ import annotations
 
+import base64
+import io
 import os
 import shlex
 import time
@@ -15,7 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_table_artifact
+from prefect.artifacts import create_image_artifact, create_table_artifact
 
 from pipelines.raycluster import local_ray_head
 from rsitr.checkpoint import RESULT
@@ -153,4 +155,34 @@ def train_msa(
         if result.get(split)
     ]
     create_table_artifact(key="train-msa-recall", table=rows, description=f"R@K of run {name} (best on val)")
+    if result.get("history"):
+        png = training_curve(result["history"], name)
+        storage.write_bytes_atomic(storage.join(storage_path, name, "training_curve.png"), png)
+        create_image_artifact(
+            image_url="data:image/png;base64," + base64.b64encode(png).decode(),
+            key="train-msa-curve",
+            description=f"Training loss and val mR per epoch of run {name}",
+        )
     return result
+
+
+def training_curve(history: list[dict[str, float]], title: str) -> bytes:
+    """PNG of the training loss and the validation mR per epoch."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    epochs = [int(h["epoch"]) for h in history]
+    figure = Figure(figsize=(6, 3.5), dpi=100)
+    FigureCanvasAgg(figure)
+    loss_axis = figure.add_subplot()
+    loss_axis.plot(epochs, [h["train_loss"] for h in history], "o-", color="tab:blue")
+    loss_axis.set_xlabel("epoch")
+    loss_axis.set_ylabel("train loss", color="tab:blue")
+    recall_axis = loss_axis.twinx()
+    recall_axis.plot(epochs, [h.get("val_mR", float("nan")) for h in history], "s-", color="tab:orange")
+    recall_axis.set_ylabel("val mR (%)", color="tab:orange")
+    loss_axis.set_title(title)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return buffer.getvalue()

@@ -79,6 +79,9 @@ class TrainConfig:
     eval_batch_size: int = 64
     # re-rank each query's top K in val/test evaluation (0: off, until it is shown to help on RSICD val)
     rerank_k: int = 0
+    # contrast each worker's batch against every worker's (the global batch) rather than its own slice only
+    gather_negatives: bool = True
+    log_every_steps: int = 10
 
 
 @dataclass

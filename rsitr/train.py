@@ -84,6 +84,63 @@ def gather_batch(local: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
+class StepLog:
+    """Rank 0's training log: every ``every`` steps the loss, samples/s and the fraction of step time spent waiting
+    for data go to the job log and, with ``log_dir``, to TensorBoard (tensorboardX event files)."""
+
+    def __init__(self, log_dir: str | None, rank: int, every: int, world: int) -> None:
+        self.active = rank == 0
+        self.every = max(1, every)
+        self.world = world
+        self.global_step = 0
+        self.window: list[tuple[int, float, float]] = []
+        self.writer: Any = None
+        if self.active and log_dir:
+            from tensorboardX import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=log_dir, flush_secs=30)
+
+    def step(self, epoch: int, terms: dict[str, torch.Tensor], samples: int, waited: float, took: float) -> None:
+        """Record one optimizer step (``took`` seconds in all, ``waited`` of them for data)."""
+        self.global_step += 1
+        if not self.active:
+            return
+        self.window.append((samples, waited, took))
+        if self.global_step % self.every:
+            return
+        seen = sum(w[0] for w in self.window) * self.world
+        wait = sum(w[1] for w in self.window) / max(sum(w[2] for w in self.window), 1e-9)
+        rate = seen / max(sum(w[2] for w in self.window), 1e-9)
+        self.window.clear()
+        values = {name: float(value.detach()) for name, value in terms.items()}
+        log.info(
+            "epoch %d step %d loss %.4f samples/s %.1f data-wait %.1f%%",
+            epoch,
+            self.global_step,
+            values["loss"],
+            rate,
+            100 * wait,
+        )
+        if self.writer is not None:
+            for name, value in values.items():
+                self.writer.add_scalar(f"train/{name}", value, self.global_step)
+            self.writer.add_scalar("train/samples_per_s", rate, self.global_step)
+            self.writer.add_scalar("train/data_wait_fraction", wait, self.global_step)
+
+    def epoch(self, epoch: int, metrics: dict[str, float]) -> None:
+        """Record an epoch's summary and validation metrics."""
+        if self.writer is None:
+            return
+        for name, value in metrics.items():
+            if name != "epoch":
+                self.writer.add_scalar(f"epoch/{name}", value, epoch)
+        self.writer.flush()
+
+
 def _agree(flag: bool) -> bool:
     """Rank 0's decision, shared with every worker (so all stop at the same epoch)."""
     if not (dist.is_available() and dist.is_initialized()):
@@ -119,7 +176,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     amp = device.type == "cuda"
     scaler = torch.amp.GradScaler(enabled=amp)
     per_worker = max(2, train_cfg.batch_size // world)
+    gather = gather_batch if train_cfg.gather_negatives else _local
     shard = ray.train.get_dataset_shard("train")
+    board = StepLog(loop_config.get("log_dir"), rank, train_cfg.log_every_steps, world)
     for epoch in range(start_epoch, train_cfg.epochs):
         ddp.train()
         losses, samples, wait, epoch_start = [], 0, 0.0, time.perf_counter()
@@ -127,13 +186,14 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         while True:
             t0 = time.perf_counter()
             batch = next(batches, None)
-            wait += time.perf_counter() - t0
+            waited = time.perf_counter() - t0
+            wait += waited
             if batch is None:
                 break
             with torch.autocast(device.type, enabled=amp):
                 out = ddp(batch["image"], batch["input_ids"], batch["attention_mask"])
-                sim = gather_batch(out.image) @ gather_batch(out.text).t()
-                labels = gather_batch(batch["label"]) if config.loss.intra_class_weight else None
+                sim = gather(out.image) @ gather(out.text).t()
+                labels = gather(batch["label"]) if config.loss.intra_class_weight else None
                 terms = total_loss(sim.float(), config.loss, [m.float() for m in out.mscmat], labels)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(terms["loss"]).backward()
@@ -142,8 +202,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             scheduler.step()
             losses.append(float(terms["loss"].detach()))
             samples += batch["image"].shape[0]
-            if rank == 0 and len(losses) % 10 == 0:
-                log.info("epoch %d step %d loss %.4f", epoch, len(losses), losses[-1])
+            board.step(epoch, terms, batch["image"].shape[0], waited, time.perf_counter() - t0)
         elapsed = time.perf_counter() - epoch_start
         metrics: dict[str, float] = {
             "epoch": epoch,
@@ -165,6 +224,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 rerank_k=train_cfg.rerank_k,
             )
             metrics.update({f"val_{k}": v for k, v in val.items()})
+            board.epoch(epoch, metrics)
             log.info("epoch %d %s", epoch, json.dumps({k: round(v, 4) for k, v in metrics.items()}))
             history.append({k: metrics[k] for k in HISTORY_KEYS})
             with tempfile.TemporaryDirectory() as folder:
@@ -220,7 +280,12 @@ def fit(
     val_images, val_captions = eval_datasets(data, "val", t.image_size, m.text_model, m.max_tokens)
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"config": config.to_dict(), "steps_per_epoch": steps_per_epoch},
+        train_loop_config={
+            "config": config.to_dict(),
+            "steps_per_epoch": steps_per_epoch,
+            # TensorBoard events under a local run folder; with S3 storage the per-step log stays in the job log
+            "log_dir": None if storage.is_remote(storage_path) else storage.join(storage_path, name, "tensorboard"),
+        },
         scaling_config=ScalingConfig(
             num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker={"CPU": t.cpus_per_worker}
         ),

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 from fixtures import broken_corpus, odd_scenes
+from PIL import Image
 
 from pipelines.index import index_archive
 from pipelines.ingest import ingest_archive_flow, ingest_corpus_flow, ingest_flow
@@ -73,6 +74,11 @@ def test_ingest_train_index_search_end_to_end(
     )
     history = result["history"]
     assert len(history) == 4
+    run_dir = tmp_path / "runs" / "e2e"
+    with Image.open(run_dir / "training_curve.png") as curve:
+        assert curve.size == (600, 350)
+    events = list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     test = result["test"]
     chance = chance_metrics(int(test["images"]), test["captions"] / test["images"])
