@@ -18,6 +18,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_image_artifact, create_table_artifact
+from prefect.states import Cancelled, State
 
 from pipelines.raycluster import local_ray_head
 from rsitr.checkpoint import RESULT
@@ -123,8 +124,10 @@ def train_msa(
     max_minutes: float | None = None,
     overrides: list[str] | None = None,
     ray_address: str | None = None,
-) -> dict[str, Any]:
+) -> dict[str, Any] | State:
     """Train MSA on an ingested dataset as a Ray job and return the run's result (best checkpoint, metrics).
+
+    Ray job states map to the flow run's: SUCCEEDED → Completed, STOPPED → Cancelled, FAILED → Failed.
 
     Args:
         data: ingested dataset folder/URI (holds ``manifest.json``).
@@ -146,6 +149,8 @@ def train_msa(
         if not address or not address.startswith("http"):
             address = stack.enter_context(local_ray_head())
         status = follow_job(address, command, job_id)
+    if status == "STOPPED":  # stopped from Ray's side (dashboard, `ray job stop`): the run was cancelled, not failed
+        return Cancelled(message=f"Ray job {job_id} was stopped")
     if status != "SUCCEEDED":
         raise RuntimeError(f"Ray job {job_id} ended {status}; see the flow run's log for its output")
     result: dict[str, Any] = storage.read_json(storage.join(storage_path, name, RESULT))

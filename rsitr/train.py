@@ -276,6 +276,7 @@ def fit(
     storage_path = storage.resolve(storage_path)
     name = name or unique_run_name(config)
     init_ray()
+    ray_path, ray_filesystem = storage.arrow_filesystem(storage_path)
     m, t = config.model, config.train
     val_images, val_captions = eval_datasets(data, "val", t.image_size, m.text_model, m.max_tokens)
     trainer = TorchTrainer(
@@ -297,7 +298,8 @@ def fit(
         dataset_config=DataConfig(datasets_to_split=["train"]),
         run_config=RunConfig(
             name=name,
-            storage_path=storage_path,
+            storage_path=ray_path,
+            storage_filesystem=ray_filesystem,
             checkpoint_config=CheckpointConfig(
                 num_to_keep=1, checkpoint_score_attribute="val_mR", checkpoint_score_order="max"
             ),

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import jsonschema
 import pytest
 import yaml
 from fixtures import broken_corpus, odd_scenes
@@ -25,6 +26,9 @@ def test_prefect_yaml_declares_the_deployments() -> None:
         flow = getattr(module, func)
         names.add(f"{flow.name}/{deployment['name']}")
         assert set(deployment.get("parameters", {})) <= set(flow.parameters.properties), deployment
+        # the parameters the server will validate on every run: the flow's own JSON schema
+        schema = flow.parameters.model_dump(mode="json", by_alias=True)
+        jsonschema.validate(deployment.get("parameters", {}), schema)
     assert {
         "ingest/demo",
         "ingest-corpus/rsicd",

@@ -137,3 +137,19 @@ def remove_tree(uri: str) -> None:
     fs, path = filesystem(uri)
     if fs.exists(path):
         fs.rm(path, recursive=True)
+
+
+def arrow_filesystem(uri: str) -> tuple[str, Any]:
+    """``(path, pyarrow filesystem)`` for libraries that take pyarrow filesystems (Ray Train's storage).
+
+    Local paths and S3 without a custom endpoint go as they are (``None``: let the library decide); S3 behind
+    ``AWS_ENDPOINT_URL`` (MinIO, SeaweedFS, …) gets an explicit ``S3FileSystem`` and a path without the scheme.
+    """
+    uri = resolve(uri)
+    endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("S3_ENDPOINT_URL")
+    if not uri.startswith("s3://") or not endpoint:
+        return uri, None
+    from pyarrow.fs import S3FileSystem
+
+    scheme, _, host = endpoint.partition("://")
+    return uri.removeprefix("s3://"), S3FileSystem(endpoint_override=host, scheme=scheme or "https")
