@@ -81,6 +81,10 @@ class TrainConfig:
     rerank_k: int = 0
     # contrast each worker's batch against every worker's (the global batch) rather than its own slice only
     gather_negatives: bool = True
+    # row order each epoch: full (global shuffle), blocks (block order only) or none; see data.pipeline
+    shuffle: str = "full"
+    # Ray placement of the train workers: PACK (fewest nodes) or SPREAD (one per node where possible)
+    placement_strategy: str = "PACK"
     log_every_steps: int = 10
 
 

@@ -159,6 +159,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     torch.set_num_threads(max(1, int(train_cfg.cpus_per_worker)))
     torch.manual_seed(train_cfg.seed + rank)
     device = ray.train.torch.get_device()
+    # one line per worker, so where the group was placed can be read from the job log
+    log.info("train worker %d/%d on node %s (%s)", rank, world, ray.get_runtime_context().get_node_id(), device)
     model = build_model(config.model).to(device)
     optimizer = make_optimizer(model, train_cfg)
     steps_per_epoch = max(1, loop_config["steps_per_epoch"])
@@ -288,10 +290,13 @@ def fit(
             "log_dir": None if storage.is_remote(storage_path) else storage.join(storage_path, name, "tensorboard"),
         },
         scaling_config=ScalingConfig(
-            num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker={"CPU": t.cpus_per_worker}
+            num_workers=t.num_workers,
+            use_gpu=t.use_gpu,
+            resources_per_worker={"CPU": t.cpus_per_worker},
+            placement_strategy=t.placement_strategy,
         ),
         datasets={
-            "train": train_dataset(data, t.image_size, m.text_model, m.max_tokens, t.augment),
+            "train": train_dataset(data, t.image_size, m.text_model, m.max_tokens, t.augment, t.shuffle),
             "val_images": val_images,
             "val_captions": val_captions,
         },

@@ -131,9 +131,28 @@ class CaptionTokens:
         }
 
 
-def train_dataset(root: str, image_size: int, text_model: str, max_tokens: int, augment: bool) -> ray.data.Dataset:
-    """The training split, decoded, augmented and tokenised."""
+SHUFFLES = ("full", "blocks", "none")
+
+
+def train_dataset(
+    root: str, image_size: int, text_model: str, max_tokens: int, augment: bool, shuffle: str = "full"
+) -> ray.data.Dataset:
+    """The training split, shuffled anew each epoch, then decoded, augmented and tokenised.
+
+    Shards keep ingest order (RSICD's is by class name), and in-batch negatives of one class teach a contrastive
+    loss almost nothing, so rows are shuffled before batching: ``full`` (a global shuffle of the still-encoded rows;
+    right for corpora up to a few GB), ``blocks`` (block order only: cheap, weaker) or ``none``.
+
+    Raises:
+        ValueError: an unknown ``shuffle``.
+    """
+    if shuffle not in SHUFFLES:
+        raise ValueError(f"train.shuffle {shuffle!r}: expected one of {', '.join(SHUFFLES)}")
     ds = read_split(root, "train", ["image", "captions", "label"])
+    if shuffle == "full":
+        ds = ds.random_shuffle()
+    elif shuffle == "blocks":
+        ds = ds.randomize_block_order()
     return ds.map_batches(
         TrainBatches,
         fn_constructor_kwargs={
