@@ -42,6 +42,15 @@ class ModelConfig:
     # CMPAGL's Gswin block over these of the selected stages (1-based positions in image_stages)
     gswin_stages: tuple[int, ...] = ()
     gswin_window: int = 7
+    # heads into the joint space: linear (MSA) or mlp (hidden, LayerNorm, GELU, dropout); standardize puts a
+    # feature-wise BatchNorm (no affine) in front of each
+    head: str = "linear"
+    head_hidden: int = 1024
+    head_dropout: float = 0.5
+    standardize: bool = False
+    # learn the InfoNCE temperature (log-parametrised, starting at initial_temperature) instead of loss.temperature
+    learn_temperature: bool = False
+    initial_temperature: float = 0.07
 
 
 @dataclass
@@ -86,6 +95,8 @@ class TrainConfig:
     # Ray placement of the train workers: PACK (fewest nodes) or SPREAD (one per node where possible)
     placement_strategy: str = "PACK"
     log_every_steps: int = 10
+    # compute the frozen stages/layers once per dataset (rsitr.features) and train the rest from that cache
+    cache_frozen: bool = False
 
 
 @dataclass

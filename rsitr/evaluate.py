@@ -15,12 +15,19 @@ from rsitr.rerank import reranked_metrics
 
 @torch.no_grad()
 def embed_images(model: MSA, batches: Iterable[dict[str, Any]], device: torch.device) -> tuple[list[str], torch.Tensor]:
-    """Image ids and embeddings from batches of ``image_id`` / ``image``."""
+    """Image ids and embeddings from batches of ``image_id`` / ``image`` (or a cache's ``feature_map`` /
+    ``frozen_scales``)."""
     ids: list[str] = []
     vectors = []
     for batch in batches:
         ids.extend(str(i) for i in batch["image_id"])
-        vectors.append(model.encode_image(torch.as_tensor(batch["image"]).to(device)).float().cpu())
+        if "frozen_scales" in batch:  # rows of a frozen-prefix cache (rsitr.features)
+            vector = model.encode_image_from_prefix(
+                torch.as_tensor(batch["feature_map"]).to(device), torch.as_tensor(batch["frozen_scales"]).to(device)
+            )
+        else:
+            vector = model.encode_image(torch.as_tensor(batch["image"]).to(device))
+        vectors.append(vector.float().cpu())
     return ids, torch.cat(vectors) if vectors else torch.empty(0)
 
 
@@ -28,14 +35,18 @@ def embed_images(model: MSA, batches: Iterable[dict[str, Any]], device: torch.de
 def embed_captions(
     model: MSA, batches: Iterable[dict[str, Any]], device: torch.device
 ) -> tuple[list[str], torch.Tensor]:
-    """Owning image ids and embeddings from batches of ``image_id`` / ``input_ids`` / ``attention_mask``."""
+    """Owning image ids and embeddings from batches of ``image_id`` / ``input_ids`` (or a cache's ``text_states``) /
+    ``attention_mask``."""
     owners: list[str] = []
     vectors = []
     for batch in batches:
         owners.extend(str(i) for i in batch["image_id"])
-        ids = torch.as_tensor(batch["input_ids"]).to(device)
         mask = torch.as_tensor(batch["attention_mask"]).to(device)
-        vectors.append(model.encode_text(ids, mask).float().cpu())
+        if "text_states" in batch:
+            vector = model.encode_text_from_prefix(torch.as_tensor(batch["text_states"]).to(device), mask)
+        else:
+            vector = model.encode_text(torch.as_tensor(batch["input_ids"]).to(device), mask)
+        vectors.append(vector.float().cpu())
     return owners, torch.cat(vectors) if vectors else torch.empty(0)
 
 

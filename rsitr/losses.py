@@ -31,7 +31,7 @@ def triplet_loss(sim: torch.Tensor, margin: float = 0.5) -> torch.Tensor:
     return (F.relu(margin + hardest_caption - positives) + F.relu(margin + hardest_image - positives)).sum()
 
 
-def info_nce(sim: torch.Tensor, temperature: float = 0.05) -> torch.Tensor:
+def info_nce(sim: torch.Tensor, temperature: float | torch.Tensor = 0.05) -> torch.Tensor:
     """Symmetric InfoNCE (mean of image→text and text→image cross-entropy at ``temperature``)."""
     logits = sim / temperature
     target = torch.arange(sim.shape[0], device=sim.device)
@@ -85,6 +85,7 @@ def total_loss(
     config: LossConfig,
     mscmat: list[torch.Tensor] | None = None,
     labels: torch.Tensor | None = None,
+    temperature: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """The configured weighted sum and its terms (``loss`` plus one entry per active term).
 
@@ -93,6 +94,7 @@ def total_loss(
         config: weights and parameters.
         mscmat: M_s of the (local) batch, when the model computes MSCMAT.
         labels: class ids aligned with ``sim``'s rows (−1 unknown), for the intra-class term.
+        temperature: a learned InfoNCE temperature, used instead of ``config.temperature``.
 
     Raises:
         ValueError: every term has weight 0, or a weighted term lacks its input.
@@ -101,7 +103,9 @@ def total_loss(
     if config.triplet_weight:
         terms["triplet"] = config.triplet_weight * triplet_loss(sim, config.triplet_margin)
     if config.infonce_weight:
-        terms["infonce"] = config.infonce_weight * info_nce(sim, config.temperature)
+        terms["infonce"] = config.infonce_weight * info_nce(
+            sim, config.temperature if temperature is None else temperature
+        )
     if config.mscma_weight or config.csmmc_weight:
         if not mscmat:
             raise ValueError("loss config weights MSCMA/CSMMC but the model computes no MSCMAT (model.mscmat=false)")

@@ -15,6 +15,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from rsitr import checkpoint as ckpt
+from rsitr import features
 from rsitr.config import Config, TrainConfig, load_config
 from rsitr.data.pipeline import eval_datasets, train_dataset
 from rsitr.evaluate import evaluate_model
@@ -45,11 +47,13 @@ def make_optimizer(model: MSA, train: TrainConfig) -> torch.optim.Optimizer:
     towers: list[torch.nn.Parameter] = []
     heads: list[torch.nn.Parameter] = []
     for name, param in model.named_parameters():
-        if param.requires_grad:
+        if param.requires_grad and name != "log_temperature":
             (towers if name.startswith(("backbone.", "text.")) else heads).append(param)
-    groups = [{"params": heads, "lr": train.lr}]
+    groups: list[dict[str, Any]] = [{"params": heads, "lr": train.lr}]
     if towers:
         groups.append({"params": towers, "lr": train.backbone_lr})
+    if model.log_temperature is not None:  # decay would pull the temperature towards 1
+        groups.append({"params": [model.log_temperature], "lr": train.lr, "weight_decay": 0.0})
     return torch.optim.AdamW(groups, weight_decay=train.weight_decay)
 
 
@@ -150,6 +154,74 @@ def _agree(flag: bool) -> bool:
     return bool(value.item())
 
 
+def _forward(ddp: Any, batch: dict[str, torch.Tensor]) -> Any:
+    """The model on a batch of pixels and tokens, or of frozen-prefix cache rows (:mod:`rsitr.features`)."""
+    if "frozen_scales" in batch:
+        return ddp(
+            batch["feature_map"],
+            None,
+            batch["attention_mask"],
+            frozen_scales=batch["frozen_scales"],
+            text_states=batch["text_states"],
+        )
+    return ddp(batch["image"], batch["input_ids"], batch["attention_mask"])
+
+
+class TrainStep:
+    """One optimizer step: forward, the loss over the (gathered) batch, backward, update (AMP on GPU only)."""
+
+    def __init__(
+        self, model: MSA, optimizer: torch.optim.Optimizer, scheduler: Any, config: Config, device: torch.device
+    ) -> None:
+        self.ddp = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False})
+        self.optimizer, self.scheduler, self.config, self.device = optimizer, scheduler, config, device
+        self.amp = device.type == "cuda"
+        self.scaler = torch.amp.GradScaler(enabled=self.amp)
+        self.gather = gather_batch if config.train.gather_negatives else _local
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        with torch.autocast(self.device.type, enabled=self.amp):
+            out = _forward(self.ddp, batch)
+            sim = self.gather(out.image) @ self.gather(out.text).t()
+            labels = self.gather(batch["label"]) if self.config.loss.intra_class_weight else None
+            mscmat = [m.float() for m in out.mscmat]
+            terms = total_loss(sim.float(), self.config.loss, mscmat, labels, out.temperature)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(terms["loss"]).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return terms
+
+
+def run_epoch(
+    step: TrainStep, batches: Iterable[dict[str, torch.Tensor]], board: StepLog, epoch: int, world: int
+) -> dict[str, float]:
+    """Train on every batch; the mean loss, samples/s over all workers and the fraction of time spent waiting for
+    data."""
+    step.ddp.train()
+    losses, samples, wait, started = [], 0, 0.0, time.perf_counter()
+    iterator = iter(batches)
+    while True:
+        t0 = time.perf_counter()
+        batch = next(iterator, None)
+        waited = time.perf_counter() - t0
+        wait += waited
+        if batch is None:
+            break
+        terms = step(batch)
+        losses.append(float(terms["loss"].detach()))
+        size = batch["attention_mask"].shape[0]
+        samples += size
+        board.step(epoch, terms, size, waited, time.perf_counter() - t0)
+    elapsed = time.perf_counter() - started
+    return {
+        "train_loss": sum(losses) / max(1, len(losses)),
+        "samples_per_s": samples * world / max(elapsed, 1e-9),
+        "data_wait_fraction": wait / max(elapsed, 1e-9),
+    }
+
+
 def train_loop(loop_config: dict[str, Any]) -> None:
     """The per-worker training loop (runs inside Ray Train)."""
     config = Config.from_dict(loop_config["config"])
@@ -174,44 +246,13 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         start_epoch, history = int(state["epoch"]) + 1, list(state.get("history", []))
         if rank == 0:
             log.info("resuming at epoch %d", start_epoch)
-    ddp = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False})
-    amp = device.type == "cuda"
-    scaler = torch.amp.GradScaler(enabled=amp)
+    step = TrainStep(model, optimizer, scheduler, config, device)
     per_worker = max(2, train_cfg.batch_size // world)
-    gather = gather_batch if train_cfg.gather_negatives else _local
     shard = ray.train.get_dataset_shard("train")
     board = StepLog(loop_config.get("log_dir"), rank, train_cfg.log_every_steps, world)
     for epoch in range(start_epoch, train_cfg.epochs):
-        ddp.train()
-        losses, samples, wait, epoch_start = [], 0, 0.0, time.perf_counter()
-        batches = iter(shard.iter_torch_batches(batch_size=per_worker, drop_last=True, device=device))
-        while True:
-            t0 = time.perf_counter()
-            batch = next(batches, None)
-            waited = time.perf_counter() - t0
-            wait += waited
-            if batch is None:
-                break
-            with torch.autocast(device.type, enabled=amp):
-                out = ddp(batch["image"], batch["input_ids"], batch["attention_mask"])
-                sim = gather(out.image) @ gather(out.text).t()
-                labels = gather(batch["label"]) if config.loss.intra_class_weight else None
-                terms = total_loss(sim.float(), config.loss, [m.float() for m in out.mscmat], labels)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(terms["loss"]).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            losses.append(float(terms["loss"].detach()))
-            samples += batch["image"].shape[0]
-            board.step(epoch, terms, batch["image"].shape[0], waited, time.perf_counter() - t0)
-        elapsed = time.perf_counter() - epoch_start
-        metrics: dict[str, float] = {
-            "epoch": epoch,
-            "train_loss": sum(losses) / max(1, len(losses)),
-            "samples_per_s": samples * world / max(elapsed, 1e-9),
-            "data_wait_fraction": wait / max(elapsed, 1e-9),
-        }
+        batches = shard.iter_torch_batches(batch_size=per_worker, drop_last=True, device=device)
+        metrics: dict[str, float] = {"epoch": epoch, **run_epoch(step, batches, board, epoch, world)}
         out_of_time = bool(train_cfg.max_minutes) and time.monotonic() - started > 60 * train_cfg.max_minutes
         if rank == 0:
             val_images, val_captions = (
@@ -251,6 +292,20 @@ class FitResult:
     history: list[dict[str, float]]
 
 
+def training_datasets(config: Config, data: str, storage_path: str) -> dict[str, ray.data.Dataset]:
+    """``train`` (shuffled, decoded, tokenised) and the val streams, from shards or from the frozen-prefix cache
+    (built first when ``train.cache_frozen`` and missing)."""
+    m, t = config.model, config.train
+    if t.cache_frozen:
+        cache = features.build_cache(config, data, storage_path)
+        train_rows = features.train_dataset(cache, m.max_tokens, t.shuffle)
+        val_images, val_captions = features.eval_datasets(cache, "val", m.max_tokens)
+    else:
+        train_rows = train_dataset(data, t.image_size, m.text_model, m.max_tokens, t.augment, t.shuffle)
+        val_images, val_captions = eval_datasets(data, "val", t.image_size, m.text_model, m.max_tokens)
+    return {"train": train_rows, "val_images": val_images, "val_captions": val_captions}
+
+
 def unique_run_name(config: Config) -> str:
     """``<preset>-<UTC time>-<random>``: new runs never collide with (and so never resume) old ones."""
     return f"{config.name}-{datetime.now(UTC):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
@@ -279,8 +334,7 @@ def fit(
     name = name or unique_run_name(config)
     init_ray()
     ray_path, ray_filesystem = storage.arrow_filesystem(storage_path)
-    m, t = config.model, config.train
-    val_images, val_captions = eval_datasets(data, "val", t.image_size, m.text_model, m.max_tokens)
+    t = config.train
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={
@@ -295,11 +349,7 @@ def fit(
             resources_per_worker={"CPU": t.cpus_per_worker},
             placement_strategy=t.placement_strategy,
         ),
-        datasets={
-            "train": train_dataset(data, t.image_size, m.text_model, m.max_tokens, t.augment, t.shuffle),
-            "val_images": val_images,
-            "val_captions": val_captions,
-        },
+        datasets=training_datasets(config, data, storage_path),
         dataset_config=DataConfig(datasets_to_split=["train"]),
         run_config=RunConfig(
             name=name,

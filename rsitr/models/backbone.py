@@ -111,6 +111,8 @@ class MultiScaleBackbone(nn.Module):
                 raise WeightsError(f"{name}: pretrained weights miss {missing[:5]}")
         self.channels: list[int] = list(body.feature_info.channels())
         self.stage_modules: list[str] = [info["module"] for info in body.feature_info.get_dicts()]
+        self.frozen_stages = min(frozen_stages, len(self.channels))
+        self._chain = self._module_chain()
         self.mean: torch.Tensor
         self.std: torch.Tensor
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255, persistent=False)
@@ -143,6 +145,62 @@ class MultiScaleBackbone(nn.Module):
                         block.requires_grad_(True)
                 break
 
+    def _module_chain(self) -> list[str]:
+        """The body's modules in execution order (a stage's sequential of blocks unrolled), for split forwards."""
+        names: list[str] = []
+        for name, child in self.body.named_children():
+            if isinstance(child, nn.Sequential) and any(m.startswith(f"{name}.") for m in self.stage_modules):
+                names.extend(f"{name}.{index}" for index in range(len(child)))
+            else:
+                names.append(name)
+        missing = [m for m in self.stage_modules if m not in names]
+        if missing:
+            raise ValueError(f"backbone stages {missing} are not in the module chain {names}")
+        return names
+
+    def _pool(self, features: list[torch.Tensor], first_stage: int) -> list[torch.Tensor]:
+        """MSA's pooling: max over space for every stage but the last, average for the last."""
+        last = len(self.channels) - 1
+        pooled = []
+        for offset, feature in enumerate(features):
+            stage = first_stage + offset
+            if str(stage + 1) in self.gswin:
+                feature = self.gswin[str(stage + 1)](feature)
+            pooled.append(feature.mean(dim=(2, 3)) if stage == last else feature.amax(dim=(2, 3)))
+        return pooled
+
+    def _run(self, x: torch.Tensor, names: list[str]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        stages = set(self.stage_modules)
+        features = []
+        for name in names:
+            x = self.body.get_submodule(name)(x)
+            if name in stages:
+                features.append(x)
+        return x, features
+
+    def frozen_prefix(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the frozen stages compute, which never changes while training: their pooled scales, concatenated
+        (N, Σ C_s), and the feature map the first trainable module reads.
+
+        Raises:
+            ValueError: no stage is frozen, or a Gswin block refines a frozen stage (it would need its map).
+        """
+        if not self.frozen_stages or any(int(p) <= self.frozen_stages for p in self.gswin):
+            raise ValueError("a frozen prefix needs frozen stages and no Gswin block on them")
+        cut = self._chain.index(self.stage_modules[self.frozen_stages - 1]) + 1
+        x, features = self._run(self._normalize(images), self._chain[:cut])
+        return torch.cat(self._pool(features, 0), dim=1), x
+
+    def from_prefix(self, frozen_scales: torch.Tensor, feature_map: torch.Tensor) -> list[torch.Tensor]:
+        """The pooled scales s₁…s_S from :meth:`frozen_prefix`'s outputs (same values as :meth:`forward`)."""
+        cut = self._chain.index(self.stage_modules[self.frozen_stages - 1]) + 1
+        _, features = self._run(feature_map, self._chain[cut:])
+        frozen = list(frozen_scales.split(self.channels[: self.frozen_stages], dim=1))
+        return frozen + self._pool(features, self.frozen_stages)
+
+    def _normalize(self, images: torch.Tensor) -> torch.Tensor:
+        return (images.permute(0, 3, 1, 2).float() - self.mean) / self.std
+
     def train(self, mode: bool = True) -> MultiScaleBackbone:
         """Frozen parts stay in eval mode so their BatchNorm statistics never move."""
         super().train(mode)
@@ -155,10 +213,4 @@ class MultiScaleBackbone(nn.Module):
         return self
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        x = images.permute(0, 3, 1, 2).float()
-        x = (x - self.mean) / self.std
-        feats = self.body(x)
-        feats = [self.gswin[str(i + 1)](f) if str(i + 1) in self.gswin else f for i, f in enumerate(feats)]
-        pooled = [f.amax(dim=(2, 3)) for f in feats[:-1]]
-        pooled.append(feats[-1].mean(dim=(2, 3)))
-        return pooled
+        return self._pool(self.body(self._normalize(images)), 0)

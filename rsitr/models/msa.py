@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +29,21 @@ class GatedFusion(nn.Module):
         return self.w3(u * torch.sigmoid(self.w2(u)))
 
 
+def projection(in_dim: int, out_dim: int, kind: str, hidden: int, dropout: float, standardize: bool) -> nn.Module:
+    """A head from a feature to the joint space: ``linear``, or ``mlp`` (Linear → LayerNorm → GELU → Dropout →
+    Linear); ``standardize`` puts a non-affine BatchNorm in front (feature-wise standardisation with running
+    training statistics)."""
+    layers: list[nn.Module] = [nn.BatchNorm1d(in_dim, affine=False)] if standardize else []
+    if kind == "linear":
+        layers.append(nn.Linear(in_dim, out_dim))
+    elif kind == "mlp":
+        layers += [nn.Linear(in_dim, hidden), nn.LayerNorm(hidden), nn.GELU(), nn.Dropout(dropout)]
+        layers.append(nn.Linear(hidden, out_dim))
+    else:
+        raise ValueError(f"model.head {kind!r}: expected 'linear' or 'mlp'")
+    return nn.Sequential(*layers) if len(layers) > 1 else layers[0]
+
+
 @dataclass
 class MSAOutput:
     """What a training step needs from one forward pass."""
@@ -36,6 +52,7 @@ class MSAOutput:
     text: torch.Tensor  # (B, D) unit-norm e_t
     scales: list[torch.Tensor]  # pooled s_1..s_4, each (B, C_s)
     mscmat: list[torch.Tensor]  # M_s, each (B images, B captions); empty when MSCMAT is off
+    temperature: torch.Tensor | None = None  # the learned InfoNCE temperature (model.learn_temperature)
 
 
 class MSA(nn.Module):
@@ -60,7 +77,12 @@ class MSA(nn.Module):
             gswin_stages=tuple(config.gswin_stages),
             gswin_window=config.gswin_window,
         )
-        self.scale_proj = nn.ModuleList(nn.Linear(c, config.embed_dim) for c in self.backbone.channels)
+        def head(width: int) -> nn.Module:
+            return projection(
+                width, config.embed_dim, config.head, config.head_hidden, config.head_dropout, config.standardize
+            )
+
+        self.scale_proj = nn.ModuleList(head(c) for c in self.backbone.channels)
         self.fusion = GatedFusion(config.embed_dim, config.gate_hidden)
         self.text = TextEncoder(
             config.text_model,
@@ -68,7 +90,10 @@ class MSA(nn.Module):
             config.freeze_text_layers,
             pretrained=config.text_pretrained if pretrained is None else pretrained,
         )
-        self.text_proj = nn.Linear(self.text.width, config.embed_dim)
+        self.text_proj = head(self.text.width)
+        self.log_temperature: nn.Parameter | None = None
+        if config.learn_temperature:
+            self.log_temperature = nn.Parameter(torch.tensor(math.log(config.initial_temperature)))
         self.mscmat: MSCMAT | None = None
         if config.mscmat:
             self.mscmat = MSCMAT(
@@ -79,10 +104,22 @@ class MSA(nn.Module):
                 mask_padding=config.mscmat_mask_padding,
             )
 
+    def _fuse(self, scales: list[torch.Tensor]) -> torch.Tensor:
+        summed = torch.stack([proj(s) for proj, s in zip(self.scale_proj, scales, strict=True)]).sum(0)
+        return F.normalize(self.fusion(summed), dim=-1)
+
     def _image(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         scales = self.backbone(images)
-        summed = torch.stack([proj(s) for proj, s in zip(self.scale_proj, scales, strict=True)]).sum(0)
-        return F.normalize(self.fusion(summed), dim=-1), scales
+        return self._fuse(scales), scales
+
+    def encode_image_from_prefix(self, feature_map: torch.Tensor, frozen_scales: torch.Tensor) -> torch.Tensor:
+        """:meth:`encode_image` from the frozen stages' cached outputs (see ``rsitr.features``)."""
+        return self._fuse(self.backbone.from_prefix(frozen_scales, feature_map))
+
+    def encode_text_from_prefix(self, states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """:meth:`encode_text` from the frozen layers' cached token states."""
+        pooled, _ = self.text.from_prefix(states, attention_mask)
+        return F.normalize(self.text_proj(pooled), dim=-1)
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """Unit-norm image embeddings from (N, H, W, 3) pixels in 0–255."""
@@ -93,16 +130,38 @@ class MSA(nn.Module):
         pooled, _ = self.text(input_ids, attention_mask)
         return F.normalize(self.text_proj(pooled), dim=-1)
 
-    def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> MSAOutput:
-        """Both embeddings and, with MSCMAT on, the pair scores M_s of this batch (inside forward, for DDP)."""
-        image, scales = self._image(images)
-        pooled, tokens = self.text(input_ids, attention_mask)
+    def forward(
+        self,
+        images: torch.Tensor,
+        input_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor,
+        frozen_scales: torch.Tensor | None = None,
+        text_states: torch.Tensor | None = None,
+    ) -> MSAOutput:
+        """Both embeddings and, with MSCMAT on, the pair scores M_s of this batch (inside forward, for DDP).
+
+        From a frozen-prefix cache, ``images`` is the feature map the trainable stages read and ``frozen_scales``
+        the frozen stages' pooled scales; ``text_states`` replaces ``input_ids`` with the frozen layers' states.
+        """
+        if frozen_scales is None:
+            image, scales = self._image(images)
+        else:
+            scales = self.backbone.from_prefix(frozen_scales, images)
+            image = self._fuse(scales)
+        if text_states is not None:
+            pooled, tokens = self.text.from_prefix(text_states, attention_mask)
+        elif input_ids is not None:
+            pooled, tokens = self.text(input_ids, attention_mask)
+        else:
+            raise ValueError("forward needs input_ids or text_states")
         text = F.normalize(self.text_proj(pooled), dim=-1)
         scores: list[torch.Tensor] = []
         if self.mscmat is not None:
             score = self.mscmat.pairwise_reference if self.use_pairwise_reference else self.mscmat
             scores = score(scales, tokens, attention_mask, pooled)
-        return MSAOutput(image, text, scales, scores)
+        # the floor CLIP uses: logits never sharper than ×100
+        temperature = None if self.log_temperature is None else self.log_temperature.exp().clamp_min(0.01)
+        return MSAOutput(image, text, scales, scores, temperature)
 
 
 def build_model(config: ModelConfig, pretrained: bool | None = None) -> MSA:

@@ -81,14 +81,53 @@ class TextEncoder(nn.Module):
         if pooler is not None:
             # BERT's pooler head is never used (we pool ourselves); trainable unused weights break DDP.
             pooler.requires_grad_(False)
+        self.frozen_layers = frozen_layers
         if frozen_layers:
             self.encoder.embeddings.requires_grad_(False)
             for layer in self.encoder.encoder.layer[:frozen_layers]:
                 layer.requires_grad_(False)
 
+    def _layers(self) -> nn.ModuleList:
+        layers = getattr(getattr(self.encoder, "encoder", None), "layer", None)
+        if not isinstance(layers, nn.ModuleList):
+            raise ValueError(f"{type(self.encoder).__name__}: no encoder.layer list to split at")
+        return layers
+
+    def _additive_mask(self, attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return (1.0 - attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+
+    def frozen_prefix(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Token states after the embeddings and the frozen layers (they never change while training).
+
+        Raises:
+            ValueError: no layer is frozen, or the encoder is not a BERT-style layer stack.
+        """
+        if not self.frozen_layers:
+            raise ValueError("a frozen text prefix needs model.freeze_text_layers >= 1")
+        states = self.encoder.embeddings(input_ids=input_ids)
+        mask = self._additive_mask(attention_mask, states.dtype)
+        for layer in self._layers()[: self.frozen_layers]:
+            states = _first(layer(states, attention_mask=mask))
+        return states
+
+    def from_prefix(self, states: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`forward`'s outputs from :meth:`frozen_prefix`'s states."""
+        mask = self._additive_mask(attention_mask, states.dtype)
+        for layer in self._layers()[self.frozen_layers :]:
+            states = _first(layer(states, attention_mask=mask))
+        return self._pool(states, attention_mask), states
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         states = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self._pool(states, attention_mask), states
+
+    def _pool(self, states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         if self.pooling == "cls":
-            return states[:, 0], states
+            return states[:, 0]
         weights = attention_mask.unsqueeze(-1).to(states.dtype)
-        return (states * weights).sum(1) / weights.sum(1).clamp_min(1.0), states
+        return (states * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+
+
+def _first(output: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """A layer's hidden states (older transformers return a tuple, newer the tensor)."""
+    return output[0] if isinstance(output, tuple) else output

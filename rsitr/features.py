@@ -1,0 +1,257 @@
+"""Frozen-prefix cache: what the frozen image stages and text layers compute, once per dataset and model.
+
+While only the upper stages train, the lower ones give the same outputs every epoch (frozen BatchNorm stays in
+eval mode, and the cache is built without augmentation), so computing them once in Ray Data and training from the
+cache makes an epoch cost only the trainable part. Rows are per image: the frozen stages' pooled scales, the
+feature map the first trainable stage reads, and each caption's token states after the frozen text layers, all
+float16. Checkpoints still hold the whole model, so what is trained this way embeds raw pixels and text as usual.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+import ray.data
+import torch
+
+from rsitr.config import Config, ConfigError
+from rsitr.data.pipeline import DATA_TASK_CPUS, SHUFFLES, decode_image, label_id, read_shards
+from rsitr.io import shards, storage
+from rsitr.models.text import load_tokenizer
+
+log = logging.getLogger("rsitr.features")
+CACHE_FORMAT = 1
+CACHE_META = "cache.json"
+# what the cached values depend on, besides the data
+PREFIX_FIELDS = (
+    "image_backbone",
+    "image_pretrained",
+    "image_weights",
+    "image_stages",
+    "freeze_image_stages",
+    "text_model",
+    "text_pretrained",
+    "freeze_text_layers",
+    "max_tokens",
+)
+
+
+def check_cacheable(config: Config) -> None:
+    """Reject settings under which a frozen-prefix cache would train something else than the config says.
+
+    Raises:
+        ConfigError: augmentation on, nothing frozen, or a Gswin block on a frozen stage.
+    """
+    m = config.model
+    if config.train.augment:
+        raise ConfigError("train.cache_frozen: the cache holds un-augmented features; set train.augment=false")
+    if m.freeze_image_stages < 1 or m.freeze_text_layers < 1:
+        raise ConfigError("train.cache_frozen needs model.freeze_image_stages >= 1 and model.freeze_text_layers >= 1")
+    if any(p <= m.freeze_image_stages for p in m.gswin_stages):
+        raise ConfigError("train.cache_frozen: a Gswin block on a frozen stage needs its feature map every epoch")
+
+
+def cache_key(config: Config, manifest: dict[str, Any]) -> str:
+    """A digest of the data's manifest and every setting the cached values depend on."""
+    model = config.to_dict()["model"]
+    material = {
+        "format": CACHE_FORMAT,
+        "model": {k: model[k] for k in PREFIX_FIELDS},
+        "image_size": config.train.image_size,
+        "manifest": manifest,
+    }
+    return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class FrozenPrefix:
+    """Ray Data actor: shard rows → cache rows (one model load per actor)."""
+
+    def __init__(self, model_config: dict[str, Any], image_size: int, threads: int) -> None:
+        from rsitr.models.msa import build_model
+
+        torch.set_num_threads(max(1, threads))
+        config = Config.from_dict({"model": model_config}).model
+        self.model = build_model(config).eval()
+        self.tokenizer = load_tokenizer(config.text_model)
+        self.max_tokens = config.max_tokens
+        self.image_size = image_size
+
+    @torch.no_grad()
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        images = np.stack([decode_image(d, self.image_size) for d in batch["image"].to_pylist()])
+        scales, feature_map = self.model.backbone.frozen_prefix(torch.as_tensor(images))
+        flat = pc.list_flatten(batch["captions"]).to_pylist()
+        owners = pc.list_parent_indices(batch["captions"]).to_numpy()
+        tokens = self.tokenizer(flat, padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt")
+        states = self.model.text.frozen_prefix(tokens["input_ids"], tokens["attention_mask"]).half().numpy()
+        lengths = tokens["attention_mask"].sum(1).tolist()
+        captions: list[list[bytes]] = [[] for _ in range(batch.num_rows)]
+        for owner, state, length in zip(owners, states, lengths, strict=True):
+            captions[owner].append(state[:length].tobytes())
+        maps = feature_map.half().numpy()
+        return pa.table(
+            {
+                "image_id": batch["image_id"],
+                "split": batch["split"],
+                "label": batch["label"],
+                "frozen_scales": pa.array([s.tobytes() for s in scales.half().numpy()], pa.binary()),
+                "feature_map": pa.array([m.tobytes() for m in maps], pa.binary()),
+                "map_shape": pa.array([list(maps.shape[1:])] * batch.num_rows, pa.list_(pa.int32())),
+                "captions": pa.array(captions, pa.list_(pa.binary())),
+                "text_width": pa.array([states.shape[-1]] * batch.num_rows, pa.int32()),
+            }
+        )
+
+
+def build_cache(config: Config, data: str, storage_path: str) -> str:
+    """The frozen-prefix cache of ``data`` under ``<storage_path>/_cache``, computed unless already complete.
+
+    A cache is complete once its ``cache.json`` exists (written last); a half-written one is deleted and rebuilt.
+
+    Raises:
+        ConfigError: the config cannot train from a cache (:func:`check_cacheable`).
+        shards.ShardsNotFoundError: ``data`` holds no ingested dataset.
+    """
+    check_cacheable(config)
+    manifest = shards.read_manifest(data)
+    root = storage.join(storage_path, "_cache", f"frozen-{cache_key(config, manifest)}")
+    if storage.exists(storage.join(root, CACHE_META)):
+        log.info("frozen-prefix cache %s is complete; reusing it", root)
+        return root
+    storage.remove_tree(root)
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    if len(ray.nodes()) == 1:  # a local Ray declares more logical CPUs than there are cores (see raysession)
+        cpus = min(cpus, os.cpu_count() or 1)
+    # one model copy per two CPUs; each keeps a fraction of a CPU free for the reads that feed it
+    actors = max(1, cpus // 2)
+    log.info("building the frozen-prefix cache %s with %d actor(s)", root, actors)
+    rows = read_shards(data, ["image_id", "split", "label", "image", "captions"]).map_batches(
+        FrozenPrefix,
+        fn_constructor_kwargs={
+            "model_config": config.to_dict()["model"],
+            "image_size": config.train.image_size,
+            "threads": max(1, cpus // actors),
+        },
+        batch_format="pyarrow",
+        batch_size=64,
+        concurrency=actors,
+        num_cpus=max(DATA_TASK_CPUS, min(1.0, cpus / actors - DATA_TASK_CPUS)),
+    )
+    path, filesystem = storage.arrow_filesystem(storage.join(root, "rows"))
+    rows.write_parquet(path, filesystem=filesystem)
+    storage.write_json_atomic(
+        storage.join(root, CACHE_META),
+        {"format": CACHE_FORMAT, "data": data, "rows": int(manifest["rows"]), "model": config.to_dict()["model"]},
+    )
+    return root
+
+
+def _read(root: str, split: str) -> ray.data.Dataset:
+    path, filesystem = storage.arrow_filesystem(storage.join(root, "rows"))
+    ds = ray.data.read_parquet(path, filesystem=filesystem, num_cpus=DATA_TASK_CPUS)
+    return ds.filter(expr=f"split == '{split}'")
+
+
+def _maps(batch: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    shape = tuple(batch["map_shape"][0].as_py())
+    maps = np.stack([np.frombuffer(b, np.float16).reshape(shape) for b in batch["feature_map"].to_pylist()])
+    scales = np.stack([np.frombuffer(b, np.float16) for b in batch["frozen_scales"].to_pylist()])
+    return maps.astype(np.float32), scales.astype(np.float32)
+
+
+def _pad_states(states: list[bytes], width: int, max_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    padded = np.zeros((len(states), max_tokens, width), np.float32)
+    mask = np.zeros((len(states), max_tokens), np.int64)
+    for i, data in enumerate(states):
+        values = np.frombuffer(data, np.float16).reshape(-1, width)
+        padded[i, : len(values)] = values
+        mask[i, : len(values)] = 1
+    return padded, mask
+
+
+class CachedTrainBatches:
+    """Cache rows → ``feature_map``, ``frozen_scales``, ``text_states``, ``attention_mask``, ``label``: one random
+    caption per image."""
+
+    def __init__(self, max_tokens: int, seed: int = 0) -> None:
+        self.max_tokens = max_tokens
+        self.rng = np.random.default_rng(seed)
+
+    def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
+        maps, scales = _maps(batch)
+        chosen = [c[int(self.rng.integers(len(c)))] for c in batch["captions"].to_pylist()]
+        states, mask = _pad_states(chosen, int(batch["text_width"][0].as_py()), self.max_tokens)
+        labels = np.asarray([label_id(x) for x in batch["label"].to_pylist()], dtype=np.int64)
+        return {
+            "feature_map": maps,
+            "frozen_scales": scales,
+            "text_states": states,
+            "attention_mask": mask,
+            "label": labels,
+        }
+
+
+def train_dataset(root: str, max_tokens: int, shuffle: str = "full") -> ray.data.Dataset:
+    """The training split of a cache, shuffled each epoch like :func:`rsitr.data.pipeline.train_dataset`.
+
+    Raises:
+        ValueError: an unknown ``shuffle``.
+    """
+    if shuffle not in SHUFFLES:
+        raise ValueError(f"train.shuffle {shuffle!r}: expected one of {', '.join(SHUFFLES)}")
+    ds = _read(root, "train")
+    if shuffle == "full":
+        ds = ds.random_shuffle()
+    elif shuffle == "blocks":
+        ds = ds.randomize_block_order()
+    return ds.map_batches(
+        CachedTrainBatches,
+        fn_constructor_kwargs={"max_tokens": max_tokens},
+        batch_format="pyarrow",
+        batch_size=64,
+        concurrency=1,
+        num_cpus=DATA_TASK_CPUS,
+    )
+
+
+def _eval_images(batch: pa.Table) -> dict[str, Any]:
+    maps, scales = _maps(batch)
+    return {
+        "image_id": np.asarray(batch["image_id"].to_pylist(), dtype=object),
+        "feature_map": maps,
+        "frozen_scales": scales,
+    }
+
+
+def _eval_captions(batch: pa.Table, max_tokens: int) -> dict[str, Any]:
+    flat = pc.list_flatten(batch["captions"]).to_pylist()
+    owners = pc.list_parent_indices(batch["captions"]).to_numpy()
+    states, mask = _pad_states(flat, int(batch["text_width"][0].as_py()), max_tokens)
+    image_ids = np.asarray(batch["image_id"].to_pylist(), dtype=object)[owners]
+    return {"image_id": image_ids, "text_states": states, "attention_mask": mask}
+
+
+def eval_datasets(root: str, split: str, max_tokens: int) -> tuple[ray.data.Dataset, ray.data.Dataset]:
+    """Every image of a split once and every caption with its image id, from the cache."""
+    images = _read(root, split).map_batches(
+        _eval_images,
+        batch_format="pyarrow",
+        batch_size=64,
+        num_cpus=DATA_TASK_CPUS,  # type: ignore[arg-type]
+    )
+    captions = _read(root, split).map_batches(
+        _eval_captions,  # type: ignore[arg-type]
+        fn_kwargs={"max_tokens": max_tokens},
+        batch_format="pyarrow",
+        batch_size=64,
+        num_cpus=DATA_TASK_CPUS,
+    )
+    return images, captions

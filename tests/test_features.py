@@ -1,0 +1,64 @@
+"""The frozen-prefix cache: split forwards equal the whole model, and a run trains from a real cache."""
+
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from rsitr.config import ConfigError, load_config
+from rsitr.data.pipeline import tokenize
+from rsitr.features import CACHE_META, build_cache, check_cacheable
+from rsitr.io import shards
+from rsitr.models.msa import build_model
+from rsitr.train import evaluate_checkpoint, fit
+
+
+@pytest.mark.parametrize("backbone", ["efficientnet_lite0", "resnet18"])
+def test_split_forward_equals_the_whole_model(backbone: str) -> None:
+    overrides = [f"model.image_backbone={backbone}", "model.freeze_image_stages=2", "model.image_pretrained=false"]
+    config = load_config("msa-lite0-minilm", overrides)
+    torch.manual_seed(0)
+    model = build_model(config.model).eval()
+    images = torch.randint(0, 256, (3, 96, 96, 3), dtype=torch.uint8)
+    tokens = tokenize(
+        ["two planes beside a terminal", "a river", "many green trees near a road"], "all-MiniLM-L6-v2", 16
+    )
+    ids, mask = torch.as_tensor(tokens["input_ids"]), torch.as_tensor(tokens["attention_mask"])
+    with torch.no_grad():
+        whole = model(images, ids, mask)
+        scales, feature_map = model.backbone.frozen_prefix(images)
+        states = model.text.frozen_prefix(ids, mask)
+        split = model(feature_map, None, mask, frozen_scales=scales, text_states=states)
+    assert scales.shape[1] == sum(model.backbone.channels[:2])
+    torch.testing.assert_close(split.image, whole.image)
+    torch.testing.assert_close(split.text, whole.text)
+    for a, b in zip(split.mscmat, whole.mscmat, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_settings_a_cache_cannot_honour_are_refused() -> None:
+    for override in ("train.augment=true", "model.freeze_text_layers=0", "model.gswin_stages=2"):
+        with pytest.raises(ConfigError):
+            check_cacheable(load_config("msa-lite0-minilm", ["train.cache_frozen=true", override]))
+
+
+def test_a_run_trains_from_the_cache_and_its_checkpoint_embeds_raw_pixels_alike(
+    ray_local: None, demo_shards: Path, tmp_path: Path
+) -> None:
+    overrides = ["train.cache_frozen=true", "train.epochs=1", "model.head=mlp", "model.standardize=true",
+                 "model.learn_temperature=true", "model.mscmat=true", "loss.mscma_weight=1"]  # fmt: skip
+    config = load_config("demo", overrides)
+    result = fit(config, str(demo_shards), str(tmp_path / "runs"), name="cached", evaluate_test=False)
+    (cache,) = (tmp_path / "runs" / "_cache").iterdir()
+    assert (cache / CACHE_META).is_file()
+    rows = sum(pq.read_metadata(f).num_rows for f in (cache / "rows").rglob("*.parquet"))
+    assert rows == shards.read_manifest(str(demo_shards))["rows"]
+    # The same checkpoint on raw pixels and tokens (no cache): the val metrics agree up to float16 rounding.
+    from_pixels = evaluate_checkpoint(result.best_checkpoint, str(demo_shards), "val")
+    assert from_pixels["mR"] == pytest.approx(result.val["mR"], abs=1.5)
+    assert result.val["mR"] > 10  # chance on 57 val images is ~ 3
+    # A second run of the same model on the same data reuses the finished cache.
+    stamp = (cache / CACHE_META).stat().st_mtime_ns
+    assert build_cache(config, str(demo_shards), str(tmp_path / "runs")) == str(cache)
+    assert (cache / CACHE_META).stat().st_mtime_ns == stamp

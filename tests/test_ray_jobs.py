@@ -1,0 +1,125 @@
+"""The training entry point as a Ray job on a real local head: `ray job submit`, and a flow run cancelled through
+Prefect stops its job."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from ray.job_submission import JobStatus, JobSubmissionClient
+
+from pipelines.raycluster import _ray_executable, local_ray_head, stop_process_group
+from rsitr.checkpoint import RESULT
+
+PROJECT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A Ray head with its job server on 127.0.0.1 (its dashboard URL)."""
+    with local_ray_head(num_cpus=4, log=tmp_path_factory.mktemp("ray-head") / "head.log") as url:
+        yield url
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RSITR_RAY_CLUSTER")}
+    return {**env, "RAY_AUTH_MODE": "disabled", **extra}
+
+
+def _wait(what: str, check: Callable[[], Any], timeout: float) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(1.0)
+    raise TimeoutError(f"{what} within {timeout:.0f} s")
+
+
+def test_ray_job_submit_runs_the_training_entry_point(ray_head: str, demo_shards: Path, tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    command = [
+        _ray_executable(), "job", "submit", "--address", ray_head, "--submission-id", "submitted-demo", "--",
+        "python", "-m", "rsitr.train", "--config", "demo", "--data", str(demo_shards), "--storage", str(runs),
+        "--name", "submitted", "--epochs", "1",
+    ]  # fmt: skip
+    run = subprocess.run(command, capture_output=True, text=True, cwd=PROJECT, env=_env(), timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert JobSubmissionClient(ray_head).get_job_status("submitted-demo") == JobStatus.SUCCEEDED
+    result = json.loads((runs / "submitted" / RESULT).read_text())
+    assert len(result["history"]) == 1 and result["test"]["captions"] > 0
+    assert '"best_checkpoint"' in run.stdout  # the job's own output came back through `ray job submit`
+
+
+SERVE = textwrap.dedent(
+    """
+    from pipelines.train import train_msa
+    train_msa.serve(name="cancel-test")
+    """
+)
+
+
+def test_cancelling_the_flow_run_stops_its_ray_job(
+    prefect_harness: None, ray_head: str, demo_shards: Path, tmp_path: Path
+) -> None:
+    from prefect import get_client
+    from prefect.client.schemas.objects import StateType
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL
+    from prefect.states import Cancelling
+
+    env = _env(PREFECT_API_URL=str(PREFECT_API_URL.value()), PREFECT_RUNNER_POLL_FREQUENCY="2", RAY_ADDRESS=ray_head)
+    log = open(tmp_path / "runner.log", "wb")  # noqa: SIM115 - closed below
+    runner = subprocess.Popen(
+        [sys.executable, "-c", SERVE],
+        cwd=PROJECT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    jobs = JobSubmissionClient(ray_head)
+    try:
+        with get_client(sync_client=True) as prefect:
+
+            def deployment() -> Any:
+                try:
+                    return prefect.read_deployment_by_name("train-msa/cancel-test")
+                except Exception:  # not registered yet
+                    return None
+
+            _wait("the served deployment did not register", deployment, 120)
+            parameters = {"data": str(demo_shards), "config": "demo", "storage_path": str(tmp_path / "runs"),
+                          "name": "to-cancel", "epochs": 50}  # fmt: skip
+            flow_run = run_deployment("train-msa/cancel-test", parameters=parameters, timeout=0)
+
+            def running_job() -> Any:
+                return next(
+                    (j for j in jobs.list_jobs() if "to-cancel" in (j.entrypoint or "") and j.status == "RUNNING"), None
+                )
+
+            job = _wait("the flow's Ray job did not start", running_job, 300)
+            prefect.set_flow_run_state(flow_run.id, Cancelling(), force=True)
+            _wait(
+                "the Ray job was not stopped",
+                lambda: jobs.get_job_status(job.submission_id) == JobStatus.STOPPED,
+                120,
+            )
+            state = _wait(
+                "the flow run did not end Cancelled",
+                lambda: (
+                    (s := prefect.read_flow_run(flow_run.id).state) is not None and s.type == StateType.CANCELLED and s
+                ),
+                120,
+            )
+            assert state.is_cancelled()
+    finally:
+        stop_process_group(runner)
+        log.close()
+    assert not (tmp_path / "runs" / "to-cancel" / RESULT).exists()
