@@ -107,9 +107,14 @@ def _index(args: argparse.Namespace) -> None:
 
 
 def _search(args: argparse.Namespace) -> None:
-    from rsitr.search import search
+    from rsitr.search import SearchFilter, parse_bbox, parse_date, search
 
-    hits = search(args.query, args.index, args.k, args.checkpoint)
+    where = SearchFilter(
+        bbox=parse_bbox(args.bbox) if args.bbox else None,
+        after=parse_date(args.after, "--after") if args.after else None,
+        before=parse_date(args.before, "--before") if args.before else None,
+    )
+    hits = search(args.query, args.index, args.k, args.checkpoint, where)
     if args.json:
         print(json.dumps(hits, indent=2))
         return
@@ -198,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--index", required=True)
     p.add_argument("-k", type=int, default=10)
     p.add_argument("--checkpoint", default=None)
+    p.add_argument("--bbox", default=None, help="minx,miny,maxx,maxy in degrees: footprints intersecting it")
+    p.add_argument("--after", default=None, help="acquired at or after this ISO date/time (UTC unless given)")
+    p.add_argument("--before", default=None, help="acquired before this ISO date/time")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_search)
     return parser

@@ -42,6 +42,8 @@ class ModelConfig:
     # CMPAGL's Gswin block over these of the selected stages (1-based positions in image_stages)
     gswin_stages: tuple[int, ...] = ()
     gswin_window: int = 7
+    # one more scale after the last stage: the classifier's 1x1 head convolution, average-pooled (EfficientNets)
+    image_head_features: bool = False
     # heads into the joint space: linear (MSA) or mlp (hidden, LayerNorm, GELU, dropout); standardize puts a
     # feature-wise BatchNorm (no affine) in front of each
     head: str = "linear"

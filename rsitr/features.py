@@ -37,6 +37,7 @@ PREFIX_FIELDS = (
     "image_weights",
     "image_stages",
     "freeze_image_stages",
+    "image_head_features",
     "text_model",
     "text_pretrained",
     "freeze_text_layers",
@@ -245,7 +246,7 @@ def eval_datasets(root: str, split: str, max_tokens: int) -> tuple[ray.data.Data
         _eval_images,
         batch_format="pyarrow",
         batch_size=64,
-        num_cpus=DATA_TASK_CPUS,  # type: ignore[arg-type]
+        num_cpus=DATA_TASK_CPUS,
     )
     captions = _read(root, split).map_batches(
         _eval_captions,  # type: ignore[arg-type]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import shapely
@@ -15,7 +17,80 @@ from rsitr.models.msa import MSA
 
 
 class SearchError(ValueError):
-    """A query that cannot be answered (empty text, mismatched model, …)."""
+    """A query that cannot be answered (empty text, mismatched model, bad filter, …)."""
+
+
+@dataclass(frozen=True)
+class SearchFilter:
+    """Where and when: tiles whose footprint intersects ``bbox`` (lon/lat, EPSG:4326) and that were acquired in
+    [``after``, ``before``). Applied inside the index search, before the top-k is taken."""
+
+    bbox: tuple[float, float, float, float] | None = None
+    after: datetime | None = None
+    before: datetime | None = None
+
+    def __post_init__(self) -> None:
+        if self.bbox is not None:
+            min_lon, min_lat, max_lon, max_lat = self.bbox
+            if not all(math.isfinite(v) for v in self.bbox):
+                raise SearchError(f"bbox {self.bbox}: every bound must be a finite number")
+            if not (
+                -180 <= min_lon <= 180 and -180 <= max_lon <= 180 and -90 <= min_lat <= 90 and -90 <= max_lat <= 90
+            ):
+                raise SearchError(f"bbox {_bbox_text(self.bbox)}: longitudes must lie in ±180 and latitudes in ±90")
+            if min_lon > max_lon or min_lat > max_lat:
+                raise SearchError(f"bbox {_bbox_text(self.bbox)}: expected minx,miny,maxx,maxy with min <= max")
+        if self.after and self.before and self.after >= self.before:
+            raise SearchError(f"--after {self.after.isoformat()} is not before --before {self.before.isoformat()}")
+
+    def where(self) -> str | None:
+        """The filter as a LanceDB (DataFusion SQL) predicate, or None for no filter."""
+        clauses = []
+        if self.bbox is not None:
+            min_lon, min_lat, max_lon, max_lat = self.bbox
+            clauses.append(f"max_lon >= {min_lon!r} AND min_lon <= {max_lon!r}")
+            clauses.append(f"max_lat >= {min_lat!r} AND min_lat <= {max_lat!r}")
+        if self.after is not None:
+            clauses.append(f"acquired_at >= arrow_cast('{_utc(self.after)}', 'Timestamp(Microsecond, Some(\"UTC\"))')")
+        if self.before is not None:
+            clauses.append(f"acquired_at < arrow_cast('{_utc(self.before)}', 'Timestamp(Microsecond, Some(\"UTC\"))')")
+        return " AND ".join(clauses) or None
+
+
+def _bbox_text(bbox: tuple[float, ...]) -> str:
+    return ",".join(f"{v:g}" for v in bbox)
+
+
+def _utc(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")
+
+
+def parse_bbox(text: str) -> tuple[float, float, float, float]:
+    """``minx,miny,maxx,maxy`` in degrees.
+
+    Raises:
+        SearchError: not four numbers.
+    """
+    try:
+        values = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 4:
+        raise SearchError(f"bbox {text!r}: expected four numbers minx,miny,maxx,maxy (degrees)")
+    return values  # type: ignore[return-value]
+
+
+def parse_date(text: str, what: str) -> datetime:
+    """An ISO date or date-time; without a zone it is UTC.
+
+    Raises:
+        SearchError: not an ISO date.
+    """
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise SearchError(f"{what} {text!r}: expected an ISO date such as 2024-05-01 or 2024-05-01T12:00") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 @dataclass
@@ -49,15 +124,21 @@ class Searcher:
         self.config = config
 
     @torch.no_grad()
-    def search(self, query: str, k: int = 10) -> list[Hit]:
-        """Top-``k`` tiles for ``query``."""
+    def search(self, query: str, k: int = 10, where: SearchFilter | None = None) -> list[Hit]:
+        """Top-``k`` tiles for ``query`` among those that pass ``where``."""
         if not query.strip():
             raise SearchError("empty query: type what to look for, e.g. 'a river crossing farmland'")
+        if k < 1:
+            raise SearchError(f"k={k}: ask for at least one result")
         tokens = tokenize([query], self.config.model.text_model, self.config.model.max_tokens)
         vector = self.model.encode_text(
             torch.as_tensor(tokens["input_ids"]), torch.as_tensor(tokens["attention_mask"])
         )[0]
-        rows = self.table.search(vector.numpy(), vector_column_name="vector").distance_type("cosine").limit(k).to_list()
+        request = self.table.search(vector.numpy(), vector_column_name="vector").distance_type("cosine").limit(k)
+        predicate = where.where() if where else None
+        if predicate:
+            request = request.where(predicate, prefilter=True)
+        rows = request.to_list()
         return [_hit(rank, row) for rank, row in enumerate(rows, start=1)]
 
 
@@ -75,6 +156,8 @@ def _hit(rank: int, row: dict[str, Any]) -> Hit:
     )
 
 
-def search(query: str, index: str, k: int = 10, checkpoint: str | None = None) -> list[dict[str, Any]]:
+def search(
+    query: str, index: str, k: int = 10, checkpoint: str | None = None, where: SearchFilter | None = None
+) -> list[dict[str, Any]]:
     """One-shot search; see :class:`Searcher` to answer many queries with one model load."""
-    return [asdict(hit) for hit in Searcher(index, checkpoint).search(query, k)]
+    return [asdict(hit) for hit in Searcher(index, checkpoint).search(query, k, where)]

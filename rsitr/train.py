@@ -292,7 +292,7 @@ class FitResult:
     history: list[dict[str, float]]
 
 
-def training_datasets(config: Config, data: str, storage_path: str) -> dict[str, ray.data.Dataset]:
+def training_datasets(config: Config, data: str, storage_path: str) -> dict[str, Any]:
     """``train`` (shuffled, decoded, tokenised) and the val streams, from shards or from the frozen-prefix cache
     (built first when ``train.cache_frozen`` and missing)."""
     m, t = config.model, config.train

@@ -14,9 +14,14 @@ from rsitr.models.msa import build_model
 from rsitr.train import evaluate_checkpoint, fit
 
 
-@pytest.mark.parametrize("backbone", ["efficientnet_lite0", "resnet18"])
-def test_split_forward_equals_the_whole_model(backbone: str) -> None:
-    overrides = [f"model.image_backbone={backbone}", "model.freeze_image_stages=2", "model.image_pretrained=false"]
+@pytest.mark.parametrize(
+    ("backbone", "frozen", "head"),
+    [("efficientnet_lite0", 2, False), ("resnet18", 2, False), ("efficientnet_lite0", 3, True),
+     ("efficientnet_lite0", 4, True)],
+)  # fmt: skip
+def test_split_forward_equals_the_whole_model(backbone: str, frozen: int, head: bool) -> None:
+    overrides = [f"model.image_backbone={backbone}", f"model.freeze_image_stages={frozen}",
+                 f"model.image_head_features={head}", "model.image_pretrained=false"]  # fmt: skip
     config = load_config("msa-lite0-minilm", overrides)
     torch.manual_seed(0)
     model = build_model(config.model).eval()
@@ -30,7 +35,9 @@ def test_split_forward_equals_the_whole_model(backbone: str) -> None:
         scales, feature_map = model.backbone.frozen_prefix(images)
         states = model.text.frozen_prefix(ids, mask)
         split = model(feature_map, None, mask, frozen_scales=scales, text_states=states)
-    assert scales.shape[1] == sum(model.backbone.channels[:2])
+    everything = frozen == 4
+    assert scales.shape[1] == sum(model.backbone.channels[: None if everything else frozen])
+    assert len(whole.scales) == 4 + head and (feature_map.numel() == 0) == everything
     torch.testing.assert_close(split.image, whole.image)
     torch.testing.assert_close(split.text, whole.text)
     for a, b in zip(split.mscmat, whole.mscmat, strict=True):

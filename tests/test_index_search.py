@@ -1,4 +1,5 @@
 import json
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -6,11 +7,12 @@ import pytest
 import shapely
 
 from rsitr.checkpoint import CheckpointError, save_checkpoint
+from rsitr.cli import main as cli_main
 from rsitr.config import load_config
 from rsitr.embed import embed_archive
 from rsitr.index import IndexNotFoundError, build_index, open_index
 from rsitr.models.msa import build_model
-from rsitr.search import Searcher, SearchError
+from rsitr.search import Searcher, SearchError, SearchFilter
 
 
 @pytest.fixture(scope="module")
@@ -59,3 +61,42 @@ def test_rebuild_keeps_one_consistent_table(built_index: Path, tmp_path: Path) -
     meta = build_index(str(built_index / "embeddings.parquet"), str(tmp_path / "copy"))
     table, _ = open_index(str(tmp_path / "copy"))
     assert table.count_rows() == 432
+
+
+def test_filters_return_only_tiles_inside_the_bbox_and_time_range(built_index: Path) -> None:
+    searcher = Searcher(str(built_index))
+    everything = searcher.search("dense forest", k=432)
+    anchor = shapely.from_wkt(everything[-1].footprint)  # the worst match: a filter must bring it forward
+    minx, miny, maxx, maxy = anchor.bounds
+    box = (minx, miny, (minx + maxx) / 2, (miny + maxy) / 2)
+    hits = searcher.search("dense forest", k=20, where=SearchFilter(bbox=box))
+    region = shapely.box(*box)
+    assert hits and all(shapely.from_wkt(h.footprint).intersects(region) for h in hits)
+    assert everything[-1].image_id in {h.image_id for h in hits}
+    expected = {h.image_id for h in everything if shapely.from_wkt(h.footprint).intersects(region)}
+    assert {h.image_id for h in hits} == expected
+    after, before = datetime(2024, 4, 1, tzinfo=UTC), datetime(2024, 4, 19, 10, 30, tzinfo=UTC)
+    dated = searcher.search("dense forest", k=432, where=SearchFilter(after=after, before=before))
+    acquired = {datetime.fromisoformat(h.acquired_at) for h in dated if h.acquired_at}
+    # scenes are weekly: Apr 5 and Apr 12 fall inside, Apr 19 10:30 is the (exclusive) end
+    assert acquired == {datetime(2024, 4, 5, 10, 30, tzinfo=UTC), datetime(2024, 4, 12, 10, 30, tzinfo=UTC)}
+    assert len(dated) == 2 * 36
+
+
+@pytest.mark.parametrize(
+    ("argument", "message"),
+    [
+        (["--bbox", "10,50,5,60"], "min <= max"),
+        (["--bbox", "10,50,200,60"], "±180"),
+        (["--bbox", "10,50,20"], "four numbers"),
+        (["--after", "yesterday"], "ISO date"),
+        (["--after", "2024-05-01", "--before", "2024-04-01"], "is not before"),
+        (["-k", "0"], "at least one"),
+    ],
+)
+def test_bad_filters_get_one_line_errors(
+    built_index: Path, argument: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli_main(["search", "forest", "--index", str(built_index), *argument]) == 2
+    error = capsys.readouterr().err.strip()
+    assert message in error and "\n" not in error

@@ -99,19 +99,29 @@ class MultiScaleBackbone(nn.Module):
         weights_file: str = "",
         gswin_stages: tuple[int, ...] = (),
         gswin_window: int = 7,
+        head_features: bool = False,
     ) -> None:
         super().__init__()
         timm_name = TIMM_NAMES.get(name, name)
         body: Any = timm.create_model(timm_name, pretrained=False, features_only=True, out_indices=stages)
         self.body = body
+        classifier: Any = None
         if pretrained or weights_file:
-            full = create_classifier(name, pretrained=True, weights_file=weights_file).state_dict()
-            missing, _ = self.body.load_state_dict(full, strict=False)
+            classifier = create_classifier(name, pretrained=True, weights_file=weights_file)
+            missing, _ = self.body.load_state_dict(classifier.state_dict(), strict=False)
             if missing:
                 raise WeightsError(f"{name}: pretrained weights miss {missing[:5]}")
-        self.channels: list[int] = list(body.feature_info.channels())
         self.stage_modules: list[str] = [info["module"] for info in body.feature_info.get_dicts()]
-        self.frozen_stages = min(frozen_stages, len(self.channels))
+        self.channels: list[int] = list(body.feature_info.channels())
+        self.head: nn.Module | None = None
+        if head_features:
+            classifier = classifier or timm.create_model(timm_name, pretrained=False)
+            if not hasattr(classifier, "conv_head") or stages[-1] != len(classifier.feature_info) - 1:
+                raise ValueError(f"model.image_head_features: {name} has no conv_head after its last stage")
+            # the classifier's 1x1 head convolution (and its norm/activation): one more scale, average-pooled
+            self.head = nn.Sequential(classifier.conv_head, classifier.bn2)
+            self.channels.append(int(classifier.num_features))
+        self.frozen_stages = min(frozen_stages, len(self.stage_modules))
         self._chain = self._module_chain()
         self.mean: torch.Tensor
         self.std: torch.Tensor
@@ -130,7 +140,10 @@ class MultiScaleBackbone(nn.Module):
 
     def _freeze_through(self, stages: int) -> None:
         """Freeze the stem and every module up to the end of the ``stages``-th selected stage."""
-        last = self.stage_modules[min(stages, len(self.channels)) - 1]
+        if self.head is not None and stages >= len(self.stage_modules):
+            self.head.requires_grad_(False)
+            self._frozen.append(self.head)
+        last = self.stage_modules[min(stages, len(self.stage_modules)) - 1]
         for name, module in self.body.named_children():
             self._frozen.append(module)
             module.requires_grad_(False)
@@ -160,7 +173,7 @@ class MultiScaleBackbone(nn.Module):
 
     def _pool(self, features: list[torch.Tensor], first_stage: int) -> list[torch.Tensor]:
         """MSA's pooling: max over space for every stage but the last, average for the last."""
-        last = len(self.channels) - 1
+        last = len(self.stage_modules) - 1
         pooled = []
         for offset, feature in enumerate(features):
             stage = first_stage + offset
@@ -189,14 +202,25 @@ class MultiScaleBackbone(nn.Module):
             raise ValueError("a frozen prefix needs frozen stages and no Gswin block on them")
         cut = self._chain.index(self.stage_modules[self.frozen_stages - 1]) + 1
         x, features = self._run(self._normalize(images), self._chain[:cut])
-        return torch.cat(self._pool(features, 0), dim=1), x
+        pooled = self._pool(features, 0)
+        if self.frozen_stages < len(self.stage_modules):
+            return torch.cat(pooled, dim=1), x
+        pooled += self._head(x)
+        return torch.cat(pooled, dim=1), x.new_zeros(x.shape[0], 0)  # nothing trainable reads a map
 
     def from_prefix(self, frozen_scales: torch.Tensor, feature_map: torch.Tensor) -> list[torch.Tensor]:
         """The pooled scales s₁…s_S from :meth:`frozen_prefix`'s outputs (same values as :meth:`forward`)."""
         cut = self._chain.index(self.stage_modules[self.frozen_stages - 1]) + 1
-        _, features = self._run(feature_map, self._chain[cut:])
-        frozen = list(frozen_scales.split(self.channels[: self.frozen_stages], dim=1))
-        return frozen + self._pool(features, self.frozen_stages)
+        everything_frozen = self.frozen_stages == len(self.stage_modules)
+        widths = self.channels if everything_frozen else self.channels[: self.frozen_stages]
+        frozen = list(frozen_scales.split(widths, dim=1))
+        if everything_frozen:
+            return frozen
+        x, features = self._run(feature_map, self._chain[cut:])
+        return frozen + self._pool(features, self.frozen_stages) + self._head(x)
+
+    def _head(self, last_map: torch.Tensor) -> list[torch.Tensor]:
+        return [] if self.head is None else [self.head(last_map).mean(dim=(2, 3))]
 
     def _normalize(self, images: torch.Tensor) -> torch.Tensor:
         return (images.permute(0, 3, 1, 2).float() - self.mean) / self.std
@@ -213,4 +237,5 @@ class MultiScaleBackbone(nn.Module):
         return self
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        return self._pool(self.body(self._normalize(images)), 0)
+        features = self.body(self._normalize(images))
+        return self._pool(features, 0) + self._head(features[-1])

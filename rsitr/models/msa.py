@@ -76,6 +76,7 @@ class MSA(nn.Module):
             weights_file=config.image_weights if pretrained is not False else "",
             gswin_stages=tuple(config.gswin_stages),
             gswin_window=config.gswin_window,
+            head_features=config.image_head_features,
         )
         def head(width: int) -> nn.Module:
             return projection(
