@@ -115,6 +115,13 @@ def _search(args: argparse.Namespace) -> None:
         before=parse_date(args.before, "--before") if args.before else None,
     )
     hits = search(args.query, args.index, args.k, args.checkpoint, where)
+    if args.html:
+        from rsitr.index import open_index
+        from rsitr.report import write_html
+
+        _, meta = open_index(args.index)
+        context = f"top {len(hits)} of {meta['rows']} tiles in {args.index} (model {meta['model_version']})"
+        write_html(args.html, args.query, hits, meta.get("data"), context)
     if args.json:
         print(json.dumps(hits, indent=2))
         return
@@ -207,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--after", default=None, help="acquired at or after this ISO date/time (UTC unless given)")
     p.add_argument("--before", default=None, help="acquired before this ISO date/time")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--html", default=None, help="also write a result sheet (thumbnails, scores, footprint map)")
     p.set_defaults(func=_search)
     return parser
 

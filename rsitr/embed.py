@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
 from typing import Any
 
@@ -18,6 +19,8 @@ from rsitr.raysession import init_ray
 
 log = logging.getLogger(__name__)
 EMBEDDINGS_FILE = "embeddings.parquet"
+# schema metadata naming the ingested dataset the embeddings came from (result sheets read thumbnails there)
+PROVENANCE_KEY = b"rsitr"
 META_COLUMNS = ["image_id", "geometry", "acquired_at", "source_uri", "window", "split"]
 
 
@@ -84,7 +87,7 @@ def embed_archive(checkpoint: str, data: str, out: str, actors: int = 1, batch_s
             "split": [r["split"] for r in rows],
             "model_version": [state["model_version"]] * len(rows),
         }
-    ).replace_schema_metadata(shards.geo_metadata())
+    ).replace_schema_metadata({**shards.geo_metadata(), PROVENANCE_KEY: json.dumps({"data": data}).encode()})
     sink = io.BytesIO()
     pq.write_table(table, sink, compression="zstd")
     target = storage.join(storage.resolve(out), EMBEDDINGS_FILE)

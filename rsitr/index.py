@@ -68,6 +68,7 @@ def build_index(embeddings: str, out: str, checkpoint: str | None = None) -> dic
         "kind": kind,
         "checkpoint": checkpoint,
         "embeddings": embeddings,
+        "data": json.loads((table.schema.metadata or {}).get(b"rsitr", b"{}")).get("data"),
         "built_at": datetime.now(UTC).isoformat(),
     }
     storage.write_json_atomic(storage.join(out, INDEX_META), meta)

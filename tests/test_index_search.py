@@ -100,3 +100,12 @@ def test_bad_filters_get_one_line_errors(
     assert cli_main(["search", "forest", "--index", str(built_index), *argument]) == 2
     error = capsys.readouterr().err.strip()
     assert message in error and "\n" not in error
+
+
+def test_html_result_sheet_shows_thumbnails_scores_and_footprints(built_index: Path, tmp_path: Path) -> None:
+    sheet = tmp_path / "hits.html"
+    assert cli_main(["search", "a river crosses dense forest", "--index", str(built_index), "-k", "4",
+                     "--html", str(sheet)]) == 0  # fmt: skip
+    page = sheet.read_text()
+    assert page.count("data:image/jpeg;base64,") == 4 and page.count("<polygon") == 4
+    assert "a river crosses dense forest" in page and "http" not in page  # nothing fetched from a network
