@@ -1,4 +1,4 @@
-"""Prefect flow ``index-archive``: (ingest new scenes,) embed the tiles, build the retrieval index."""
+"""Prefect flow ``index-archive``: embed tiles and build the retrieval index, or bring it up to date with an archive."""
 
 from __future__ import annotations
 
@@ -7,16 +7,8 @@ from typing import Any
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
-from rsitr import embed, index, ingest
-from rsitr.io import geotiff, shards, storage
-
-
-@task
-def ingest_archive(archive: str, out: str, tile_size: int) -> str:
-    """Tile the archive's GeoTIFF scenes into the ``archive`` dataset; return its folder."""
-    options = geotiff.TileOptions(tile_size=tile_size)
-    ingest.ingest_scenes([archive], "archive", out, options, workers=1, overwrite=True)
-    return shards.dataset_root(out, "archive")
+from rsitr import embed, index, reindex
+from rsitr.io import geotiff, storage
 
 
 @task
@@ -31,6 +23,12 @@ def build(embeddings: str, out: str, checkpoint: str) -> dict[str, Any]:
     return index.build_index(embeddings, out, checkpoint)
 
 
+@task
+def update_from_archive(archive: str, out: str, checkpoint: str, tile_size: int) -> dict[str, Any]:
+    """Index the archive's scenes that are not indexed yet (by content hash)."""
+    return reindex.reindex_archive(archive, out, checkpoint, geotiff.TileOptions(tile_size=tile_size))
+
+
 @flow(name="index-archive", log_prints=True)
 def index_archive(
     checkpoint: str = ".rsitr/runs",
@@ -39,7 +37,9 @@ def index_archive(
     out: str = ".rsitr/index/demo",
     tile_size: int = 128,
 ) -> dict[str, Any]:
-    """Embed an ingested dataset (``data``) or a folder of scenes (``archive``) and build an index at ``out``.
+    """Index an ingested dataset (``data``: embed everything, rebuild) or a folder/URI of scenes (``archive``:
+    incremental — only scenes not yet indexed are tiled, embedded and appended; a second run with nothing new does
+    nothing and says so).
 
     ``checkpoint`` is a checkpoint, a finished run, or a runs folder (its latest finished run).
     """
@@ -47,8 +47,18 @@ def index_archive(
         raise ValueError("index-archive: give exactly one of data (ingested dataset) or archive (scene folder)")
     out = storage.resolve(out)
     if archive is not None:
-        data = ingest_archive(archive, storage.join(out, "shards"), tile_size)
-    assert data is not None
+        summary = update_from_archive(archive, out, checkpoint, tile_size)
+        if summary["nothing_new"]:
+            message = f"nothing new under {archive}: all {summary['scenes']} scenes are already indexed at {out}"
+        else:
+            message = (
+                f"{summary['new_scenes']} new scene(s) ({summary['quarantined']} quarantined), "
+                f"{summary['renamed']} renamed, {summary['changed']} changed: {summary['tiles_added']} tiles added; "
+                f"the index at {out} now holds {summary['rows']} tiles"
+            )
+        create_markdown_artifact(key="index-archive", markdown=f"# Re-index\n\n{message}.")
+        print(message)
+        return summary
     summary = embed_tiles(checkpoint, data, out)
     meta = build(summary["embeddings"], out, summary["checkpoint"])
     create_markdown_artifact(

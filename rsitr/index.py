@@ -42,37 +42,68 @@ def build_index(embeddings: str, out: str, checkpoint: str | None = None) -> dic
     Returns:
         ``index.json``'s content: rows, model_version, checkpoint, kind (exact or ivf_pq).
     """
-    fs, path = storage.filesystem(embeddings)
+    table = read_embeddings(embeddings)
+    data = index_rows(table, embeddings)
+    out = storage.resolve(out)
+    lance_table = lancedb.connect(out).create_table(TABLE, data=data, mode="overwrite")
+    extra = {"embeddings": embeddings, "data": embeddings_source(table)}
+    return publish(out, lance_table, data["model_version"][0].as_py(), checkpoint, extra)
+
+
+def read_embeddings(uri: str) -> pa.Table:
+    """An embeddings GeoParquet file (see :mod:`rsitr.embed`)."""
+    fs, path = storage.filesystem(uri)
     with fs.open(path, "rb") as handle:
-        table = pq.read_table(handle)
+        return pq.read_table(handle)
+
+
+def embeddings_source(table: pa.Table) -> str | None:
+    """The ingested dataset an embeddings table was computed from, when it records one."""
+    source: str | None = json.loads((table.schema.metadata or {}).get(b"rsitr", b"{}")).get("data")
+    return source
+
+
+def index_rows(table: pa.Table, where: str = "embeddings") -> pa.Table:
+    """Embedding rows as the index stores them: ``vector`` plus the footprint's lon/lat bounds for filtering.
+
+    Raises:
+        ValueError: the rows come from several model versions.
+    """
     versions = set(table["model_version"].to_pylist())
     if len(versions) != 1:
-        raise ValueError(f"{embeddings}: embeddings of several model versions {sorted(versions)}; re-embed")
+        raise ValueError(f"{where}: embeddings of several model versions {sorted(versions)}; re-embed")
     boxes = _bbox_columns(table["geometry"].to_pylist())
     data = table.rename_columns(["vector" if n == "embedding" else n for n in table.column_names])
     for name, values in boxes.items():
         data = data.append_column(name, pa.array(values, type=pa.float64()))
-    out = storage.resolve(out)
-    db = lancedb.connect(out)
-    lance_table = db.create_table(TABLE, data=data, mode="overwrite")
+    return data.replace_schema_metadata(None)
+
+
+def publish(
+    out: str, lance_table: Any, model_version: str, checkpoint: str | None, extra: dict[str, Any]
+) -> dict[str, Any]:
+    """Add the ANN index once the table is large enough, then point ``index.json`` at the table (atomically)."""
+    rows = int(lance_table.count_rows())
     kind = "exact"
-    if data.num_rows >= ANN_THRESHOLD:
-        lance_table.create_index(
-            metric="cosine", index_type="IVF_PQ", num_partitions=int(math.sqrt(data.num_rows)), num_sub_vectors=32
-        )
+    if rows >= ANN_THRESHOLD:
+        if not lance_table.list_indices():
+            lance_table.create_index(
+                metric="cosine", index_type="IVF_PQ", num_partitions=int(math.sqrt(rows)), num_sub_vectors=32
+            )
+        else:  # fold appended rows into the existing ANN index
+            lance_table.optimize()
         kind = "ivf_pq"
     meta = {
-        "table": TABLE,
-        "rows": data.num_rows,
-        "model_version": versions.pop(),
+        "table": lance_table.name,
+        "rows": rows,
+        "model_version": model_version,
         "kind": kind,
         "checkpoint": checkpoint,
-        "embeddings": embeddings,
-        "data": json.loads((table.schema.metadata or {}).get(b"rsitr", b"{}")).get("data"),
+        **extra,
         "built_at": datetime.now(UTC).isoformat(),
     }
     storage.write_json_atomic(storage.join(out, INDEX_META), meta)
-    log.info("index %s: %d tiles (%s)", out, data.num_rows, kind)
+    log.info("index %s: %d tiles (%s)", out, rows, kind)
     return meta
 
 

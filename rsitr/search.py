@@ -77,7 +77,7 @@ def parse_bbox(text: str) -> tuple[float, float, float, float]:
         values = ()
     if len(values) != 4:
         raise SearchError(f"bbox {text!r}: expected four numbers minx,miny,maxx,maxy (degrees)")
-    return values  # type: ignore[return-value]
+    return values
 
 
 def parse_date(text: str, what: str) -> datetime:

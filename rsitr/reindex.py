@@ -1,0 +1,233 @@
+"""Incremental archive indexing: scenes not yet indexed (by content hash) are tiled, embedded and appended.
+
+A ledger beside the index (``ledger-<table>.json``) maps each indexed scene's SHA-256 to its URI, tile count and
+batch. Each run hashes the archive's scenes (reusing a hash while a file's size and mtime are unchanged) and then:
+a known hash under a new URI is a rename (rows get the new URI, nothing is re-embedded); a known URI with a new
+hash is a changed file (its old rows go, the new content is indexed); unknown hashes are ingested into a batch,
+embedded and appended in one LanceDB commit. ``index.json`` and the ledger are written after that commit, so an
+interrupted run leaves the previous version queryable and the next run redoes the batch (its rows are replaced, not
+doubled). Each model version gets its own table: a new checkpoint re-embeds everything into a new table and
+switches ``index.json`` to it only once it is complete. One run at a time per index (a lock file).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import lancedb
+
+from rsitr import checkpoint as ckpt
+from rsitr import embed, index, ingest
+from rsitr.io import geotiff, shards, storage
+
+log = logging.getLogger("rsitr.reindex")
+LOCK_NAME = ".reindex.lock"
+
+
+class IndexBusyError(RuntimeError):
+    """Another re-index of the same index is running."""
+
+
+@contextmanager
+def index_lock(out: str) -> Iterator[None]:
+    """Hold the index's re-index lock (an OS file lock: released even when the holder is killed).
+
+    Local indexes lock ``<out>/.reindex.lock``; for an ``s3://`` index the lock lives in this machine's
+    ``~/.cache/rsitr/locks`` (one scheduler host), since S3 offers no lock of its own.
+
+    Raises:
+        IndexBusyError: another process holds it.
+    """
+    if storage.is_remote(out):
+        folder = Path.home() / ".cache" / "rsitr" / "locks"
+        path = folder / hashlib.sha256(out.encode()).hexdigest()[:16]
+    else:
+        folder = Path(out)
+        path = folder / LOCK_NAME
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise IndexBusyError(f"another re-index of {out} is running (process {holder}; lock {path})") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def scene_digest(spec: str) -> str:
+    """SHA-256 of a scene's bytes (of each file in order, for comma-joined band files)."""
+    digest = hashlib.sha256()
+    for uri in spec.split(","):
+        fs, path = storage.filesystem(uri)
+        with fs.open(path, "rb") as handle:
+            while chunk := handle.read(1 << 22):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _stat(spec: str) -> list[Any]:
+    stats = []
+    for uri in spec.split(","):
+        fs, path = storage.filesystem(uri)
+        info = fs.info(path)
+        stats.append([info.get("size"), str(info.get("mtime") or info.get("LastModified") or info.get("ETag"))])
+    return stats
+
+
+def _digests(specs: list[str], previous: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each scene's hash, reused from the last run while its files' size and mtime are the same."""
+    found = {}
+    for spec in specs:
+        stat = _stat(spec)
+        known = previous.get(spec)
+        sha = known["sha256"] if known and known.get("stat") == stat else scene_digest(spec)
+        found[spec] = {"sha256": sha, "stat": stat}
+    return found
+
+
+def table_name(model_version: str) -> str:
+    """The index table that holds one model version's embeddings."""
+    return f"tiles_{model_version.replace('-', '_')[:40]}"
+
+
+def _sql(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def reindex_archive(
+    archive: str, out: str, checkpoint: str, options: geotiff.TileOptions | None = None, workers: int | None = 1
+) -> dict[str, Any]:
+    """Bring the index at ``out`` up to date with the scenes under ``archive``.
+
+    Returns:
+        A summary: scenes seen, new / renamed / changed / quarantined scenes, tiles added, and the index metadata.
+
+    Raises:
+        IndexBusyError: another re-index of ``out`` is running.
+        ingest.IngestError: no raster scene under ``archive``.
+    """
+    out = storage.resolve(out)
+    checkpoint = ckpt.resolve_checkpoint(checkpoint)
+    _, _, state = ckpt.load_checkpoint(checkpoint)
+    model_version = str(state["model_version"])
+    name = table_name(model_version)
+    ledger_uri = storage.join(out, f"ledger-{name}.json")
+    with index_lock(out):
+        ledger: dict[str, Any] = (
+            storage.read_json(ledger_uri) if storage.exists(ledger_uri) else {"scenes": {}, "files": {}}
+        )
+        specs = ingest.expand_scenes([archive])
+        if not specs:
+            raise ingest.IngestError(f"no raster scenes found under {archive}")
+        current = _digests(specs, ledger["files"])
+        by_hash: dict[str, dict[str, Any]] = ledger["scenes"]
+        db = lancedb.connect(out)
+        table = db.open_table(name) if name in db.list_tables().tables else None
+        renamed, changed, new = [], [], []
+        uri_of_hash = {record["uri"]: sha for sha, record in by_hash.items()}
+        for spec, info in current.items():
+            sha = info["sha256"]
+            if sha in by_hash:
+                if by_hash[sha]["uri"] != spec and by_hash[sha]["uri"] not in current:
+                    renamed.append((by_hash[sha]["uri"], spec))
+                continue
+            if spec in uri_of_hash:
+                changed.append(spec)
+            new.append(spec)
+        if not new and not renamed:
+            log.info("nothing new under %s: all %d scenes are indexed (model %s)", archive, len(specs), model_version)
+            return {"scenes": len(specs), "new_scenes": 0, "renamed": 0, "changed": 0, "tiles_added": 0,
+                    "quarantined": 0, "index": out, "table": name, "nothing_new": True}  # fmt: skip
+        for old_uri, new_uri in renamed:
+            if table is not None:
+                table.update(where=f"source_uri = {_sql(old_uri)}", values={"source_uri": new_uri})
+            by_hash[uri_of_hash[old_uri]]["uri"] = new_uri
+        for spec in changed:
+            if table is not None:
+                table.delete(f"source_uri = {_sql(spec)}")
+            by_hash.pop(uri_of_hash[spec], None)
+        added, quarantined = 0, 0
+        if new:
+            digests = sorted(current[s]["sha256"] for s in new)
+            # named by content: an interrupted run's batch resumes (ingest skips finished units) next time
+            batch = "batch-" + hashlib.sha256(f"{model_version}:{digests}".encode()).hexdigest()[:12]
+            rows, manifest = _ingest_and_embed(new, batch, out, checkpoint, options, workers)
+            if rows is not None:
+                rows = rows.append_column("batch", [[batch] * rows.num_rows])
+                if table is None:
+                    table = db.create_table(name, data=rows)
+                else:
+                    table.delete(f"batch = {_sql(batch)}")  # a half-published earlier attempt of this batch
+                    table.add(rows)
+                added = rows.num_rows
+            reports = {scene["source"]: scene for scene in manifest.get("scenes", [])}
+            rejected = {q["input"]: q["reason"] for q in manifest.get("quarantined", [])}
+            for spec in new:
+                # a rejected scene is remembered too: it is retried only once its bytes change
+                by_hash[current[spec]["sha256"]] = {
+                    "uri": spec,
+                    "batch": batch,
+                    "indexed_at": datetime.now(UTC).isoformat(),
+                    "tiles": reports.get(spec, {}).get("rows", 0),
+                    "quarantined": rejected.get(spec),
+                }
+                quarantined += spec in rejected
+        meta: dict[str, Any] = {}
+        if table is not None:
+            meta = index.publish(out, table, model_version, checkpoint, {"archive": archive, "data": None})
+        ledger = {"scenes": by_hash, "files": current, "model_version": model_version}
+        storage.write_json_atomic(ledger_uri, ledger)
+    summary = {
+        "scenes": len(specs),
+        "new_scenes": len(new),
+        "renamed": len(renamed),
+        "changed": len(changed),
+        "quarantined": quarantined,
+        "tiles_added": added,
+        "index": out,
+        "table": name,
+        "rows": meta.get("rows", 0),
+        "nothing_new": False,
+    }
+    log.info("re-indexed %s: %s", archive, summary)
+    return summary
+
+
+def _ingest_and_embed(
+    specs: list[str],
+    batch: str,
+    out: str,
+    checkpoint: str,
+    options: geotiff.TileOptions | None,
+    workers: int | None,
+) -> tuple[Any, dict[str, Any]]:
+    """Tile and embed one batch of scenes; ``(index rows or None when every tile was rejected, manifest)``."""
+    batches = storage.join(out, "batches")
+    root = shards.dataset_root(batches, batch)
+    try:
+        manifest = ingest.ingest_scenes(specs, batch, batches, options, workers=workers)
+    except ingest.IngestError:
+        if not storage.exists(storage.join(root, shards.MANIFEST_NAME)):
+            raise
+        manifest = shards.read_manifest(root)  # nothing usable: every new scene was quarantined
+    if not manifest["rows"]:
+        return None, manifest
+    summary = embed.embed_archive(checkpoint, root, storage.join(batches, batch, "embedded"))
+    table = index.read_embeddings(summary["embeddings"])
+    return index.index_rows(table, summary["embeddings"]), manifest

@@ -1,0 +1,129 @@
+"""Incremental re-indexing of a scene archive: real GeoTIFFs, Ray, LanceDB and the Prefect flow."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import lancedb
+import numpy as np
+import pytest
+import torch
+
+from pipelines.index import index_archive
+from rsitr.checkpoint import save_checkpoint
+from rsitr.config import load_config
+from rsitr.index import open_index
+from rsitr.models.msa import build_model
+from rsitr.reindex import IndexBusyError, index_lock, reindex_archive
+from rsitr.search import Searcher
+from tests.fixtures import write_geotiff
+
+PROJECT = Path(__file__).resolve().parents[1]
+
+
+def _scene(folder: Path, name: str, seed: int) -> Path:
+    """A 256 px 3-band GeoTIFF (UTM 33N): four 128 px tiles."""
+    pixels = np.random.default_rng(seed).integers(0, 255, (3, 256, 256), dtype=np.uint8)
+    return write_geotiff(folder / name, pixels)
+
+
+def test_nightly_flow_indexes_only_new_scenes_and_a_second_run_is_a_no_op(
+    prefect_harness: None, ray_local: None, untrained_checkpoint: Path, tmp_path: Path
+) -> None:
+    archive, out = tmp_path / "archive", tmp_path / "index"
+    archive.mkdir()
+    for i in range(2):
+        _scene(archive, f"scene_{i}.tif", i)
+    run = {"checkpoint": str(untrained_checkpoint), "archive": str(archive), "out": str(out), "tile_size": 128}
+    first = index_archive(**run)
+    assert (first["new_scenes"], first["tiles_added"], first["rows"]) == (2, 8, 8)
+    table, meta = open_index(str(out))
+    version = table.version
+    second = index_archive(**run)
+    assert second["nothing_new"] and second["new_scenes"] == 0
+    assert open_index(str(out))[0].version == version  # nothing was written
+
+    (archive / "scene_0.tif").rename(archive / "renamed.tif")
+    _scene(archive, "scene_2.tif", 2)
+    (archive / "broken.tif").write_bytes(b"II*\x00" + bytes(200))
+    third = index_archive(**run)
+    assert (third["new_scenes"], third["renamed"], third["quarantined"]) == (2, 1, 1)
+    assert (third["tiles_added"], third["rows"]) == (4, 12)
+    hits = Searcher(str(out)).search("dense forest", k=12)
+    assert {Path(h.source_uri or "").name for h in hits} == {"renamed.tif", "scene_1.tif", "scene_2.tif"}
+
+    _scene(archive, "scene_1.tif", 7)  # same name, new content
+    fourth = index_archive(**run)
+    assert (fourth["changed"], fourth["new_scenes"], fourth["rows"]) == (1, 1, 12)
+    assert index_archive(**run)["nothing_new"]  # the broken scene is not retried until its bytes change
+
+    # A new model version re-embeds everything into its own table; index.json switches once it is complete.
+    torch.manual_seed(1)
+    config = load_config("demo")
+    retrained = tmp_path / "retrained"
+    save_checkpoint(retrained, build_model(config.model), None, config, epoch=0, metrics={})
+    fresh = index_archive(**{**run, "checkpoint": str(retrained)})
+    assert fresh["new_scenes"] == 4 and fresh["rows"] == 12 and fresh["table"] != third["table"]
+    assert open_index(str(out))[1]["table"] == fresh["table"]
+    assert lancedb.connect(str(out)).open_table(third["table"]).count_rows() == 12  # the old one, untouched
+
+
+INTERRUPTIBLE = textwrap.dedent(
+    """
+    import sys
+    from rsitr.io.geotiff import TileOptions
+    from rsitr.reindex import reindex_archive
+    reindex_archive(sys.argv[1], sys.argv[2], sys.argv[3], TileOptions(tile_size=128))
+    """
+)
+
+
+def test_an_interrupted_reindex_leaves_the_previous_version_queryable(
+    ray_local: None, untrained_checkpoint: Path, tmp_path: Path
+) -> None:
+    archive, out = tmp_path / "archive", tmp_path / "index"
+    archive.mkdir()
+    _scene(archive, "first.tif", 0)
+    options_args = [str(archive), str(out), str(untrained_checkpoint)]
+    from rsitr.io.geotiff import TileOptions
+
+    assert reindex_archive(*options_args, TileOptions(tile_size=128))["rows"] == 4
+    for i in range(2):
+        _scene(archive, f"later_{i}.tif", 10 + i)
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RSITR_RAY_CLUSTER")}
+    child = subprocess.Popen(
+        [sys.executable, "-c", INTERRUPTIBLE, *options_args], cwd=PROJECT, env=env, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 300
+        # the batch's tiles are ingested: embedding starts next, then the append; kill it in between
+        while not list((out / "batches").glob("batch-*/manifest.json")) and child.poll() is None:
+            assert time.monotonic() < deadline, "the re-index never finished ingesting"
+            time.sleep(0.2)
+        os.killpg(child.pid, signal.SIGKILL)
+        child.wait()
+    finally:
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
+    table, meta = open_index(str(out))
+    assert table.count_rows() == 4 and meta["rows"] == 4
+    assert len(Searcher(str(out)).search("farmland", k=10)) == 4  # the previous version answers queries
+    ledger = json.loads(next(out.glob("ledger-*.json")).read_text())
+    assert len(ledger["scenes"]) == 1
+    resumed = reindex_archive(*options_args, TileOptions(tile_size=128))  # the lock died with the killed run
+    assert resumed["new_scenes"] == 2 and resumed["rows"] == 12
+
+
+def test_a_second_run_on_the_same_index_is_refused_while_one_holds_it(
+    untrained_checkpoint: Path, tmp_path: Path
+) -> None:
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    _scene(archive, "a.tif", 0)
+    with index_lock(str(tmp_path / "index")), pytest.raises(IndexBusyError, match="another re-index"):
+        reindex_archive(str(archive), str(tmp_path / "index"), str(untrained_checkpoint))
