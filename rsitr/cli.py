@@ -15,6 +15,7 @@ from rsitr.ingest import IngestError
 from rsitr.io.captions import FORMATS, CaptionFormatError
 from rsitr.io.geotiff import BAND_PRESETS
 from rsitr.io.shards import ShardsNotFoundError
+from rsitr.reindex import IndexBusyError
 
 # Errors that carry a message meant for the user: printed on one line, exit status 2.
 USER_ERRORS = (
@@ -24,6 +25,7 @@ USER_ERRORS = (
     ShardsNotFoundError,
     IndexNotFoundError,
     CheckpointError,
+    IndexBusyError,
     ValueError,
 )
 
@@ -104,6 +106,14 @@ def _index(args: argparse.Namespace) -> None:
     from rsitr.index import build_index
 
     print(json.dumps(build_index(args.embeddings, args.out, args.checkpoint)))
+
+
+def _index_update(args: argparse.Namespace) -> None:
+    from rsitr.io.geotiff import TileOptions
+    from rsitr.reindex import reindex_archive
+
+    summary = reindex_archive(args.archive, args.out, args.checkpoint, TileOptions(tile_size=args.tile_size))
+    print(json.dumps(summary))
 
 
 def _search(args: argparse.Namespace) -> None:
@@ -204,6 +214,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", required=True)
     b.add_argument("--checkpoint", default=None, help="checkpoint whose text tower answers queries")
     b.set_defaults(func=_index)
+    u = actions.add_parser("update", help="index the scenes of an archive that are not indexed yet (by content)")
+    u.add_argument("--archive", required=True, help="folder, glob or s3:// prefix of GeoTIFF scenes")
+    u.add_argument("--out", required=True, help="the index to bring up to date (created when missing)")
+    u.add_argument("--checkpoint", required=True, help="checkpoint, finished run or runs folder")
+    u.add_argument("--tile-size", type=int, default=256)
+    u.set_defaults(func=_index_update)
 
     p = sub.add_parser("search", help="text → tiles")
     p.add_argument("query")

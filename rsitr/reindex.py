@@ -106,6 +106,14 @@ def table_name(model_version: str) -> str:
     return f"tiles_{model_version.replace('-', '_')[:40]}"
 
 
+def _open_table(db: Any, name: str) -> Any:
+    """The named table, or None before its first batch."""
+    try:
+        return db.open_table(name)
+    except ValueError:  # LanceDB: "Table … was not found"
+        return None
+
+
 def _sql(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
@@ -138,7 +146,7 @@ def reindex_archive(
         current = _digests(specs, ledger["files"])
         by_hash: dict[str, dict[str, Any]] = ledger["scenes"]
         db = lancedb.connect(out)
-        table = db.open_table(name) if name in db.list_tables().tables else None
+        table = _open_table(db, name)
         renamed, changed, new = [], [], []
         uri_of_hash = {record["uri"]: sha for sha, record in by_hash.items()}
         for spec, info in current.items():
