@@ -204,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--actors", type=int, default=1)
+    p.add_argument("--actors", type=int, default=None, help="model copies (default: one per core / GPU)")
     p.set_defaults(func=_embed)
 
     p = sub.add_parser("index", help="retrieval index")

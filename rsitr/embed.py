@@ -5,11 +5,14 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import ray
+import ray.data
 import torch
 
 from rsitr import checkpoint as ckpt
@@ -38,8 +41,22 @@ class ImageEmbedder:
         return {"image_id": batch["image_id"], "embedding": vectors.float().cpu().numpy()}
 
 
-def embed_archive(checkpoint: str, data: str, out: str, actors: int = 1, batch_size: int = 64) -> dict[str, Any]:
+def default_actors() -> int:
+    """One single-threaded CPU actor per core of a local Ray (one per two logical CPUs on a cluster), or one per
+    GPU when there are GPUs."""
+    resources = ray.cluster_resources()
+    if resources.get("GPU"):
+        return int(resources["GPU"])
+    cpus = int(resources.get("CPU", 1))
+    return max(1, min(cpus, os.cpu_count() or 1) if len(ray.nodes()) == 1 else cpus // 2)
+
+
+def embed_archive(
+    checkpoint: str, data: str, out: str, actors: int | None = None, batch_size: int = 64
+) -> dict[str, Any]:
     """Embed every tile of an ingested dataset; write ``<out>/embeddings.parquet`` (GeoParquet) atomically.
+
+    ``actors`` model copies embed in parallel (default: :func:`default_actors`).
 
     Returns:
         A summary: rows, model_version, checkpoint and the output URI.
@@ -48,6 +65,7 @@ def embed_archive(checkpoint: str, data: str, out: str, actors: int = 1, batch_s
     _, config, state = ckpt.load_checkpoint(checkpoint)
     data = storage.resolve(data)
     init_ray()
+    actors = actors or default_actors()
     ds = (
         read_shards(data, ["image_id", "image"])
         .map_batches(
@@ -67,8 +85,15 @@ def embed_archive(checkpoint: str, data: str, out: str, actors: int = 1, batch_s
         )
     )
     vectors: dict[str, np.ndarray] = {}
-    for batch in ds.iter_batches(batch_size=1024, batch_format="numpy"):
-        vectors.update(zip((str(i) for i in batch["image_id"]), batch["embedding"], strict=True))
+    context = ray.data.DataContext.get_current()
+    saved = context.target_max_block_size
+    # a block per decoded batch (they are ~10 MB): otherwise one shard is one block, which one actor embeds alone
+    context.target_max_block_size = 4 * 1024 * 1024
+    try:
+        for batch in ds.iter_batches(batch_size=1024, batch_format="numpy"):
+            vectors.update(zip((str(i) for i in batch["image_id"]), batch["embedding"], strict=True))
+    finally:
+        context.target_max_block_size = saved
     rows = [row for row in shards.iter_rows(data, columns=META_COLUMNS)]
     missing = [r["image_id"] for r in rows if r["image_id"] not in vectors]
     if missing:

@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 TABLE = "tiles"
 INDEX_META = "index.json"
 ANN_THRESHOLD = 100_000
+FILTER_COLUMNS = ("min_lon", "max_lon", "min_lat", "max_lat", "acquired_at")
 
 
 class IndexNotFoundError(FileNotFoundError):
@@ -90,6 +91,8 @@ def publish(
             lance_table.create_index(
                 metric="cosine", index_type="IVF_PQ", num_partitions=int(math.sqrt(rows)), num_sub_vectors=32
             )
+            for column in FILTER_COLUMNS:  # so bbox/time prefilters do not scan every row
+                lance_table.create_scalar_index(column, index_type="BTREE")
         else:  # fold appended rows into the existing ANN index
             lance_table.optimize()
         kind = "ivf_pq"

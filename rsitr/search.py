@@ -106,6 +106,26 @@ class Hit:
     acquired_at: str | None
 
 
+# IVF-PQ search settings: partitions probed, and candidates re-scored exactly (refine_factor × k) so the top-k
+# order comes from full vectors, not PQ codes (benchmarks/index.py measures the recall they give)
+NPROBES = 24
+REFINE_FACTOR = 10
+
+
+def nearest(
+    table: Any, vector: Any, k: int, where: SearchFilter | None = None, ann: bool = False
+) -> list[dict[str, Any]]:
+    """The ``k`` rows nearest ``vector`` by cosine among those passing ``where`` (filtered before the top-k)."""
+    request = table.search(vector, vector_column_name="vector").distance_type("cosine").limit(k)
+    if ann:
+        request = request.nprobes(NPROBES).refine_factor(REFINE_FACTOR)
+    predicate = where.where() if where else None
+    if predicate:
+        request = request.where(predicate, prefilter=True)
+    rows: list[dict[str, Any]] = request.to_list()
+    return rows
+
+
 class Searcher:
     """An opened index and the text tower that matches it (loaded once, queried many times)."""
 
@@ -134,11 +154,7 @@ class Searcher:
         vector = self.model.encode_text(
             torch.as_tensor(tokens["input_ids"]), torch.as_tensor(tokens["attention_mask"])
         )[0]
-        request = self.table.search(vector.numpy(), vector_column_name="vector").distance_type("cosine").limit(k)
-        predicate = where.where() if where else None
-        if predicate:
-            request = request.where(predicate, prefilter=True)
-        rows = request.to_list()
+        rows = nearest(self.table, vector.numpy(), k, where, ann=self.meta.get("kind") == "ivf_pq")
         return [_hit(rank, row) for rank, row in enumerate(rows, start=1)]
 
 
