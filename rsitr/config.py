@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 
 CONFIG_DIR = Path(__file__).parent / "configs"
+STRING_TUPLES = {"image_taps"}
 
 
 class ConfigError(ValueError):
@@ -44,9 +45,14 @@ class ModelConfig:
     gswin_window: int = 7
     # one more scale after the last stage: the classifier's 1x1 head convolution, average-pooled (EfficientNets)
     image_head_features: bool = False
-    # heads into the joint space: linear (MSA) or mlp (hidden, LayerNorm, GELU, dropout); standardize puts a
-    # feature-wise BatchNorm (no affine) in front of each
-    head: str = "linear"
+    # scales from these modules of the backbone (e.g. blocks.2 … blocks.6) instead of image_stages; stage numbers
+    # elsewhere (freezing, Gswin) then count taps
+    image_taps: tuple[str, ...] = ()
+    # msa: max-pool every scale but the last, which is averaged (MSA); avg: average every scale
+    scale_pooling: str = "msa"
+    # F in e_v = F(Σ_s W_s s_s): gated (MSA) or mlp (W_s into head_hidden, then LayerNorm, GELU, dropout, Linear;
+    # the text side gets the same two-layer MLP); standardize puts a feature-wise BatchNorm (no affine) before each W
+    fusion: str = "gated"
     head_hidden: int = 1024
     head_dropout: float = 0.5
     standardize: bool = False
@@ -151,8 +157,9 @@ def _coerce(current: Any, value: Any, key: str) -> Any:
                 items: list[Any] = [v for v in value.split(",") if v.strip()]
             else:
                 items = list(value) if isinstance(value, (list, tuple)) else [value]
-            # every tuple field holds ints (stage numbers); an empty default gives no element type to copy
-            return tuple(type(current[0])(v) if current else int(v) for v in items)
+            # tuple fields hold stage numbers, except the module names of STRING_TUPLES
+            element: Any = str if key.rsplit(".", 1)[-1] in STRING_TUPLES else int
+            return tuple(element(v.strip() if isinstance(v, str) else v) for v in items)
         if isinstance(current, (int, float, str)):
             return type(current)(value)
     except (TypeError, ValueError) as err:

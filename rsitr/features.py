@@ -38,6 +38,8 @@ PREFIX_FIELDS = (
     "image_stages",
     "freeze_image_stages",
     "image_head_features",
+    "image_taps",
+    "scale_pooling",
     "text_model",
     "text_pretrained",
     "freeze_text_layers",

@@ -15,6 +15,8 @@ def test_dotted_overrides_are_typed() -> None:
     assert config.train.epochs == 3 and config.train.lr == 0.5
     assert config.model.image_stages == (2, 3, 4)
     assert config.train.augment is False
+    taps = load_config("demo", ["model.image_taps=blocks.2, blocks.6"]).model.image_taps
+    assert taps == ("blocks.2", "blocks.6")
 
 
 @pytest.mark.parametrize(

@@ -22,7 +22,7 @@ from rsitr.train import evaluate_checkpoint, fit
 def test_split_forward_equals_the_whole_model(backbone: str, frozen: int, head: bool) -> None:
     overrides = [f"model.image_backbone={backbone}", f"model.freeze_image_stages={frozen}",
                  f"model.image_head_features={head}", "model.image_pretrained=false"]  # fmt: skip
-    config = load_config("msa-lite0-minilm", overrides)
+    config = load_config("msa-lite0-minilm-mscmat", overrides)
     torch.manual_seed(0)
     model = build_model(config.model).eval()
     images = torch.randint(0, 256, (3, 96, 96, 3), dtype=torch.uint8)
@@ -53,7 +53,7 @@ def test_settings_a_cache_cannot_honour_are_refused() -> None:
 def test_a_run_trains_from_the_cache_and_its_checkpoint_embeds_raw_pixels_alike(
     ray_local: None, demo_shards: Path, tmp_path: Path
 ) -> None:
-    overrides = ["train.cache_frozen=true", "train.epochs=1", "model.head=mlp", "model.standardize=true",
+    overrides = ["train.cache_frozen=true", "train.epochs=1", "model.fusion=mlp", "model.standardize=true",
                  "model.learn_temperature=true", "model.mscmat=true", "loss.mscma_weight=1"]  # fmt: skip
     config = load_config("demo", overrides)
     result = fit(config, str(demo_shards), str(tmp_path / "runs"), name="cached", evaluate_test=False)

@@ -24,7 +24,7 @@ def _batch(n: int = 4, size: int = 64) -> tuple[torch.Tensor, torch.Tensor, torc
 
 
 def test_gradients_reach_every_trainable_parameter_and_frozen_stay_frozen() -> None:
-    config = load_config("msa-lite0-minilm", ["model.gswin_stages=4", "loss.intra_class_weight=1"])
+    config = load_config("msa-lite0-minilm-mscmat", ["model.gswin_stages=4", "loss.intra_class_weight=1"])
     model = build_model(config.model)
     model.train()
     for name, parameter in model.named_parameters():  # Gswin's residual outputs start at zero; move them off it
@@ -94,7 +94,7 @@ def test_vectorised_mscmat_equals_the_pair_loop_with_padding() -> None:
 
 
 def test_the_whole_model_scores_alike_with_either_mscmat() -> None:
-    config = load_config("msa-lite0-minilm")
+    config = load_config("msa-lite0-minilm-mscmat")
     model = build_model(config.model).eval()
     with torch.no_grad():
         fast = model(*_batch(n=3)).mscmat
@@ -163,3 +163,15 @@ def test_checkpoint_round_trip_is_bit_exact(tmp_path: Path) -> None:
     for name, tensor in loaded.state_dict().items():
         assert torch.equal(tensor, original[name]), name
     assert set(load_file(str(tmp_path / WEIGHTS))) == set(original)
+
+
+def test_cpu_default_fuses_every_lite0_block_and_the_head_with_the_image_tower_frozen() -> None:
+    config = load_config("msa-lite0-minilm", ["model.image_pretrained=false"])
+    model = build_model(config.model)
+    assert model.backbone.channels == [40, 80, 112, 192, 320, 1280]
+    assert not any(p.requires_grad for p in model.backbone.parameters())
+    images, ids, mask = _batch(n=3)
+    scales, feature_map = model.backbone.frozen_prefix(images)
+    assert scales.shape == (3, 2024) and feature_map.numel() == 0
+    trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"scale_proj", "fusion", "text", "text_proj", "log_temperature"}

@@ -100,6 +100,8 @@ class MultiScaleBackbone(nn.Module):
         gswin_stages: tuple[int, ...] = (),
         gswin_window: int = 7,
         head_features: bool = False,
+        taps: tuple[str, ...] = (),
+        pooling: str = "msa",
     ) -> None:
         super().__init__()
         timm_name = TIMM_NAMES.get(name, name)
@@ -111,12 +113,18 @@ class MultiScaleBackbone(nn.Module):
             missing, _ = self.body.load_state_dict(classifier.state_dict(), strict=False)
             if missing:
                 raise WeightsError(f"{name}: pretrained weights miss {missing[:5]}")
+        if pooling not in {"msa", "avg"}:
+            raise ValueError(f"model.scale_pooling {pooling!r}: expected 'msa' or 'avg'")
+        self.pooling = pooling
         self.stage_modules: list[str] = [info["module"] for info in body.feature_info.get_dicts()]
         self.channels: list[int] = list(body.feature_info.channels())
+        self.taps = bool(taps)
+        if taps:
+            self._use_taps(list(taps))
         self.head: nn.Module | None = None
         if head_features:
             classifier = classifier or timm.create_model(timm_name, pretrained=False)
-            if not hasattr(classifier, "conv_head") or stages[-1] != len(classifier.feature_info) - 1:
+            if not hasattr(classifier, "conv_head") or self.stage_modules[-1] != self._module_chain()[-1]:
                 raise ValueError(f"model.image_head_features: {name} has no conv_head after its last stage")
             # the classifier's 1x1 head convolution (and its norm/activation): one more scale, average-pooled
             self.head = nn.Sequential(classifier.conv_head, classifier.bn2)
@@ -158,6 +166,16 @@ class MultiScaleBackbone(nn.Module):
                         block.requires_grad_(True)
                 break
 
+    def _use_taps(self, taps: list[str]) -> None:
+        """Scales from any modules of the chain (e.g. every block of an EfficientNet), not only timm's stages."""
+        self.stage_modules = taps
+        chain = self._module_chain()
+        if [t for t in chain if t in taps] != taps:
+            raise ValueError(f"model.image_taps {taps}: expected modules of {chain}, in execution order")
+        with torch.no_grad():
+            _, features = self._run(torch.zeros(1, 3, 64, 64), chain[: chain.index(taps[-1]) + 1])
+        self.channels = [int(f.shape[1]) for f in features]
+
     def _module_chain(self) -> list[str]:
         """The body's modules in execution order (a stage's sequential of blocks unrolled), for split forwards."""
         names: list[str] = []
@@ -179,7 +197,8 @@ class MultiScaleBackbone(nn.Module):
             stage = first_stage + offset
             if str(stage + 1) in self.gswin:
                 feature = self.gswin[str(stage + 1)](feature)
-            pooled.append(feature.mean(dim=(2, 3)) if stage == last else feature.amax(dim=(2, 3)))
+            average = stage == last or self.pooling == "avg"
+            pooled.append(feature.mean(dim=(2, 3)) if average else feature.amax(dim=(2, 3)))
         return pooled
 
     def _run(self, x: torch.Tensor, names: list[str]) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -237,5 +256,10 @@ class MultiScaleBackbone(nn.Module):
         return self
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        features = self.body(self._normalize(images))
+        if self.taps:
+            _, features = self._run(
+                self._normalize(images), self._chain[: self._chain.index(self.stage_modules[-1]) + 1]
+            )
+        else:
+            features = self.body(self._normalize(images))
         return self._pool(features, 0) + self._head(features[-1])

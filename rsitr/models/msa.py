@@ -29,19 +29,16 @@ class GatedFusion(nn.Module):
         return self.w3(u * torch.sigmoid(self.w2(u)))
 
 
-def projection(in_dim: int, out_dim: int, kind: str, hidden: int, dropout: float, standardize: bool) -> nn.Module:
-    """A head from a feature to the joint space: ``linear``, or ``mlp`` (Linear → LayerNorm → GELU → Dropout →
-    Linear); ``standardize`` puts a non-affine BatchNorm in front (feature-wise standardisation with running
-    training statistics)."""
-    layers: list[nn.Module] = [nn.BatchNorm1d(in_dim, affine=False)] if standardize else []
-    if kind == "linear":
-        layers.append(nn.Linear(in_dim, out_dim))
-    elif kind == "mlp":
-        layers += [nn.Linear(in_dim, hidden), nn.LayerNorm(hidden), nn.GELU(), nn.Dropout(dropout)]
-        layers.append(nn.Linear(hidden, out_dim))
-    else:
-        raise ValueError(f"model.head {kind!r}: expected 'linear' or 'mlp'")
-    return nn.Sequential(*layers) if len(layers) > 1 else layers[0]
+def mlp_tail(hidden: int, out_dim: int, dropout: float) -> nn.Sequential:
+    """LayerNorm → GELU → Dropout → Linear: the second half of a two-layer MLP whose first layer is elsewhere."""
+    return nn.Sequential(nn.LayerNorm(hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, out_dim))
+
+
+def linear_in(in_dim: int, out_dim: int, standardize: bool) -> nn.Module:
+    """Linear, optionally after a feature-wise standardisation (non-affine BatchNorm: running training statistics)."""
+    if standardize:
+        return nn.Sequential(nn.BatchNorm1d(in_dim, affine=False), nn.Linear(in_dim, out_dim))
+    return nn.Linear(in_dim, out_dim)
 
 
 @dataclass
@@ -77,21 +74,34 @@ class MSA(nn.Module):
             gswin_stages=tuple(config.gswin_stages),
             gswin_window=config.gswin_window,
             head_features=config.image_head_features,
+            taps=tuple(config.image_taps),
+            pooling=config.scale_pooling,
         )
-        def head(width: int) -> nn.Module:
-            return projection(
-                width, config.embed_dim, config.head, config.head_hidden, config.head_dropout, config.standardize
-            )
-
-        self.scale_proj = nn.ModuleList(head(c) for c in self.backbone.channels)
-        self.fusion = GatedFusion(config.embed_dim, config.gate_hidden)
+        # e_v = F(Σ_s W_s s_s). gated: W_s map to the joint space and F is MSA's gated map. mlp: W_s map to a
+        # hidden width and F = LayerNorm, GELU, dropout, Linear — together a two-layer MLP over all scales at once.
+        fusion: nn.Module
+        if config.fusion == "gated":
+            width = config.embed_dim
+            fusion = GatedFusion(config.embed_dim, config.gate_hidden)
+        elif config.fusion == "mlp":
+            width = config.head_hidden
+            fusion = mlp_tail(width, config.embed_dim, config.head_dropout)
+        else:
+            raise ValueError(f"model.fusion {config.fusion!r}: expected 'gated' or 'mlp'")
+        self.scale_proj = nn.ModuleList(linear_in(c, width, config.standardize) for c in self.backbone.channels)
+        self.fusion = fusion
         self.text = TextEncoder(
             config.text_model,
             config.text_pooling,
             config.freeze_text_layers,
             pretrained=config.text_pretrained if pretrained is None else pretrained,
         )
-        self.text_proj = head(self.text.width)
+        text_proj = linear_in(self.text.width, width, config.standardize)
+        self.text_proj = (
+            text_proj
+            if config.fusion == "gated"
+            else nn.Sequential(text_proj, mlp_tail(width, config.embed_dim, config.head_dropout))
+        )
         self.log_temperature: nn.Parameter | None = None
         if config.learn_temperature:
             self.log_temperature = nn.Parameter(torch.tensor(math.log(config.initial_temperature)))
