@@ -1,6 +1,7 @@
 """One MSA training step on CPU, three ways, in one run; and the time to evaluate the RSICD test split.
 
-For each preset (``msa-resnet50-bert`` randomly initialised, as this machine has no hub; ``msa-lite0-minilm`` with
+For each preset (``msa-resnet50-bert`` randomly initialised, as this machine has no hub; ``msa-lite0-minilm-mscmat``
+with
 its packaged weights), a step = forward + backward + AdamW at batch 32, 224 px:
 
 - ``towers``: the dual encoder alone (image and text towers, fusion, triplet on e_v·e_t): the lower bound;
@@ -38,7 +39,7 @@ from rsitr.train import make_optimizer
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = {
     "msa-resnet50-bert": ["model.image_pretrained=false", "model.text_pretrained=false"],
-    "msa-lite0-minilm": [],
+    "msa-lite0-minilm-mscmat": [],
 }
 BATCH = 32
 
