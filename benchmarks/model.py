@@ -1,8 +1,7 @@
 """One MSA training step on CPU, three ways, in one run; and the time to evaluate the RSICD test split.
 
 For each preset (``msa-resnet50-bert`` randomly initialised, as this machine has no hub; ``msa-lite0-minilm-mscmat``
-with
-its packaged weights), a step = forward + backward + AdamW at batch 32, 224 px:
+with its packaged weights), a step = forward + backward + AdamW at batch 32, 224 px:
 
 - ``towers``: the dual encoder alone (image and text towers, fusion, triplet on e_v·e_t): the lower bound;
 - ``vectorised``: the full MSA loss with MSCMAT as ``rsitr.models.mscmat`` computes it (one batched attention);
