@@ -23,7 +23,7 @@ import ray.data
 import torch
 
 from rsitr.config import Config, ConfigError
-from rsitr.data.pipeline import DATA_TASK_CPUS, SHUFFLES, decode_image, label_id, read_shards
+from rsitr.data.pipeline import DATA_TASK_CPUS, decode_image, label_id, read_shards, shuffled
 from rsitr.io import shards, storage
 from rsitr.models.text import load_tokenizer
 
@@ -208,14 +208,7 @@ def train_dataset(root: str, max_tokens: int, shuffle: str = "full") -> ray.data
     Raises:
         ValueError: an unknown ``shuffle``.
     """
-    if shuffle not in SHUFFLES:
-        raise ValueError(f"train.shuffle {shuffle!r}: expected one of {', '.join(SHUFFLES)}")
-    ds = _read(root, "train")
-    if shuffle == "full":
-        ds = ds.random_shuffle()
-    elif shuffle == "blocks":
-        ds = ds.randomize_block_order()
-    return ds.map_batches(
+    return shuffled(_read(root, "train"), shuffle).map_batches(
         CachedTrainBatches,
         fn_constructor_kwargs={"max_tokens": max_tokens},
         batch_format="pyarrow",

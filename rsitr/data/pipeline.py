@@ -134,6 +134,19 @@ class CaptionTokens:
 SHUFFLES = ("full", "blocks", "none")
 
 
+def shuffled(ds: ray.data.Dataset, shuffle: str) -> ray.data.Dataset:
+    """``ds`` in a new order each epoch: ``full`` (global shuffle), ``blocks`` (block order only) or ``none``.
+
+    Raises:
+        ValueError: an unknown ``shuffle``.
+    """
+    if shuffle not in SHUFFLES:
+        raise ValueError(f"train.shuffle {shuffle!r}: expected one of {', '.join(SHUFFLES)}")
+    if shuffle == "full":
+        return ds.random_shuffle()
+    return ds.randomize_block_order() if shuffle == "blocks" else ds
+
+
 def train_dataset(
     root: str, image_size: int, text_model: str, max_tokens: int, augment: bool, shuffle: str = "full"
 ) -> ray.data.Dataset:
@@ -146,13 +159,7 @@ def train_dataset(
     Raises:
         ValueError: an unknown ``shuffle``.
     """
-    if shuffle not in SHUFFLES:
-        raise ValueError(f"train.shuffle {shuffle!r}: expected one of {', '.join(SHUFFLES)}")
-    ds = read_split(root, "train", ["image", "captions", "label"])
-    if shuffle == "full":
-        ds = ds.random_shuffle()
-    elif shuffle == "blocks":
-        ds = ds.randomize_block_order()
+    ds = shuffled(read_split(root, "train", ["image", "captions", "label"]), shuffle)
     return ds.map_batches(
         TrainBatches,
         fn_constructor_kwargs={
