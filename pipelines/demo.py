@@ -9,7 +9,6 @@ Every service it started is stopped on success, failure and Ctrl-C.
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import os
 import signal
@@ -20,9 +19,9 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO
 
 from pipelines.raycluster import ensure_port_free, local_ray_head, stop_process_group, wait_http
+from rsitr.locks import LockHeldError, pid_lock
 
 PROJECT = Path(__file__).resolve().parent.parent
 QUERIES = [
@@ -40,22 +39,11 @@ class DemoError(RuntimeError):
 @contextmanager
 def single_instance(lock_path: Path) -> Iterator[None]:
     """Hold an exclusive lock for the demo's lifetime; a second demo fails at once."""
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    handle: IO[str] = lock_path.open("a+")
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError as err:
-        handle.seek(0)
-        raise DemoError(f"another demo is running (pid {handle.read().strip() or '?'}; lock {lock_path})") from err
-    handle.seek(0)
-    handle.truncate()
-    handle.write(str(os.getpid()))
-    handle.flush()
-    try:
-        yield
-    finally:
-        fcntl.flock(handle, fcntl.LOCK_UN)
-        handle.close()
+        with pid_lock(lock_path):
+            yield
+    except LockHeldError as err:
+        raise DemoError(f"another demo is running (pid {err.holder}; lock {lock_path})") from None
 
 
 def _prefect_bin() -> str:

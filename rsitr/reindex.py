@@ -12,10 +12,8 @@ switches ``index.json`` to it only once it is complete. One run at a time per in
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import logging
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -27,6 +25,7 @@ import lancedb
 from rsitr import checkpoint as ckpt
 from rsitr import embed, index, ingest
 from rsitr.io import geotiff, shards, storage
+from rsitr.locks import LockHeldError, pid_lock
 
 log = logging.getLogger("rsitr.reindex")
 LOCK_NAME = ".reindex.lock"
@@ -47,27 +46,14 @@ def index_lock(out: str) -> Iterator[None]:
         IndexBusyError: another process holds it.
     """
     if storage.is_remote(out):
-        folder = Path.home() / ".cache" / "rsitr" / "locks"
-        path = folder / hashlib.sha256(out.encode()).hexdigest()[:16]
+        path = Path.home() / ".cache" / "rsitr" / "locks" / hashlib.sha256(out.encode()).hexdigest()[:16]
     else:
-        folder = Path(out)
-        path = folder / LOCK_NAME
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "unknown"
-            raise IndexBusyError(f"another re-index of {out} is running (process {holder}; lock {path})") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(str(os.getpid()))
-        handle.flush()
-        try:
+        path = Path(out) / LOCK_NAME
+    try:
+        with pid_lock(path):
             yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    except LockHeldError as err:
+        raise IndexBusyError(f"another re-index of {out} is running (process {err.holder}; lock {path})") from None
 
 
 def scene_digest(spec: str) -> str:
