@@ -99,13 +99,13 @@ def format_metrics(metrics: dict[str, float], title: str) -> str:
 def _embed(args: argparse.Namespace) -> None:
     from rsitr.embed import embed_archive
 
-    print(json.dumps(embed_archive(args.checkpoint, args.data, args.out, actors=args.actors)))
+    print(json.dumps(embed_archive(args.checkpoint, args.data, args.out, actors=args.actors, captions=args.captions)))
 
 
 def _index(args: argparse.Namespace) -> None:
     from rsitr.index import build_index
 
-    print(json.dumps(build_index(args.embeddings, args.out, args.checkpoint)))
+    print(json.dumps(build_index(args.embeddings, args.out, args.checkpoint, captions=args.captions)))
 
 
 def _index_update(args: argparse.Namespace) -> None:
@@ -117,14 +117,27 @@ def _index_update(args: argparse.Namespace) -> None:
 
 
 def _search(args: argparse.Namespace) -> None:
-    from rsitr.search import SearchFilter, parse_bbox, parse_date, search
+    from rsitr.search import SearchError, SearchFilter, describe, parse_bbox, parse_date, search
+
+    if (args.query is None) == (args.image is None):
+        raise SearchError("give either a text query (text → tiles) or --image FILE (image → captions)")
+    if args.image is not None:
+        if args.bbox or args.after or args.before or args.html:
+            raise SearchError("--bbox/--after/--before/--html apply to text → tiles search, not to --image")
+        captions = describe(args.image, args.index, args.k, args.checkpoint, args.rerank)
+        if args.json:
+            print(json.dumps(captions, indent=2))
+            return
+        for hit in captions:
+            print(f"{hit['rank']:3d}  {hit['score']:.3f}  {hit['caption']}  ({hit['image_id']})")
+        return
 
     where = SearchFilter(
         bbox=parse_bbox(args.bbox) if args.bbox else None,
         after=parse_date(args.after, "--after") if args.after else None,
         before=parse_date(args.before, "--before") if args.before else None,
     )
-    hits = search(args.query, args.index, args.k, args.checkpoint, where)
+    hits = search(args.query, args.index, args.k, args.checkpoint, where, args.rerank)
     if args.html:
         from rsitr.index import open_index
         from rsitr.report import write_html
@@ -205,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--actors", type=int, default=None, help="model copies (default: one per core / GPU)")
+    p.add_argument("--captions", action="store_true", help="also embed the captions (captions.parquet)")
     p.set_defaults(func=_embed)
 
     p = sub.add_parser("index", help="retrieval index")
@@ -213,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--embeddings", required=True, help="embeddings GeoParquet file")
     b.add_argument("--out", required=True)
     b.add_argument("--checkpoint", default=None, help="checkpoint whose text tower answers queries")
+    b.add_argument("--captions", default=None, help="caption embeddings (from `rsitr embed --captions`)")
     b.set_defaults(func=_index)
     u = actions.add_parser("update", help="index the scenes of an archive that are not indexed yet (by content)")
     u.add_argument("--archive", required=True, help="folder, glob or s3:// prefix of GeoTIFF scenes")
@@ -221,8 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--tile-size", type=int, default=256)
     u.set_defaults(func=_index_update)
 
-    p = sub.add_parser("search", help="text → tiles")
-    p.add_argument("query")
+    p = sub.add_parser("search", help="text → tiles, or --image FILE → captions")
+    p.add_argument("query", nargs="?", default=None)
+    p.add_argument("--image", default=None, help="an image file: search the index's captions instead (image → text)")
+    p.add_argument("--rerank", type=int, default=0, metavar="K", help="re-rank the top K candidates (SMR; 0: off)")
     p.add_argument("--index", required=True)
     p.add_argument("-k", type=int, default=10)
     p.add_argument("--checkpoint", default=None)

@@ -1,4 +1,9 @@
-"""Batch-embed an archive's tiles with a trained image tower (Ray Data actor pool) into GeoParquet."""
+"""Batch-embed an archive's tiles (and, when asked, its captions) with a trained model into GeoParquet.
+
+Ray Data reads the shards and decodes; an actor pool (one model per actor) embeds. Work is saved per shard under
+``<out>/_parts/<model_version>/`` as soon as a shard is complete, so an interrupted run resumes with the shards it
+had not finished; the final files are written atomically from the parts, which are then removed.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,8 @@ import io
 import json
 import logging
 import os
+import posixpath
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -16,29 +23,77 @@ import ray.data
 import torch
 
 from rsitr import checkpoint as ckpt
-from rsitr.data.pipeline import DATA_TASK_CPUS, decode_images, read_shards
+from rsitr.data.pipeline import DATA_TASK_CPUS, decode_images, tokenize
 from rsitr.io import shards, storage
+from rsitr.models.msa import MSA
 from rsitr.raysession import init_ray
 
 log = logging.getLogger(__name__)
 EMBEDDINGS_FILE = "embeddings.parquet"
+CAPTIONS_FILE = "captions.parquet"
+PARTS_DIR = "_parts"
 # schema metadata naming the ingested dataset the embeddings came from (result sheets read thumbnails there)
 PROVENANCE_KEY = b"rsitr"
 META_COLUMNS = ["image_id", "geometry", "acquired_at", "source_uri", "window", "split"]
+
+
+def _load_model(checkpoint: str) -> tuple[MSA, Any, torch.device]:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.set_num_threads(1)  # one actor per core: threads inside an actor would only contend
+    model, config, _ = ckpt.load_checkpoint(checkpoint, map_location=device)
+    return model, config, device
 
 
 class ImageEmbedder:
     """Holds one model per actor; turns decoded image batches into embeddings."""
 
     def __init__(self, checkpoint: str) -> None:
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        torch.set_num_threads(1)
-        self.model, _, _ = ckpt.load_checkpoint(checkpoint, map_location=self.device)
+        self.model, _, self.device = _load_model(checkpoint)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         with torch.no_grad():
             vectors = self.model.encode_image(torch.as_tensor(batch["image"]).to(self.device))
-        return {"image_id": batch["image_id"], "embedding": vectors.float().cpu().numpy()}
+        return {"key": batch["image_id"], "path": batch["path"], "embedding": vectors.float().cpu().numpy()}
+
+
+class CaptionEmbedder:
+    """Holds one model per actor; tokenizes and embeds caption batches."""
+
+    def __init__(self, checkpoint: str) -> None:
+        self.model, self.config, self.device = _load_model(checkpoint)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        tokens = tokenize(
+            [str(c) for c in batch["caption"]], self.config.model.text_model, self.config.model.max_tokens
+        )
+        with torch.no_grad():
+            vectors = self.model.encode_text(
+                torch.as_tensor(tokens["input_ids"]).to(self.device),
+                torch.as_tensor(tokens["attention_mask"]).to(self.device),
+            )
+        return {"key": batch["caption_id"], "path": batch["path"], "embedding": vectors.float().cpu().numpy()}
+
+
+def decode_with_paths(batch: pa.Table, image_size: int) -> dict[str, Any]:
+    """:func:`decode_images` that keeps each row's shard path (the unit of resumption)."""
+    return {**decode_images(batch, image_size), "path": np.asarray(batch["path"].to_pylist(), dtype=object)}
+
+
+def caption_rows(batch: pa.Table) -> dict[str, Any]:
+    """Shard rows → one row per caption: ``caption_id`` (``<image_id>#<n>``), ``caption`` and the shard path."""
+    ids, texts, paths = [], [], []
+    for image_id, captions, path in zip(
+        batch["image_id"].to_pylist(), batch["captions"].to_pylist(), batch["path"].to_pylist(), strict=True
+    ):
+        for n, caption in enumerate(captions or []):
+            ids.append(f"{image_id}#{n}")
+            texts.append(caption)
+            paths.append(path)
+    return {
+        "caption_id": np.asarray(ids, dtype=object),
+        "caption": np.asarray(texts, dtype=object),
+        "path": np.asarray(paths, dtype=object),
+    }
 
 
 def default_actors() -> int:
@@ -51,78 +106,204 @@ def default_actors() -> int:
     return max(1, min(cpus, os.cpu_count() or 1) if len(ray.nodes()) == 1 else cpus // 2)
 
 
-def embed_archive(
-    checkpoint: str, data: str, out: str, actors: int | None = None, batch_size: int = 64
-) -> dict[str, Any]:
-    """Embed every tile of an ingested dataset; write ``<out>/embeddings.parquet`` (GeoParquet) atomically.
+def _part_uri(parts: str, kind: str, shard: dict[str, Any]) -> str:
+    # the shard's checksum in the name: a re-ingested shard with other bytes is never taken for a finished one
+    stem = posixpath.basename(shard["path"]).removesuffix(".parquet")
+    return storage.join(parts, f"{kind}-{stem}-{shard['sha256'][:16]}.parquet")
 
-    ``actors`` model copies embed in parallel (default: :func:`default_actors`).
 
-    Returns:
-        A summary: rows, model_version, checkpoint and the output URI.
+def _expected_keys(data: str, shard: dict[str, Any], kind: str) -> int:
+    if kind == "images":
+        return int(shard["rows"])
+    fs, path = storage.filesystem(storage.join(data, shard["path"]))
+    with fs.open(path, "rb") as handle:
+        captions = pq.read_table(handle, columns=["captions"])["captions"]
+    return sum(len(c or []) for c in captions.to_pylist())
+
+
+def _embed_pending(
+    ds: ray.data.Dataset, expected: dict[str, int], write: Callable[[str, dict[str, Any]], None]
+) -> None:
+    """Consume ``ds`` (rows: key, path, embedding), handing each shard's vectors to ``write`` once it is complete.
+
+    Raises:
+        RuntimeError: the stream ended with a shard incomplete.
     """
-    checkpoint = ckpt.resolve_checkpoint(checkpoint)
-    _, config, state = ckpt.load_checkpoint(checkpoint)
-    data = storage.resolve(data)
-    init_ray()
-    actors = actors or default_actors()
-    ds = (
-        read_shards(data, ["image_id", "image"])
-        .map_batches(
-            decode_images,  # type: ignore[arg-type]
-            fn_kwargs={"image_size": config.train.image_size},
-            batch_format="pyarrow",
-            batch_size=batch_size,
-            num_cpus=DATA_TASK_CPUS,
-        )
-        .map_batches(
-            ImageEmbedder,
+    done: dict[str, dict[str, np.ndarray]] = {name: {} for name in expected}
+    for name in [n for n, count in expected.items() if count == 0]:
+        write(name, done.pop(name))
+    context = ray.data.DataContext.get_current()
+    saved = context.target_max_block_size
+    # a block per decoded batch (they are ~10 MB): otherwise one shard is one block, which one actor embeds alone
+    context.target_max_block_size = 4 * 1024 * 1024
+    try:
+        for batch in ds.iter_batches(batch_size=256, batch_format="numpy"):
+            for key, path, vector in zip(batch["key"], batch["path"], batch["embedding"], strict=True):
+                name = posixpath.basename(str(path))
+                done[name][str(key)] = vector
+                if len(done[name]) == expected[name]:
+                    write(name, done.pop(name))
+    finally:
+        context.target_max_block_size = saved
+    if done:
+        raise RuntimeError(f"embedding ended with shards incomplete: {sorted(done)}")
+
+
+def _write_part(uri: str, vectors: dict[str, np.ndarray]) -> None:
+    keys = sorted(vectors)
+    dim = len(vectors[keys[0]]) if keys else 0
+    table = pa.table(
+        {
+            "key": pa.array(keys, pa.string()),
+            "embedding": pa.array([vectors[k].astype(np.float32) for k in keys], type=pa.list_(pa.float32(), dim)),
+        }
+    )
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    storage.write_bytes_atomic(uri, sink.getvalue())
+
+
+def _read_parts(uris: list[str]) -> dict[str, np.ndarray]:
+    vectors: dict[str, np.ndarray] = {}
+    for uri in uris:
+        fs, path = storage.filesystem(uri)
+        with fs.open(path, "rb") as handle:
+            table = pq.read_table(handle)
+        if table.num_rows:
+            matrix = np.stack(table["embedding"].to_numpy(zero_copy_only=False))
+            vectors.update(zip(table["key"].to_pylist(), matrix, strict=True))
+    return vectors
+
+
+def _embed_kind(
+    kind: str, checkpoint: str, data: str, parts: str, actors: int, batch_size: int
+) -> tuple[dict[str, np.ndarray], int]:
+    """Embeddings of every key of one ``kind`` ("images" → image_id, "captions" → caption_id) of the dataset, and
+    how many shards came from parts a previous run had finished."""
+    by_name = {posixpath.basename(s["path"]): s for s in shards.read_manifest(data)["shards"]}
+    part_of = {name: _part_uri(parts, kind, shard) for name, shard in by_name.items()}
+    pending = {name: shard for name, shard in by_name.items() if not storage.exists(part_of[name])}
+    if pending:
+        uris = [storage.join(data, s["path"]) for s in pending.values()]
+        ds = ray.data.read_parquet(uris, include_paths=True, num_cpus=DATA_TASK_CPUS)
+        embedder: type
+        if kind == "images":
+            image_size = ckpt.load_checkpoint(checkpoint)[1].train.image_size
+            ds = ds.select_columns(["image_id", "image", "path"]).map_batches(
+                decode_with_paths,  # type: ignore[arg-type]
+                fn_kwargs={"image_size": image_size},
+                batch_format="pyarrow",
+                batch_size=batch_size,
+                num_cpus=DATA_TASK_CPUS,
+            )
+            embedder = ImageEmbedder
+        else:
+            ds = ds.select_columns(["image_id", "captions", "path"]).map_batches(
+                caption_rows,
+                batch_format="pyarrow",
+                num_cpus=DATA_TASK_CPUS,
+            )
+            embedder = CaptionEmbedder
+        ds = ds.map_batches(
+            embedder,
             fn_constructor_kwargs={"checkpoint": checkpoint},
             batch_size=batch_size,
             concurrency=actors,
             num_cpus=0.5,
             num_gpus=1 if torch.cuda.is_available() else 0,
         )
-    )
-    vectors: dict[str, np.ndarray] = {}
-    context = ray.data.DataContext.get_current()
-    saved = context.target_max_block_size
-    # a block per decoded batch (they are ~10 MB): otherwise one shard is one block, which one actor embeds alone
-    context.target_max_block_size = 4 * 1024 * 1024
-    try:
-        for batch in ds.iter_batches(batch_size=1024, batch_format="numpy"):
-            vectors.update(zip((str(i) for i in batch["image_id"]), batch["embedding"], strict=True))
-    finally:
-        context.target_max_block_size = saved
-    rows = [row for row in shards.iter_rows(data, columns=META_COLUMNS)]
-    missing = [r["image_id"] for r in rows if r["image_id"] not in vectors]
+        expected = {name: _expected_keys(data, shard, kind) for name, shard in pending.items()}
+        _embed_pending(ds, expected, lambda name, vectors: _write_part(part_of[name], vectors))
+    return _read_parts(list(part_of.values())), len(by_name) - len(pending)
+
+
+def _write_table(table: pa.Table, data: str, uri: str) -> None:
+    """Parquet with the source dataset in its metadata (GeoParquet metadata too when rows have footprints)."""
+    geo = shards.geo_metadata() if "geometry" in table.column_names else {}
+    table = table.replace_schema_metadata({**geo, PROVENANCE_KEY: json.dumps({"data": data}).encode()})
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression="zstd")
+    storage.write_bytes_atomic(uri, sink.getvalue())
+
+
+def _vector_column(keys: list[str], vectors: dict[str, np.ndarray], data: str) -> pa.Array:
+    missing = [k for k in keys if k not in vectors]
     if missing:
-        raise RuntimeError(f"embedding of {data} lost {len(missing)} tiles, e.g. {missing[0]}")
-    dim = len(next(iter(vectors.values())))
+        raise RuntimeError(f"embedding of {data} lost {len(missing)} rows, e.g. {missing[0]}")
+    dim = len(vectors[keys[0]]) if keys else 0
+    return pa.array([vectors[k].astype(np.float32) for k in keys], type=pa.list_(pa.float32(), dim))
+
+
+def embed_archive(
+    checkpoint: str,
+    data: str,
+    out: str,
+    actors: int | None = None,
+    batch_size: int = 64,
+    captions: bool = False,
+) -> dict[str, Any]:
+    """Embed every tile of an ingested dataset into ``<out>/embeddings.parquet`` (GeoParquet), and with
+    ``captions`` every caption into ``<out>/captions.parquet``. Resumes an interrupted run of the same model.
+
+    ``actors`` model copies embed in parallel (default: :func:`default_actors`).
+
+    Returns:
+        A summary: rows, model_version, checkpoint, the output URIs, and shards resumed from an earlier run.
+    """
+    checkpoint = ckpt.resolve_checkpoint(checkpoint)
+    _, _, state = ckpt.load_checkpoint(checkpoint)
+    data, out = storage.resolve(data), storage.resolve(out)
+    version = state["model_version"]
+    parts = storage.join(out, PARTS_DIR, version)
+    init_ray()
+    actors = actors or default_actors()
+    vectors, resumed = _embed_kind("images", checkpoint, data, parts, actors, batch_size)
+    rows = list(shards.iter_rows(data, columns=[*META_COLUMNS, *(["captions"] if captions else [])]))
+    ids = [r["image_id"] for r in rows]
     table = pa.table(
         {
-            "image_id": [r["image_id"] for r in rows],
-            "embedding": pa.array(
-                [vectors[r["image_id"]].astype(np.float32) for r in rows], type=pa.list_(pa.float32(), dim)
-            ),
+            "image_id": ids,
+            "embedding": _vector_column(ids, vectors, data),
             "geometry": pa.array([r["geometry"] for r in rows], type=pa.binary()),
             "acquired_at": pa.array([r["acquired_at"] for r in rows], type=pa.timestamp("us", tz="UTC")),
             "source_uri": [r["source_uri"] for r in rows],
             "window": pa.array([r["window"] for r in rows], type=shards.WINDOW_TYPE),
             "split": [r["split"] for r in rows],
-            "model_version": [state["model_version"]] * len(rows),
+            "model_version": [version] * len(rows),
         }
-    ).replace_schema_metadata({**shards.geo_metadata(), PROVENANCE_KEY: json.dumps({"data": data}).encode()})
-    sink = io.BytesIO()
-    pq.write_table(table, sink, compression="zstd")
-    target = storage.join(storage.resolve(out), EMBEDDINGS_FILE)
-    storage.write_bytes_atomic(target, sink.getvalue())
-    summary = {
+    )
+    target = storage.join(out, EMBEDDINGS_FILE)
+    _write_table(table, data, target)
+    summary: dict[str, Any] = {
         "rows": table.num_rows,
-        "model_version": state["model_version"],
+        "model_version": version,
         "checkpoint": checkpoint,
         "embeddings": target,
-        "dim": dim,
+        "dim": table.schema.field("embedding").type.list_size,
+        "resumed_shards": resumed,
     }
-    log.info("embedded %d tiles into %s", table.num_rows, target)
+    if captions:
+        text_vectors, text_resumed = _embed_kind("captions", checkpoint, data, parts, actors, batch_size)
+        flat = [
+            (f"{r['image_id']}#{n}", r["image_id"], c, r["split"])
+            for r in rows
+            for n, c in enumerate(r["captions"] or [])
+        ]
+        caption_ids = [f[0] for f in flat]
+        caption_table = pa.table(
+            {
+                "caption_id": caption_ids,
+                "image_id": [f[1] for f in flat],
+                "caption": [f[2] for f in flat],
+                "embedding": _vector_column(caption_ids, text_vectors, data),
+                "split": [f[3] for f in flat],
+                "model_version": [version] * len(flat),
+            }
+        )
+        summary["captions"] = storage.join(out, CAPTIONS_FILE)
+        summary["caption_rows"] = caption_table.num_rows
+        summary["resumed_shards"] += text_resumed
+        _write_table(caption_table, data, summary["captions"])
+    storage.remove_tree(storage.join(out, PARTS_DIR))
+    log.info("embedded %d tiles into %s (%d shards resumed)", table.num_rows, target, resumed)
     return summary

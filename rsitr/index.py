@@ -12,11 +12,13 @@ import lancedb
 import pyarrow as pa
 import pyarrow.parquet as pq
 import shapely
+from lancedb.index import BTree, IvfPq
 
 from rsitr.io import storage
 
 log = logging.getLogger(__name__)
 TABLE = "tiles"
+CAPTIONS_TABLE = "captions"
 INDEX_META = "index.json"
 ANN_THRESHOLD = 100_000
 FILTER_COLUMNS = ("min_lon", "max_lon", "min_lat", "max_lat", "acquired_at")
@@ -24,6 +26,11 @@ FILTER_COLUMNS = ("min_lon", "max_lon", "min_lat", "max_lat", "acquired_at")
 
 class IndexNotFoundError(FileNotFoundError):
     """No index at the given URI."""
+
+
+def connect(uri: str) -> Any:
+    """The LanceDB database at ``uri`` (a local folder or an ``s3://`` prefix)."""
+    return lancedb.connect(uri, storage_options=storage.lance_options(uri))
 
 
 def _bbox_columns(geometries: list[bytes | None]) -> dict[str, list[float | None]]:
@@ -35,20 +42,36 @@ def _bbox_columns(geometries: list[bytes | None]) -> dict[str, list[float | None
     return cols
 
 
-def build_index(embeddings: str, out: str, checkpoint: str | None = None) -> dict[str, Any]:
-    """Build (or rebuild) the index at ``out`` from an embeddings GeoParquet file.
+def build_index(
+    embeddings: str, out: str, checkpoint: str | None = None, captions: str | None = None
+) -> dict[str, Any]:
+    """Build (or rebuild) the index at ``out`` from an embeddings GeoParquet file, and with ``captions`` (a
+    captions file from ``rsitr embed --captions``) a caption table for image→text search beside the tiles.
 
     LanceDB keeps versions: a rebuild commits a new version, readers keep the one they opened.
 
     Returns:
-        ``index.json``'s content: rows, model_version, checkpoint, kind (exact or ivf_pq).
+        ``index.json``'s content: rows, model_version, checkpoint, kind (exact or ivf_pq), caption_rows.
+
+    Raises:
+        ValueError: the captions come from another model version than the tiles.
     """
     table = read_embeddings(embeddings)
     data = index_rows(table, embeddings)
+    version = data["model_version"][0].as_py()
     out = storage.resolve(out)
-    lance_table = lancedb.connect(out).create_table(TABLE, data=data, mode="overwrite")
-    extra = {"embeddings": embeddings, "data": embeddings_source(table)}
-    return publish(out, lance_table, data["model_version"][0].as_py(), checkpoint, extra)
+    db = connect(out)
+    extra: dict[str, Any] = {"embeddings": embeddings, "data": embeddings_source(table)}
+    if captions:
+        caption_data = caption_rows(read_embeddings(captions), captions)
+        if caption_data["model_version"][0].as_py() != version:
+            raise ValueError(f"{captions}: captions embedded by another model version than {embeddings}; re-embed")
+        caption_table = db.create_table(CAPTIONS_TABLE, data=caption_data, mode="overwrite")
+        if caption_table.count_rows() >= ANN_THRESHOLD:
+            add_vector_index(caption_table)
+        extra.update(captions_table=CAPTIONS_TABLE, caption_rows=caption_data.num_rows)
+    lance_table = db.create_table(TABLE, data=data, mode="overwrite")
+    return publish(out, lance_table, version, checkpoint, extra)
 
 
 def read_embeddings(uri: str) -> pa.Table:
@@ -80,6 +103,30 @@ def index_rows(table: pa.Table, where: str = "embeddings") -> pa.Table:
     return data.replace_schema_metadata(None)
 
 
+def caption_rows(table: pa.Table, where: str = "captions") -> pa.Table:
+    """Caption embedding rows as the index stores them (``vector``, caption_id, image_id, caption, split).
+
+    Raises:
+        ValueError: the rows come from several model versions, or there are none.
+    """
+    versions = set(table["model_version"].to_pylist())
+    if len(versions) != 1:
+        raise ValueError(f"{where}: expected captions of one model version, found {sorted(versions)}")
+    return table.rename_columns(
+        ["vector" if n == "embedding" else n for n in table.column_names]
+    ).replace_schema_metadata(None)
+
+
+def ann_config(rows: int) -> IvfPq:
+    """The ANN index for a table of ``rows`` vectors (settings chosen with ``benchmarks/index.py``)."""
+    return IvfPq(distance_type="cosine", num_partitions=int(math.sqrt(rows)), num_sub_vectors=32)
+
+
+def add_vector_index(lance_table: Any) -> None:
+    """The ANN index (:func:`ann_config`) on ``vector``."""
+    lance_table.create_index("vector", config=ann_config(int(lance_table.count_rows())), replace=True)
+
+
 def publish(
     out: str, lance_table: Any, model_version: str, checkpoint: str | None, extra: dict[str, Any]
 ) -> dict[str, Any]:
@@ -88,11 +135,9 @@ def publish(
     kind = "exact"
     if rows >= ANN_THRESHOLD:
         if not lance_table.list_indices():
-            lance_table.create_index(
-                metric="cosine", index_type="IVF_PQ", num_partitions=int(math.sqrt(rows)), num_sub_vectors=32
-            )
+            add_vector_index(lance_table)
             for column in FILTER_COLUMNS:  # so bbox/time prefilters do not scan every row
-                lance_table.create_scalar_index(column, index_type="BTREE")
+                lance_table.create_index(column, config=BTree())
         else:  # fold appended rows into the existing ANN index
             lance_table.optimize()
         kind = "ivf_pq"
@@ -121,7 +166,13 @@ def open_index(uri: str) -> tuple[Any, dict[str, Any]]:
     if not storage.exists(meta_uri):
         raise IndexNotFoundError(f"no index at {uri} (missing {INDEX_META}); build one with `rsitr index build`")
     meta: dict[str, Any] = storage.read_json(meta_uri)
-    return lancedb.connect(uri).open_table(meta["table"]), meta
+    return connect(uri).open_table(meta["table"]), meta
+
+
+def open_captions(uri: str, meta: dict[str, Any]) -> Any | None:
+    """The caption table of the index at ``uri`` (``meta``: its index.json), or None when it has none."""
+    name = meta.get("captions_table")
+    return connect(storage.resolve(uri)).open_table(name) if name else None
 
 
 def describe(meta: dict[str, Any]) -> str:

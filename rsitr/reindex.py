@@ -20,8 +20,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import lancedb
-
 from rsitr import checkpoint as ckpt
 from rsitr import embed, index, ingest
 from rsitr.io import geotiff, shards, storage
@@ -131,7 +129,7 @@ def reindex_archive(
             raise ingest.IngestError(f"no raster scenes found under {archive}")
         current = _digests(specs, ledger["files"])
         by_hash: dict[str, dict[str, Any]] = ledger["scenes"]
-        db = lancedb.connect(out)
+        db = index.connect(out)
         table = _open_table(db, name)
         renamed, changed, new = [], [], []
         uri_of_hash = {record["uri"]: sha for sha, record in by_hash.items()}

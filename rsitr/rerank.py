@@ -24,7 +24,11 @@ REVERSE_WEIGHT = 0.7
 
 
 def rerank_topk(
-    sim: torch.Tensor, k: int = 10, chunk: int = 256, candidates: torch.Tensor | None = None
+    sim: torch.Tensor,
+    k: int = 10,
+    chunk: int = 256,
+    candidates: torch.Tensor | None = None,
+    queries: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Re-ranked top-K candidates of every query (row) of ``sim``.
 
@@ -34,6 +38,8 @@ def rerank_topk(
         chunk: queries processed at once (bounds memory at ``queries × chunk × k`` booleans).
         candidates: (queries, k') candidate indices to re-rank instead of each row's top k (e.g. from an ANN
             index); their forward ranks come from ``sim``.
+        queries: re-rank only the first ``queries`` rows; the others are reference queries that only enter the
+            column sums and reverse ranks (a search re-ranks one query against a reference set).
 
     Returns:
         Candidate indices (queries, k) in their new order, and their re-ranked scores s′.
@@ -48,8 +54,9 @@ def rerank_topk(
     forward_bonus = torch.exp(-DECAY * (torch.arange(k, dtype=sim.dtype, device=sim.device) + 1))
     reverse_bonus = REVERSE_WEIGHT * forward_bonus
     order_out, score_out = [], []
-    for start in range(0, sim.shape[0], chunk):
-        rows = torch.arange(start, min(start + chunk, sim.shape[0]), device=sim.device)
+    ranked = sim.shape[0] if queries is None else queries
+    for start in range(0, ranked, chunk):
+        rows = torch.arange(start, min(start + chunk, ranked), device=sim.device)
         picked = candidates[rows]  # (c, k)
         scores = sim[rows[:, None], picked]  # (c, k)
         # rank of each query among all queries in its candidate's column

@@ -1,4 +1,5 @@
-"""Text → tiles search over an index: encode the query with the text tower, nearest tiles by cosine."""
+"""Search an index: text → tiles (nearest tile embeddings to the encoded query) and image → captions (nearest
+caption embeddings to the encoded image), optionally re-ranked by similarity-matrix re-weighting."""
 
 from __future__ import annotations
 
@@ -7,13 +8,16 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import numpy as np
 import shapely
 import torch
 
 from rsitr import checkpoint as ckpt
-from rsitr.data.pipeline import tokenize
-from rsitr.index import open_index
+from rsitr.data.pipeline import decode_image, tokenize
+from rsitr.index import open_captions, open_index
+from rsitr.io import storage
 from rsitr.models.msa import MSA
+from rsitr.rerank import rerank_topk
 
 
 class SearchError(ValueError):
@@ -104,12 +108,27 @@ class Hit:
     window: dict[str, int] | None
     footprint: str | None
     acquired_at: str | None
+    rerank_score: float | None = None
+
+
+@dataclass
+class CaptionHit:
+    """One retrieved caption (image → text)."""
+
+    rank: int
+    score: float
+    caption: str
+    image_id: str
+    caption_id: str
+    rerank_score: float | None = None
 
 
 # IVF-PQ search settings: partitions probed, and candidates re-scored exactly (refine_factor × k) so the top-k
 # order comes from full vectors, not PQ codes (benchmarks/index.py measures the recall they give)
 NPROBES = 24
 REFINE_FACTOR = 10
+# reference vectors the re-rank compares a query with (a fixed sample of the other side's table beyond this)
+REFERENCE_LIMIT = 20_000
 
 
 def nearest(
@@ -127,9 +146,10 @@ def nearest(
 
 
 class Searcher:
-    """An opened index and the text tower that matches it (loaded once, queried many times)."""
+    """An opened index and the model that matches it (loaded once, queried many times)."""
 
     def __init__(self, index: str, checkpoint: str | None = None) -> None:
+        self.index = index
         self.table, self.meta = open_index(index)
         source = checkpoint or self.meta.get("checkpoint")
         if not source:
@@ -142,23 +162,85 @@ class Searcher:
             )
         self.model: MSA = model
         self.config = config
+        self.ann = self.meta.get("kind") == "ivf_pq"
+        self.captions = open_captions(index, self.meta)
+        self._references: dict[str, torch.Tensor] = {}
 
     @torch.no_grad()
-    def search(self, query: str, k: int = 10, where: SearchFilter | None = None) -> list[Hit]:
-        """Top-``k`` tiles for ``query`` among those that pass ``where``."""
+    def search(self, query: str, k: int = 10, where: SearchFilter | None = None, rerank: int = 0) -> list[Hit]:
+        """Top-``k`` tiles for ``query`` among those that pass ``where``; with ``rerank``, the top ``rerank``
+        re-ranked against the index's captions (:mod:`rsitr.rerank`) before the first ``k`` are kept."""
         if not query.strip():
             raise SearchError("empty query: type what to look for, e.g. 'a river crossing farmland'")
-        if k < 1:
-            raise SearchError(f"k={k}: ask for at least one result")
+        _check_k(k, rerank)
         tokens = tokenize([query], self.config.model.text_model, self.config.model.max_tokens)
         vector = self.model.encode_text(
             torch.as_tensor(tokens["input_ids"]), torch.as_tensor(tokens["attention_mask"])
         )[0]
-        rows = nearest(self.table, vector.numpy(), k, where, ann=self.meta.get("kind") == "ivf_pq")
-        return [_hit(rank, row) for rank, row in enumerate(rows, start=1)]
+        rows = nearest(self.table, vector.numpy(), max(k, rerank), where, ann=self.ann)
+        reranked = self._rerank(vector, rows, self._caption_table(), "captions") if rerank else None
+        return [_hit(rank, row, score) for rank, (row, score) in enumerate(_order(rows, reranked, k), start=1)]
+
+    @torch.no_grad()
+    def describe(self, image: str, k: int = 10, rerank: int = 0) -> list[CaptionHit]:
+        """Top-``k`` captions of the index for an image file (PNG, JPEG, TIFF, …); with ``rerank``, re-ranked
+        against the indexed tiles."""
+        _check_k(k, rerank)
+        captions = self._caption_table()
+        try:
+            pixels = decode_image(storage.read_bytes(storage.resolve(image)), self.config.train.image_size)
+        except (OSError, ValueError) as err:
+            raise SearchError(f"image {image}: cannot be read as an image ({err})") from None
+        vector = self.model.encode_image(torch.as_tensor(pixels[None]))[0]
+        rows = nearest(captions, vector.numpy(), max(k, rerank), ann=captions.list_indices() != [])
+        reranked = self._rerank(vector, rows, self.table, "tiles") if rerank else None
+        return [
+            CaptionHit(rank, 1.0 - float(row["_distance"]), row["caption"], row["image_id"], row["caption_id"], score)
+            for rank, (row, score) in enumerate(_order(rows, reranked, k), start=1)
+        ]
+
+    def _caption_table(self) -> Any:
+        if self.captions is None:
+            raise SearchError(
+                f"index {self.index} has no caption table (image→text search and --rerank use it); rebuild it with "
+                "`rsitr embed --captions` and `rsitr index build --captions`"
+            )
+        return self.captions
+
+    def _rerank(self, query: torch.Tensor, rows: list[dict[str, Any]], other: Any, name: str) -> list[float]:
+        """Re-ranked scores of ``rows`` for ``query``, with a sample of the query side's table as references."""
+        if name not in self._references:
+            vectors = other.to_arrow()["vector"] if other.count_rows() <= REFERENCE_LIMIT else None
+            if vectors is None:
+                picked = np.random.default_rng(0).choice(other.count_rows(), REFERENCE_LIMIT, replace=False)
+                vectors = other.take_offsets(sorted(picked.tolist())).to_arrow()["vector"]
+            self._references[name] = torch.as_tensor(np.stack(vectors.to_numpy(zero_copy_only=False)))
+        candidates = torch.as_tensor(np.stack([row["vector"] for row in rows]))
+        sim = torch.cat([query[None], self._references[name].to(query.dtype)]) @ candidates.to(query.dtype).t()
+        order, scores = rerank_topk(sim, k=len(rows), candidates=torch.arange(len(rows))[None], queries=1)
+        reranked = [0.0] * len(rows)
+        for position, score in zip(order[0].tolist(), scores[0].tolist(), strict=True):
+            reranked[position] = score
+        return reranked
 
 
-def _hit(rank: int, row: dict[str, Any]) -> Hit:
+def _check_k(k: int, rerank: int) -> None:
+    if k < 1:
+        raise SearchError(f"k={k}: ask for at least one result")
+    if rerank < 0:
+        raise SearchError(f"--rerank {rerank}: give the number of candidates to re-rank (0: off)")
+
+
+def _order(
+    rows: list[dict[str, Any]], reranked: list[float] | None, k: int
+) -> list[tuple[dict[str, Any], float | None]]:
+    if reranked is None:
+        return [(row, None) for row in rows[:k]]
+    order = sorted(range(len(rows)), key=lambda i: -reranked[i])
+    return [(rows[i], reranked[i]) for i in order[:k]]
+
+
+def _hit(rank: int, row: dict[str, Any], rerank_score: float | None = None) -> Hit:
     geometry = row.get("geometry")
     acquired = row.get("acquired_at")
     return Hit(
@@ -169,11 +251,24 @@ def _hit(rank: int, row: dict[str, Any]) -> Hit:
         window=row.get("window"),
         footprint=shapely.from_wkb(geometry).wkt if geometry else None,
         acquired_at=acquired.isoformat() if acquired is not None else None,
+        rerank_score=rerank_score,
     )
 
 
 def search(
-    query: str, index: str, k: int = 10, checkpoint: str | None = None, where: SearchFilter | None = None
+    query: str,
+    index: str,
+    k: int = 10,
+    checkpoint: str | None = None,
+    where: SearchFilter | None = None,
+    rerank: int = 0,
 ) -> list[dict[str, Any]]:
-    """One-shot search; see :class:`Searcher` to answer many queries with one model load."""
-    return [asdict(hit) for hit in Searcher(index, checkpoint).search(query, k, where)]
+    """One-shot text → tiles search; see :class:`Searcher` to answer many queries with one model load."""
+    return [asdict(hit) for hit in Searcher(index, checkpoint).search(query, k, where, rerank)]
+
+
+def describe(
+    image: str, index: str, k: int = 10, checkpoint: str | None = None, rerank: int = 0
+) -> list[dict[str, Any]]:
+    """One-shot image → captions search over the index's caption table."""
+    return [asdict(hit) for hit in Searcher(index, checkpoint).describe(image, k, rerank)]

@@ -2,15 +2,19 @@ import json
 from datetime import UTC, datetime
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import shapely
+import torch
 
 from rsitr.checkpoint import CheckpointError, save_checkpoint
 from rsitr.cli import main as cli_main
 from rsitr.config import load_config
+from rsitr.data.pipeline import decode_image
 from rsitr.embed import embed_archive
 from rsitr.index import IndexNotFoundError, build_index, open_index
+from rsitr.io import shards
 from rsitr.models.msa import build_model
 from rsitr.search import Searcher, SearchError, SearchFilter
 
@@ -18,8 +22,8 @@ from rsitr.search import Searcher, SearchError, SearchFilter
 @pytest.fixture(scope="module")
 def built_index(ray_local: None, demo_shards: Path, untrained_checkpoint: Path, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("index")
-    summary = embed_archive(str(untrained_checkpoint), str(demo_shards), str(out))
-    build_index(summary["embeddings"], str(out), summary["checkpoint"])
+    summary = embed_archive(str(untrained_checkpoint), str(demo_shards), str(out), captions=True)
+    build_index(summary["embeddings"], str(out), summary["checkpoint"], captions=summary["captions"])
     return out
 
 
@@ -109,3 +113,53 @@ def test_html_result_sheet_shows_thumbnails_scores_and_footprints(built_index: P
     page = sheet.read_text()
     assert page.count("data:image/jpeg;base64,") == 4 and page.count("<polygon") == 4
     assert "a river crosses dense forest" in page and "http" not in page  # nothing fetched from a network
+
+
+def test_captions_are_embedded_and_searchable_from_an_image(
+    built_index: Path, demo_shards: Path, tmp_path: Path
+) -> None:
+    captions = pq.read_table(built_index / "captions.parquet")
+    shard_rows = list(shards.iter_rows(str(demo_shards), ["image_id", "captions"]))
+    assert captions.num_rows == sum(len(r["captions"]) for r in shard_rows) > 432
+    assert not (built_index / "_parts").exists()  # per-shard progress is removed once the files are written
+    image = tmp_path / "tile.png"
+    image.write_bytes(next(shards.iter_rows(str(demo_shards), ["image"]))["image"])
+    searcher = Searcher(str(built_index))
+    hits = searcher.describe(str(image), k=5)
+    assert [h.rank for h in hits] == [1, 2, 3, 4, 5]
+    assert all(h.caption_id.startswith(f"{h.image_id}#") for h in hits)
+    with torch.no_grad():  # the caption table is small, so the search is exact: compare with brute force
+        pixels = decode_image(image.read_bytes(), searcher.config.train.image_size)
+        query = searcher.model.encode_image(torch.as_tensor(pixels[None]))[0].numpy()
+    scores = np.stack(captions["embedding"].to_numpy(zero_copy_only=False)) @ query
+    # the demo repeats caption texts across tiles, so ids tie: compare the scores
+    assert [h.score for h in hits] == pytest.approx(np.sort(scores)[::-1][:5].tolist(), abs=1e-5)
+    text = dict(zip(captions["caption_id"].to_pylist(), captions["caption"].to_pylist(), strict=True))
+    assert all(text[h.caption_id] == h.caption for h in hits)
+
+
+def test_rerank_reorders_candidates_by_the_similarity_matrix(built_index: Path) -> None:
+    searcher = Searcher(str(built_index))
+    plain = searcher.search("a river crosses dense forest", k=20)
+    reranked = searcher.search("a river crosses dense forest", k=20, rerank=20)
+    assert {h.image_id for h in reranked} == {h.image_id for h in plain}  # the same candidates …
+    assert all(h.rerank_score is not None for h in reranked)
+    scores = [h.rerank_score for h in reranked]
+    assert scores == sorted(scores, reverse=True)  # … in the re-ranked order
+    by_id = {h.image_id: h.score for h in plain}
+    assert all(abs(by_id[h.image_id] - h.score) < 1e-5 for h in reranked)  # cosine scores unchanged
+    top = searcher.search("a river crosses dense forest", k=5, rerank=20)
+    assert [h.image_id for h in top] == [h.image_id for h in reranked[:5]]
+
+
+def test_image_search_and_rerank_need_a_caption_table(
+    built_index: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bare = tmp_path / "bare"
+    build_index(str(built_index / "embeddings.parquet"), str(bare), open_index(str(built_index))[1]["checkpoint"])
+    assert cli_main(["search", "forest", "--index", str(bare), "--rerank", "10"]) == 2
+    assert "no caption table" in capsys.readouterr().err
+    assert cli_main(["search", "--image", str(tmp_path / "missing.png"), "--index", str(built_index)]) == 2
+    assert "missing.png" in capsys.readouterr().err
+    assert cli_main(["search", "forest", "--image", "x.png", "--index", str(built_index)]) == 2
+    assert "either a text query" in capsys.readouterr().err

@@ -48,6 +48,16 @@ def filesystem(uri: str, random_access: bool = False) -> tuple[AbstractFileSyste
     return fs, path
 
 
+def lance_options(uri: str) -> dict[str, str]:
+    """LanceDB ``storage_options`` for ``uri``: the S3 endpoint from the environment (credentials LanceDB reads
+    from the environment itself, so they never pass through here)."""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("S3_ENDPOINT_URL")
+    if not uri.startswith("s3://") or not endpoint:
+        return {}
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    return {"aws_endpoint": endpoint, "allow_http": str(endpoint.startswith("http://")).lower(), "region": region}
+
+
 def join(uri: str, *parts: str) -> str:
     """Join path parts onto a URI with ``/``."""
     return "/".join([uri.rstrip("/"), *(p.strip("/") for p in parts)])
