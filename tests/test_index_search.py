@@ -1,4 +1,9 @@
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -17,6 +22,8 @@ from rsitr.index import IndexNotFoundError, build_index, open_index
 from rsitr.io import shards
 from rsitr.models.msa import build_model
 from rsitr.search import Searcher, SearchError, SearchFilter
+
+PROJECT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -163,3 +170,49 @@ def test_image_search_and_rerank_need_a_caption_table(
     assert "missing.png" in capsys.readouterr().err
     assert cli_main(["search", "forest", "--image", "x.png", "--index", str(built_index)]) == 2
     assert "either a text query" in capsys.readouterr().err
+
+
+def test_an_interrupted_embedding_resumes_with_the_shards_it_had_not_finished(
+    ray_local: None, built_index: Path, demo_shards: Path, untrained_checkpoint: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "embedded"
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RSITR_RAY_CLUSTER")}
+    command = ["embed", "--checkpoint", str(untrained_checkpoint), "--data", str(demo_shards), "--out", str(out)]
+    child = subprocess.Popen(
+        [sys.executable, "-m", "rsitr.cli", *command], cwd=PROJECT, env=env, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not list(out.glob("_parts/*/images-*.parquet")) and child.poll() is None:
+            assert time.monotonic() < deadline, "the embedding never finished a shard"
+            time.sleep(0.1)
+        os.killpg(child.pid, signal.SIGKILL)
+        child.wait()
+    finally:
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
+    finished = len(list(out.glob("_parts/*/images-*.parquet")))
+    assert 1 <= finished < 12 and not (out / "embeddings.parquet").exists()  # killed half-way, nothing published
+    summary = embed_archive(str(untrained_checkpoint), str(demo_shards), str(out))
+    assert summary["resumed_shards"] == finished and summary["rows"] == 432
+    resumed, whole = pq.read_table(out / "embeddings.parquet"), pq.read_table(built_index / "embeddings.parquet")
+    assert resumed["image_id"].to_pylist() == whole["image_id"].to_pylist()
+    np.testing.assert_allclose(
+        np.stack(resumed["embedding"].to_numpy(zero_copy_only=False)),
+        np.stack(whole["embedding"].to_numpy(zero_copy_only=False)),
+        atol=1e-5,
+    )
+
+
+def test_the_index_lives_on_s3_too(ray_local: None, built_index: Path, demo_shards: Path, s3_bucket: str) -> None:
+    summary = embed_archive(open_index(str(built_index))[1]["checkpoint"], str(demo_shards), f"{s3_bucket}/embedded")
+    assert summary["embeddings"] == f"{s3_bucket}/embedded/embeddings.parquet"
+    meta = build_index(summary["embeddings"], f"{s3_bucket}/index", summary["checkpoint"])
+    assert meta["rows"] == 432
+    remote, local = Searcher(f"{s3_bucket}/index"), Searcher(str(built_index))
+    box = SearchFilter(bbox=shapely.from_wkt(local.search("farmland", k=1)[0].footprint).bounds)
+    for where in (None, box):
+        expected = [h.image_id for h in local.search("a lake beside farmland", k=8, where=where)]
+        assert [h.image_id for h in remote.search("a lake beside farmland", k=8, where=where)] == expected
+    rebuilt = build_index(summary["embeddings"], f"{s3_bucket}/index", summary["checkpoint"])
+    assert rebuilt["rows"] == 432 and Searcher(f"{s3_bucket}/index").table.count_rows() == 432
