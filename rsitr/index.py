@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -12,7 +13,7 @@ import lancedb
 import pyarrow as pa
 import pyarrow.parquet as pq
 import shapely
-from lancedb.index import BTree, IvfPq
+from lancedb.index import BTree, HnswSq, IvfFlat, IvfPq, IvfSq
 
 from rsitr.io import storage
 
@@ -51,7 +52,7 @@ def build_index(
     LanceDB keeps versions: a rebuild commits a new version, readers keep the one they opened.
 
     Returns:
-        ``index.json``'s content: rows, model_version, checkpoint, kind (exact or ivf_pq), caption_rows.
+        ``index.json``'s content: rows, model_version, checkpoint, kind (exact or the ANN index type), caption_rows.
 
     Raises:
         ValueError: the captions come from another model version than the tiles.
@@ -68,7 +69,7 @@ def build_index(
             raise ValueError(f"{captions}: captions embedded by another model version than {embeddings}; re-embed")
         caption_table = db.create_table(CAPTIONS_TABLE, data=caption_data, mode="overwrite")
         if caption_table.count_rows() >= ANN_THRESHOLD:
-            add_vector_index(caption_table)
+            add_vector_index(caption_table)  # searched with the tiles' settings (index.json "ann")
         extra.update(captions_table=CAPTIONS_TABLE, caption_rows=caption_data.num_rows)
     lance_table = db.create_table(TABLE, data=data, mode="overwrite")
     return publish(out, lance_table, version, checkpoint, extra)
@@ -117,30 +118,77 @@ def caption_rows(table: pa.Table, where: str = "captions") -> pa.Table:
     ).replace_schema_metadata(None)
 
 
-def ann_config(rows: int) -> IvfPq:
-    """The ANN index for a table of ``rows`` vectors (settings chosen with ``benchmarks/index.py``)."""
-    return IvfPq(distance_type="cosine", num_partitions=int(math.sqrt(rows)), num_sub_vectors=32)
+@dataclass(frozen=True)
+class AnnSettings:
+    """How the ANN index is built (type, partitions, PQ sub-vectors) and searched (partitions probed, exact
+    re-scoring of ``refine_factor`` × k candidates, HNSW ``ef``). ``benchmarks/index.py`` compares settings."""
+
+    index_type: str = "IVF_PQ"
+    partitions_per_sqrt_rows: float = 1.0
+    sub_vectors: int = 32
+    nprobes: int = 24
+    refine_factor: int | None = 10
+    ef: int | None = None
+
+    def config(self, rows: int) -> Any:
+        """The LanceDB index configuration for a table of ``rows`` vectors."""
+        partitions = max(1, round(self.partitions_per_sqrt_rows * math.sqrt(rows)))
+        if self.index_type == "IVF_PQ":
+            return IvfPq(distance_type="cosine", num_partitions=partitions, num_sub_vectors=self.sub_vectors)
+        if self.index_type == "IVF_SQ":
+            return IvfSq(distance_type="cosine", num_partitions=partitions)
+        if self.index_type == "IVF_FLAT":
+            return IvfFlat(distance_type="cosine", num_partitions=partitions)
+        if self.index_type == "IVF_HNSW_SQ":
+            return HnswSq(distance_type="cosine", num_partitions=partitions)
+        raise ValueError(f"unknown ANN index type {self.index_type!r}")
+
+    def apply(self, request: Any) -> Any:
+        """Set the search-time knobs on a LanceDB vector query."""
+        request = request.nprobes(self.nprobes)
+        if self.refine_factor:
+            request = request.refine_factor(self.refine_factor)
+        if self.ef:
+            request = request.ef(self.ef)
+        return request
 
 
-def add_vector_index(lance_table: Any) -> None:
-    """The ANN index (:func:`ann_config`) on ``vector``."""
-    lance_table.create_index("vector", config=ann_config(int(lance_table.count_rows())), replace=True)
+ANN = AnnSettings()
+
+
+def add_vector_index(lance_table: Any, ann: AnnSettings = ANN) -> None:
+    """The ANN index on ``vector``."""
+    lance_table.create_index("vector", config=ann.config(int(lance_table.count_rows())), replace=True)
+
+
+def ann_settings(meta: dict[str, Any]) -> AnnSettings | None:
+    """The ANN settings an index was built with (None: exact search). Indexes from before settings were recorded
+    are IVF-PQ with the first defaults."""
+    if meta.get("kind") == "exact":
+        return None
+    return AnnSettings(**meta["ann"]) if "ann" in meta else AnnSettings(index_type="IVF_PQ")
 
 
 def publish(
-    out: str, lance_table: Any, model_version: str, checkpoint: str | None, extra: dict[str, Any]
+    out: str,
+    lance_table: Any,
+    model_version: str,
+    checkpoint: str | None,
+    extra: dict[str, Any],
+    ann: AnnSettings = ANN,
 ) -> dict[str, Any]:
     """Add the ANN index once the table is large enough, then point ``index.json`` at the table (atomically)."""
     rows = int(lance_table.count_rows())
     kind = "exact"
     if rows >= ANN_THRESHOLD:
-        if not lance_table.list_indices():
-            add_vector_index(lance_table)
+        if not any(i.columns == ["vector"] for i in lance_table.list_indices()):
+            add_vector_index(lance_table, ann)
             for column in FILTER_COLUMNS:  # so bbox/time prefilters do not scan every row
                 lance_table.create_index(column, config=BTree())
         else:  # fold appended rows into the existing ANN index
             lance_table.optimize()
-        kind = "ivf_pq"
+        kind = ann.index_type.lower()
+        extra = {**extra, "ann": asdict(ann)}
     meta = {
         "table": lance_table.name,
         "rows": rows,

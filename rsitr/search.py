@@ -14,7 +14,7 @@ import torch
 
 from rsitr import checkpoint as ckpt
 from rsitr.data.pipeline import decode_image, tokenize
-from rsitr.index import open_captions, open_index
+from rsitr.index import ANN, AnnSettings, ann_settings, open_captions, open_index
 from rsitr.io import storage
 from rsitr.models.msa import MSA
 from rsitr.rerank import rerank_topk
@@ -123,21 +123,18 @@ class CaptionHit:
     rerank_score: float | None = None
 
 
-# IVF-PQ search settings: partitions probed, and candidates re-scored exactly (refine_factor × k) so the top-k
-# order comes from full vectors, not PQ codes (benchmarks/index.py measures the recall they give)
-NPROBES = 24
-REFINE_FACTOR = 10
 # reference vectors the re-rank compares a query with (a fixed sample of the other side's table beyond this)
 REFERENCE_LIMIT = 20_000
 
 
 def nearest(
-    table: Any, vector: Any, k: int, where: SearchFilter | None = None, ann: bool = False
+    table: Any, vector: Any, k: int, where: SearchFilter | None = None, ann: AnnSettings | None = None
 ) -> list[dict[str, Any]]:
-    """The ``k`` rows nearest ``vector`` by cosine among those passing ``where`` (filtered before the top-k)."""
+    """The ``k`` rows nearest ``vector`` by cosine among those passing ``where`` (filtered before the top-k);
+    ``ann``: the settings of the table's ANN index (None: exact search)."""
     request = table.search(vector, vector_column_name="vector").distance_type("cosine").limit(k)
-    if ann:
-        request = request.nprobes(NPROBES).refine_factor(REFINE_FACTOR)
+    if ann is not None:
+        request = ann.apply(request)
     predicate = where.where() if where else None
     if predicate:
         request = request.where(predicate, prefilter=True)
@@ -162,7 +159,7 @@ class Searcher:
             )
         self.model: MSA = model
         self.config = config
-        self.ann = self.meta.get("kind") == "ivf_pq"
+        self.ann = ann_settings(self.meta)
         self.captions = open_captions(index, self.meta)
         self._references: dict[str, torch.Tensor] = {}
 
@@ -192,7 +189,9 @@ class Searcher:
         except (OSError, ValueError) as err:
             raise SearchError(f"image {image}: cannot be read as an image ({err})") from None
         vector = self.model.encode_image(torch.as_tensor(pixels[None]))[0]
-        rows = nearest(captions, vector.numpy(), max(k, rerank), ann=captions.list_indices() != [])
+        rows = nearest(
+            captions, vector.numpy(), max(k, rerank), ann=(self.ann or ANN) if captions.list_indices() else None
+        )
         reranked = self._rerank(vector, rows, self.table, "tiles") if rerank else None
         return [
             CaptionHit(rank, 1.0 - float(row["_distance"]), row["caption"], row["image_id"], row["caption_id"], score)
