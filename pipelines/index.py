@@ -12,15 +12,15 @@ from rsitr.io import geotiff, storage
 
 
 @task
-def embed_tiles(checkpoint: str, data: str, out: str) -> dict[str, Any]:
-    """Embed every tile of an ingested dataset."""
-    return embed.embed_archive(checkpoint, data, out)
+def embed_tiles(checkpoint: str, data: str, out: str, captions: bool) -> dict[str, Any]:
+    """Embed every tile (and with ``captions`` every caption) of an ingested dataset; resumes a killed run."""
+    return embed.embed_archive(checkpoint, data, out, captions=captions)
 
 
 @task
-def build(embeddings: str, out: str, checkpoint: str) -> dict[str, Any]:
-    """Build the index from the embeddings."""
-    return index.build_index(embeddings, out, checkpoint)
+def build(embeddings: str, out: str, checkpoint: str, captions: str | None) -> dict[str, Any]:
+    """Build the index from the embeddings (with a caption table when there are caption embeddings)."""
+    return index.build_index(embeddings, out, checkpoint, captions=captions)
 
 
 @task
@@ -36,12 +36,14 @@ def index_archive(
     archive: str | None = None,
     out: str = ".rsitr/index/demo",
     tile_size: int = 128,
+    captions: bool = False,
 ) -> dict[str, Any]:
     """Index an ingested dataset (``data``: embed everything, rebuild) or a folder/URI of scenes (``archive``:
     incremental — only scenes not yet indexed are tiled, embedded and appended; a second run with nothing new does
     nothing and says so).
 
-    ``checkpoint`` is a checkpoint, a finished run, or a runs folder (its latest finished run).
+    ``checkpoint`` is a checkpoint, a finished run, or a runs folder (its latest finished run). ``captions`` (with
+    ``data``) also indexes the dataset's captions for image → text search and re-ranking.
     """
     if (data is None) == (archive is None):
         raise ValueError("index-archive: give exactly one of data (ingested dataset) or archive (scene folder)")
@@ -59,12 +61,12 @@ def index_archive(
         create_markdown_artifact(key="index-archive", markdown=f"# Re-index\n\n{message}.")
         print(message)
         return summary
-    summary = embed_tiles(checkpoint, data, out)
-    meta = build(summary["embeddings"], out, summary["checkpoint"])
+    summary = embed_tiles(checkpoint, data, out, captions)
+    meta = build(summary["embeddings"], out, summary["checkpoint"], summary.get("captions"))
     create_markdown_artifact(
         key="index-archive",
-        markdown=f"# Index\n\n{meta['rows']} tiles, {meta['kind']} search, model `{meta['model_version']}`, "
-        f"at `{out}`.",
+        markdown=f"# Index\n\n{meta['rows']} tiles, {meta.get('caption_rows', 0)} captions, {meta['kind']} search, "
+        f"model `{meta['model_version']}`, at `{out}`.",
     )
     print(f"indexed {meta['rows']} tiles at {out}")
     return {"index": out, **meta}

@@ -133,9 +133,9 @@ def nearest(
     """The ``k`` rows nearest ``vector`` by cosine among those passing ``where`` (filtered before the top-k);
     ``ann``: the settings of the table's ANN index (None: exact search)."""
     request = table.search(vector, vector_column_name="vector").distance_type("cosine").limit(k)
-    if ann is not None:
-        request = ann.apply(request)
     predicate = where.where() if where else None
+    if ann is not None:
+        request = ann.apply(request, filtered=predicate is not None)
     if predicate:
         request = request.where(predicate, prefilter=True)
     rows: list[dict[str, Any]] = request.to_list()

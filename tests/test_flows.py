@@ -87,7 +87,13 @@ def test_ingest_train_index_search_end_to_end(
     test = result["test"]
     chance = chance_metrics(int(test["images"]), test["captions"] / test["images"])
     assert test["mR"] > chance["mR"] + 8, (test, chance)
-    indexed = index_archive(checkpoint=str(tmp_path / "runs"), data=ingested["data"], out=str(tmp_path / "index"))
-    assert indexed["rows"] == 432
-    hits = Searcher(str(tmp_path / "index")).search("a river crosses dense forest", k=5)
+    indexed = index_archive(
+        checkpoint=str(tmp_path / "runs"), data=ingested["data"], out=str(tmp_path / "index"), captions=True
+    )
+    assert indexed["rows"] == 432 and indexed["caption_rows"] >= 432
+    searcher = Searcher(str(tmp_path / "index"))
+    hits = searcher.search("a river crosses dense forest", k=5)
     assert len(hits) == 5 and hits[0].footprint
+    assert {h.image_id for h in searcher.search("a river crosses dense forest", k=5, rerank=20)} <= {
+        h.image_id for h in searcher.search("a river crosses dense forest", k=20)
+    }

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from pipelines.index import index_archive
+from pipelines.raycluster import stop_process_group
 from rsitr.checkpoint import save_checkpoint
 from rsitr.config import load_config
 from rsitr.index import open_index
@@ -127,3 +128,61 @@ def test_a_second_run_on_the_same_index_is_refused_while_one_holds_it(
     _scene(archive, "a.tif", 0)
     with index_lock(str(tmp_path / "index")), pytest.raises(IndexBusyError, match="another re-index"):
         reindex_archive(str(archive), str(tmp_path / "index"), str(untrained_checkpoint))
+
+
+SERVE_NIGHTLY = textwrap.dedent(
+    """
+    import json, sys
+    import yaml
+    from pipelines.index import index_archive
+from pipelines.raycluster import stop_process_group
+    spec = next(d for d in yaml.safe_load(open("prefect.yaml"))["deployments"] if d["name"] == "nightly")
+    index_archive.serve(name="nightly", parameters=json.loads(sys.argv[1]), cron=spec["schedules"][0]["cron"])
+    """
+)
+
+
+def test_the_served_nightly_deployment_indexes_scenes_dropped_into_the_archive(
+    prefect_harness: None, untrained_checkpoint: Path, tmp_path: Path
+) -> None:
+    from prefect import get_client
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL
+
+    archive, out = tmp_path / "archive", tmp_path / "index"
+    archive.mkdir()
+    parameters = {"checkpoint": str(untrained_checkpoint), "archive": str(archive), "out": str(out), "tile_size": 128}
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RSITR_RAY_CLUSTER")}
+    env.update(PREFECT_API_URL=str(PREFECT_API_URL.value()), PREFECT_RUNNER_POLL_FREQUENCY="2")
+    log = open(tmp_path / "runner.log", "wb")  # noqa: SIM115 - closed below
+    runner = subprocess.Popen(
+        [sys.executable, "-c", SERVE_NIGHTLY, json.dumps(parameters)],
+        cwd=PROJECT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        with get_client(sync_client=True) as prefect:
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    deployment = prefect.read_deployment_by_name("index-archive/nightly")
+                    break
+                except Exception:  # not registered yet
+                    assert time.monotonic() < deadline, "the nightly deployment did not register"
+                    time.sleep(1)
+            assert deployment.schedules and deployment.schedules[0].schedule.cron == "0 3 * * *"
+        for night, names in enumerate((["harbour.tif"], ["fields.tif", "forest.tif"], [])):
+            for name in names:  # scenes arriving in the archive during the day
+                _scene(archive, name, seed=len(name) + night)
+            run = run_deployment("index-archive/nightly", timeout=600)  # what the 03:00 schedule starts
+            assert run.state is not None and run.state.is_completed(), (tmp_path / "runner.log").read_text()[-3000:]
+            table, meta = open_index(str(out))
+            found = {Path(h.source_uri or "").name for h in Searcher(str(out)).search("farmland", k=100)}
+            indexed = {"harbour.tif"} | ({"fields.tif", "forest.tif"} if night else set())
+            assert found == indexed and meta["rows"] == 4 * len(indexed)
+    finally:
+        stop_process_group(runner)
+        log.close()
