@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import posixpath
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -123,8 +124,11 @@ def _expected_keys(data: str, shard: dict[str, Any], kind: str) -> int:
 
 def _embed_pending(
     ds: ray.data.Dataset, expected: dict[str, int], write: Callable[[str, dict[str, Any]], None]
-) -> None:
+) -> dict[str, float]:
     """Consume ``ds`` (rows: key, path, embedding), handing each shard's vectors to ``write`` once it is complete.
+
+    Returns:
+        Seconds until the first embeddings arrived (start-up: planning, actors loading the model) and in all.
 
     Raises:
         RuntimeError: the stream ended with a shard incomplete.
@@ -136,8 +140,11 @@ def _embed_pending(
     saved = context.target_max_block_size
     # a block per decoded batch (they are ~10 MB): otherwise one shard is one block, which one actor embeds alone
     context.target_max_block_size = 4 * 1024 * 1024
+    started, first = time.monotonic(), None
     try:
-        for batch in ds.iter_batches(batch_size=256, batch_format="numpy"):
+        # blocks as they come (one per embedded batch): a shard is saved as soon as its last rows arrive
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            first = first or time.monotonic() - started
             for key, path, vector in zip(batch["key"], batch["path"], batch["embedding"], strict=True):
                 name = posixpath.basename(str(path))
                 done[name][str(key)] = vector
@@ -147,6 +154,7 @@ def _embed_pending(
         context.target_max_block_size = saved
     if done:
         raise RuntimeError(f"embedding ended with shards incomplete: {sorted(done)}")
+    return {"first_batch_s": first or 0.0, "stream_s": time.monotonic() - started}
 
 
 def _write_part(uri: str, vectors: dict[str, np.ndarray]) -> None:
@@ -177,15 +185,17 @@ def _read_parts(uris: list[str]) -> dict[str, np.ndarray]:
 
 def _embed_kind(
     kind: str, checkpoint: str, data: str, parts: str, actors: int, batch_size: int
-) -> tuple[dict[str, np.ndarray], int]:
+) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """Embeddings of every key of one ``kind`` ("images" → image_id, "captions" → caption_id) of the dataset, and
-    how many shards came from parts a previous run had finished."""
+    the run's numbers: shards resumed from parts a previous run had finished, and the stream's timing."""
     by_name = {posixpath.basename(s["path"]): s for s in shards.read_manifest(data)["shards"]}
     part_of = {name: _part_uri(parts, kind, shard) for name, shard in by_name.items()}
     pending = {name: shard for name, shard in by_name.items() if not storage.exists(part_of[name])}
+    stats = {"resumed_shards": float(len(by_name) - len(pending))}
     if pending:
         uris = [storage.join(data, s["path"]) for s in pending.values()]
-        ds = ray.data.read_parquet(uris, include_paths=True, num_cpus=DATA_TASK_CPUS)
+        # a read task per shard, so shards flow (and are finished and saved) one after another, not all at the end
+        ds = ray.data.read_parquet(uris, include_paths=True, num_cpus=DATA_TASK_CPUS, override_num_blocks=len(uris))
         embedder: type
         if kind == "images":
             image_size = ckpt.load_checkpoint(checkpoint)[1].train.image_size
@@ -213,8 +223,8 @@ def _embed_kind(
             num_gpus=1 if torch.cuda.is_available() else 0,
         )
         expected = {name: _expected_keys(data, shard, kind) for name, shard in pending.items()}
-        _embed_pending(ds, expected, lambda name, vectors: _write_part(part_of[name], vectors))
-    return _read_parts(list(part_of.values())), len(by_name) - len(pending)
+        stats |= _embed_pending(ds, expected, lambda name, vectors: _write_part(part_of[name], vectors))
+    return _read_parts(list(part_of.values())), stats
 
 
 def _write_table(table: pa.Table, data: str, uri: str) -> None:
@@ -257,7 +267,7 @@ def embed_archive(
     parts = storage.join(out, PARTS_DIR, version)
     init_ray()
     actors = actors or default_actors()
-    vectors, resumed = _embed_kind("images", checkpoint, data, parts, actors, batch_size)
+    vectors, stats = _embed_kind("images", checkpoint, data, parts, actors, batch_size)
     rows = list(shards.iter_rows(data, columns=[*META_COLUMNS, *(["captions"] if captions else [])]))
     ids = [r["image_id"] for r in rows]
     table = pa.table(
@@ -280,10 +290,12 @@ def embed_archive(
         "checkpoint": checkpoint,
         "embeddings": target,
         "dim": table.schema.field("embedding").type.list_size,
-        "resumed_shards": resumed,
+        "resumed_shards": int(stats["resumed_shards"]),
+        "first_batch_s": round(stats.get("first_batch_s", 0.0), 2),
+        "stream_s": round(stats.get("stream_s", 0.0), 2),
     }
     if captions:
-        text_vectors, text_resumed = _embed_kind("captions", checkpoint, data, parts, actors, batch_size)
+        text_vectors, text_stats = _embed_kind("captions", checkpoint, data, parts, actors, batch_size)
         flat = [
             (f"{r['image_id']}#{n}", r["image_id"], c, r["split"])
             for r in rows
@@ -302,8 +314,15 @@ def embed_archive(
         )
         summary["captions"] = storage.join(out, CAPTIONS_FILE)
         summary["caption_rows"] = caption_table.num_rows
-        summary["resumed_shards"] += text_resumed
+        summary["resumed_shards"] += int(text_stats["resumed_shards"])
         _write_table(caption_table, data, summary["captions"])
     storage.remove_tree(storage.join(out, PARTS_DIR))
-    log.info("embedded %d tiles into %s (%d shards resumed)", table.num_rows, target, resumed)
+    log.info(
+        "embedded %d tiles into %s (%d shards resumed; first embeddings after %.1f s, stream %.1f s)",
+        table.num_rows,
+        target,
+        summary["resumed_shards"],
+        summary["first_batch_s"],
+        summary["stream_s"],
+    )
     return summary

@@ -8,8 +8,13 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import signal
+import subprocess
 import sys
+import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -148,3 +153,20 @@ if __name__ == "__main__":
     broken_corpus(target / "corpus")
     odd_scenes(target / "scenes")
     print(f"wrote fixtures under {target}")
+
+
+def kill_when(command: list[str], ready: Callable[[], bool], what: str, cwd: Path, timeout: float = 300) -> None:
+    """Run ``command`` in its own process group (starting its own Ray) and SIGKILL the whole group as soon as
+    ``ready()`` holds — an interruption at a chosen point. Fails when it ends or times out before."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RSITR_RAY_CLUSTER")}
+    child = subprocess.Popen(command, cwd=cwd, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while not ready():
+            assert child.poll() is None, f"{what}: the process ended first"
+            assert time.monotonic() < deadline, f"{what}: not within {timeout:.0f} s"
+            time.sleep(0.1)
+    finally:
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
+        child.wait()

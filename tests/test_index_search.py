@@ -1,9 +1,4 @@
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -13,6 +8,7 @@ import pytest
 import shapely
 import torch
 
+from rsitr import embed
 from rsitr.checkpoint import CheckpointError, save_checkpoint
 from rsitr.cli import main as cli_main
 from rsitr.config import load_config
@@ -173,28 +169,30 @@ def test_image_search_and_rerank_need_a_caption_table(
 
 
 def test_an_interrupted_embedding_resumes_with_the_shards_it_had_not_finished(
-    ray_local: None, built_index: Path, demo_shards: Path, untrained_checkpoint: Path, tmp_path: Path
+    ray_local: None,
+    built_index: Path,
+    demo_shards: Path,
+    untrained_checkpoint: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     out = tmp_path / "embedded"
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RSITR_RAY_CLUSTER")}
-    command = ["embed", "--checkpoint", str(untrained_checkpoint), "--data", str(demo_shards), "--out", str(out)]
-    child = subprocess.Popen(
-        [sys.executable, "-m", "rsitr.cli", *command], cwd=PROJECT, env=env, start_new_session=True
-    )
-    try:
-        deadline = time.monotonic() + 300
-        while not list(out.glob("_parts/*/images-*.parquet")) and child.poll() is None:
-            assert time.monotonic() < deadline, "the embedding never finished a shard"
-            time.sleep(0.1)
-        os.killpg(child.pid, signal.SIGKILL)
-        child.wait()
-    finally:
-        if child.poll() is None:
-            os.killpg(child.pid, signal.SIGKILL)
-    finished = len(list(out.glob("_parts/*/images-*.parquet")))
-    assert 1 <= finished < 12 and not (out / "embeddings.parquet").exists()  # killed half-way, nothing published
+    saved: list[str] = []
+    write_part = embed._write_part
+
+    def failing_after_three(uri: str, vectors: dict[str, np.ndarray]) -> None:  # the run dies (disk full, S3 error…)
+        if len(saved) == 3:
+            raise OSError("injected: storage went away")
+        write_part(uri, vectors)
+        saved.append(uri)
+
+    monkeypatch.setattr(embed, "_write_part", failing_after_three)
+    with pytest.raises(OSError, match="injected"):
+        embed_archive(str(untrained_checkpoint), str(demo_shards), str(out))
+    monkeypatch.undo()
+    assert len(list(out.glob("_parts/*/images-*.parquet"))) == 3 and not (out / "embeddings.parquet").exists()
     summary = embed_archive(str(untrained_checkpoint), str(demo_shards), str(out))
-    assert summary["resumed_shards"] == finished and summary["rows"] == 432
+    assert summary["resumed_shards"] == 3 and summary["rows"] == 432
     resumed, whole = pq.read_table(out / "embeddings.parquet"), pq.read_table(built_index / "embeddings.parquet")
     assert resumed["image_id"].to_pylist() == whole["image_id"].to_pylist()
     np.testing.assert_allclose(
@@ -202,6 +200,7 @@ def test_an_interrupted_embedding_resumes_with_the_shards_it_had_not_finished(
         np.stack(whole["embedding"].to_numpy(zero_copy_only=False)),
         atol=1e-5,
     )
+    assert not (out / "_parts").exists()
 
 
 def test_the_index_lives_on_s3_too(ray_local: None, built_index: Path, demo_shards: Path, s3_bucket: str) -> None:

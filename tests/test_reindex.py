@@ -2,7 +2,6 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -22,7 +21,7 @@ from rsitr.index import open_index
 from rsitr.models.msa import build_model
 from rsitr.reindex import IndexBusyError, index_lock, reindex_archive
 from rsitr.search import Searcher
-from tests.fixtures import write_geotiff
+from tests.fixtures import kill_when, write_geotiff
 
 PROJECT = Path(__file__).resolve().parents[1]
 
@@ -96,21 +95,13 @@ def test_an_interrupted_reindex_leaves_the_previous_version_queryable(
     assert reindex_archive(*options_args, TileOptions(tile_size=128))["rows"] == 4
     for i in range(2):
         _scene(archive, f"later_{i}.tif", 10 + i)
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RSITR_RAY_CLUSTER")}
-    child = subprocess.Popen(
-        [sys.executable, "-c", INTERRUPTIBLE, *options_args], cwd=PROJECT, env=env, start_new_session=True
+    # the batch's tiles are ingested: embedding starts next, then the append; kill it in between
+    kill_when(
+        [sys.executable, "-c", INTERRUPTIBLE, *options_args],
+        lambda: bool(list((out / "batches").glob("batch-*/manifest.json"))),
+        "the re-index finishing its ingest",
+        PROJECT,
     )
-    try:
-        deadline = time.monotonic() + 300
-        # the batch's tiles are ingested: embedding starts next, then the append; kill it in between
-        while not list((out / "batches").glob("batch-*/manifest.json")) and child.poll() is None:
-            assert time.monotonic() < deadline, "the re-index never finished ingesting"
-            time.sleep(0.2)
-        os.killpg(child.pid, signal.SIGKILL)
-        child.wait()
-    finally:
-        if child.poll() is None:
-            os.killpg(child.pid, signal.SIGKILL)
     table, meta = open_index(str(out))
     assert table.count_rows() == 4 and meta["rows"] == 4
     assert len(Searcher(str(out)).search("farmland", k=10)) == 4  # the previous version answers queries
@@ -135,7 +126,6 @@ SERVE_NIGHTLY = textwrap.dedent(
     import json, sys
     import yaml
     from pipelines.index import index_archive
-from pipelines.raycluster import stop_process_group
     spec = next(d for d in yaml.safe_load(open("prefect.yaml"))["deployments"] if d["name"] == "nightly")
     index_archive.serve(name="nightly", parameters=json.loads(sys.argv[1]), cron=spec["schedules"][0]["cron"])
     """
@@ -175,8 +165,8 @@ def test_the_served_nightly_deployment_indexes_scenes_dropped_into_the_archive(
                     time.sleep(1)
             assert deployment.schedules and deployment.schedules[0].schedule.cron == "0 3 * * *"
         for night, names in enumerate((["harbour.tif"], ["fields.tif", "forest.tif"], [])):
-            for name in names:  # scenes arriving in the archive during the day
-                _scene(archive, name, seed=len(name) + night)
+            for name in names:  # scenes arriving in the archive during the day (different content: new seeds)
+                _scene(archive, name, seed=100 + sum(map(ord, name)))
             run = run_deployment("index-archive/nightly", timeout=600)  # what the 03:00 schedule starts
             assert run.state is not None and run.state.is_completed(), (tmp_path / "runner.log").read_text()[-3000:]
             table, meta = open_index(str(out))
