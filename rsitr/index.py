@@ -197,8 +197,9 @@ def publish(
             add_vector_index(lance_table, ann)
             if ann.filter_indices:
                 add_filter_indices(lance_table)
-        else:  # fold appended rows into the existing ANN index
+        else:  # fold appended rows into the existing ANN index, which keeps the settings it was built with
             lance_table.optimize()
+            ann = _recorded_settings(out, lance_table.name) or ann
         kind = ann.index_type.lower()
         extra = {**extra, "ann": asdict(ann)}
     meta = {
@@ -213,6 +214,12 @@ def publish(
     storage.write_json_atomic(storage.join(out, INDEX_META), meta)
     log.info("index %s: %d tiles (%s)", out, rows, kind)
     return meta
+
+
+def _recorded_settings(out: str, table: str) -> AnnSettings | None:
+    meta_uri = storage.join(out, INDEX_META)
+    previous = storage.read_json(meta_uri) if storage.exists(meta_uri) else {}
+    return ann_settings(previous) if previous.get("table") == table else None
 
 
 def open_index(uri: str) -> tuple[Any, dict[str, Any]]:

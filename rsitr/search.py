@@ -208,6 +208,8 @@ class Searcher:
 
     def _rerank(self, query: torch.Tensor, rows: list[dict[str, Any]], other: Any, name: str) -> list[float]:
         """Re-ranked scores of ``rows`` for ``query``, with a sample of the query side's table as references."""
+        if not rows:  # e.g. a filter nothing passes
+            return []
         if name not in self._references:
             vectors = other.to_arrow()["vector"] if other.count_rows() <= REFERENCE_LIMIT else None
             if vectors is None:

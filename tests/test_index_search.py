@@ -9,6 +9,7 @@ import shapely
 import torch
 
 from rsitr import embed
+from rsitr import index as index_module
 from rsitr.checkpoint import CheckpointError, save_checkpoint
 from rsitr.cli import main as cli_main
 from rsitr.config import load_config
@@ -215,3 +216,18 @@ def test_the_index_lives_on_s3_too(ray_local: None, built_index: Path, demo_shar
         assert [h.image_id for h in remote.search("a lake beside farmland", k=8, where=where)] == expected
     rebuilt = build_index(summary["embeddings"], f"{s3_bucket}/index", summary["checkpoint"])
     assert rebuilt["rows"] == 432 and Searcher(f"{s3_bucket}/index").table.count_rows() == 432
+
+
+def test_an_append_keeps_the_ann_settings_the_index_was_built_with(
+    built_index: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(index_module, "ANN_THRESHOLD", 200)  # the demo's 432 tiles get an ANN index
+    rows = index_module.index_rows(index_module.read_embeddings(str(built_index / "embeddings.parquet")))
+    table = index_module.connect(str(tmp_path)).create_table("tiles", data=rows.slice(0, 300))
+    pq_settings = index_module.AnnSettings("IVF_PQ", sub_vectors=16, nprobes=4, refine_factor=None)
+    meta = index_module.publish(str(tmp_path), table, "v", None, {}, ann=pq_settings)
+    assert meta["kind"] == "ivf_pq" and meta["ann"]["sub_vectors"] == 16
+    table.add(rows.slice(300))
+    meta = index_module.publish(str(tmp_path), table, "v", None, {})  # the default settings are IVF-SQ
+    assert (meta["rows"], meta["kind"], meta["ann"]["nprobes"]) == (432, "ivf_pq", 4)
+    assert index_module.ann_settings(meta) == pq_settings
