@@ -194,7 +194,7 @@ def _embed_kind(
     stats = {"resumed_shards": float(len(by_name) - len(pending))}
     if pending:
         uris = [storage.join(data, s["path"]) for s in pending.values()]
-        # a read task per shard, so shards flow (and are finished and saved) one after another, not all at the end
+        # a read task per shard: Ray would otherwise pack many small shards into one read task and one block
         ds = ray.data.read_parquet(uris, include_paths=True, num_cpus=DATA_TASK_CPUS, override_num_blocks=len(uris))
         embedder: type
         if kind == "images":
