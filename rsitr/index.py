@@ -69,7 +69,7 @@ def build_index(
             raise ValueError(f"{captions}: captions embedded by another model version than {embeddings}; re-embed")
         caption_table = db.create_table(CAPTIONS_TABLE, data=caption_data, mode="overwrite")
         if caption_table.count_rows() >= ANN_THRESHOLD:
-            add_vector_index(caption_table)  # searched with the tiles' settings (index.json "ann")
+            add_vector_index(caption_table)  # built and searched with the default ANN settings
         extra.update(captions_table=CAPTIONS_TABLE, caption_rows=caption_data.num_rows)
     lance_table = db.create_table(TABLE, data=data, mode="overwrite")
     return publish(out, lance_table, version, checkpoint, extra)

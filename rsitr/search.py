@@ -161,6 +161,8 @@ class Searcher:
         self.config = config
         self.ann = ann_settings(self.meta)
         self.captions = open_captions(index, self.meta)
+        # a large caption table has the ANN index built with the default settings (looked up once, not per query)
+        self.captions_ann = ANN if self.captions is not None and self.captions.list_indices() else None
         self._references: dict[str, torch.Tensor] = {}
 
     @torch.no_grad()
@@ -189,9 +191,7 @@ class Searcher:
         except (OSError, ValueError) as err:
             raise SearchError(f"image {image}: cannot be read as an image ({err})") from None
         vector = self.model.encode_image(torch.as_tensor(pixels[None]))[0]
-        rows = nearest(
-            captions, vector.numpy(), max(k, rerank), ann=(self.ann or ANN) if captions.list_indices() else None
-        )
+        rows = nearest(captions, vector.numpy(), max(k, rerank), ann=self.captions_ann)
         reranked = self._rerank(vector, rows, self.table, "tiles") if rerank else None
         return [
             CaptionHit(rank, 1.0 - float(row["_distance"]), row["caption"], row["image_id"], row["caption_id"], score)
