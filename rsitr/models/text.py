@@ -18,6 +18,7 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from rsitr.models.backbone import WeightsError
+from rsitr.models.packaged_text import MPNET_NAMES, packaged_mpnet
 
 PACKAGED = {"all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"}
 
@@ -37,6 +38,8 @@ def resolve_text_model(name: str) -> str:
     """A local folder for packaged models, else the name or path as given (for machines with a hub)."""
     if name in PACKAGED:
         return _packaged_minilm()
+    if name in MPNET_NAMES:
+        return packaged_mpnet()
     return str(Path(name).resolve()) if Path(name).exists() else name
 
 
@@ -86,6 +89,9 @@ class TextEncoder(nn.Module):
             self.encoder.embeddings.requires_grad_(False)
             for layer in self.encoder.encoder.layer[:frozen_layers]:
                 layer.requires_grad_(False)
+            relative = getattr(self.encoder.encoder, "relative_attention_bias", None)
+            if relative is not None:  # MPNet: frozen layers read it too, so it must not move
+                relative.requires_grad_(False)
 
     def _layers(self) -> nn.ModuleList:
         layers = getattr(getattr(self.encoder, "encoder", None), "layer", None)
@@ -96,6 +102,16 @@ class TextEncoder(nn.Module):
     def _additive_mask(self, attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return (1.0 - attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
 
+    def _run_layers(self, layers: nn.ModuleList, states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        mask = self._additive_mask(attention_mask, states.dtype)
+        extra = {}
+        encoder = self.encoder.encoder
+        if hasattr(encoder, "relative_attention_bias"):  # MPNet's relative position bias, shared by every layer
+            extra["position_bias"] = encoder.compute_position_bias(states)
+        for layer in layers:
+            states = _first(layer(states, attention_mask=mask, **extra))
+        return states
+
     def frozen_prefix(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Token states after the embeddings and the frozen layers (they never change while training).
 
@@ -105,16 +121,11 @@ class TextEncoder(nn.Module):
         if not self.frozen_layers:
             raise ValueError("a frozen text prefix needs model.freeze_text_layers >= 1")
         states = self.encoder.embeddings(input_ids=input_ids)
-        mask = self._additive_mask(attention_mask, states.dtype)
-        for layer in self._layers()[: self.frozen_layers]:
-            states = _first(layer(states, attention_mask=mask))
-        return states
+        return self._run_layers(self._layers()[: self.frozen_layers], states, attention_mask)
 
     def from_prefix(self, states: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`forward`'s outputs from :meth:`frozen_prefix`'s states."""
-        mask = self._additive_mask(attention_mask, states.dtype)
-        for layer in self._layers()[self.frozen_layers :]:
-            states = _first(layer(states, attention_mask=mask))
+        states = self._run_layers(self._layers()[self.frozen_layers :], states, attention_mask)
         return self._pool(states, attention_mask), states
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
