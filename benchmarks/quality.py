@@ -5,6 +5,9 @@ chosen on val), evaluates test once, and measures on val whether the SMR re-rank
 writes JSON.
 
 Usage: ``python benchmarks/quality.py [--config msa-lite0-minilm] [--budget-minutes 80] [--epochs 20] [key=value …]``
+
+``--ablation`` instead runs the ablation table (``benchmarks/ablation.py``): every row, resumable, results in
+``benchmarks/results/ablation.{json,md,png}``; ``--rows`` picks rows by name.
 """
 
 from __future__ import annotations
@@ -15,6 +18,11 @@ import logging
 import time
 from pathlib import Path
 from typing import Any
+
+import ablation
+import tower_features
+from heads import Corpus
+from tower_features import extract
 
 from rsitr.config import load_config
 from rsitr.ingest import ingest_corpus
@@ -31,6 +39,61 @@ REFERENCES = {
 }
 
 
+def ingest_rsicd(rsicd: Path, work: Path) -> dict[str, Any]:
+    """RSICD (VT-RSBS captions, official split) as shards under ``work/data/rsicd`` (a finished ingest is kept)."""
+    return ingest_corpus(
+        str(rsicd / "images"),
+        str(rsicd / "captions" / "vt-rsbs_RSICD.csv"),
+        "rsicd",
+        str(work / "data"),
+        split_table=str(rsicd / "rsicd_splits.csv"),
+        workers=1,
+    )
+
+
+def pipeline_runner(data: str, work: Path, budget_minutes: float) -> Any:
+    """Ablation rows that train through the product (Ray Train, the frozen-prefix cache): one ``fit`` per seed."""
+
+    def run(row: ablation.Row, seed: int) -> dict[str, Any]:
+        config = load_config(row.preset, [*row.overrides, f"train.seed={seed}", f"train.max_minutes={budget_minutes}"])
+        started = time.monotonic()
+        result = fit(config, data, str(work / "runs"))
+        assert result.test is not None
+        out: dict[str, Any] = {
+            "val": result.val,
+            "test": result.test,
+            "epoch": len(result.history),
+            "wall_s": time.monotonic() - started,
+            "config": config.to_dict(),
+            "checkpoint": result.best_checkpoint,
+        }
+        if row.rerank_k:
+            out["val_rerank"] = evaluate_checkpoint(result.best_checkpoint, data, "val", row.rerank_k)
+            out["test_rerank"] = evaluate_checkpoint(result.best_checkpoint, data, "test", row.rerank_k)
+        return out
+
+    return run
+
+
+def run_ablation(
+    data: str, work: Path, results: Path, names: list[str] | None, budget_minutes: float
+) -> dict[str, Any]:
+    """Every ablation row (or those named), resumable; writes ablation.json, .md and .png under ``results``."""
+    rows = [r for r in ablation.ROWS if names is None or r.name in names]
+    unknown = set(names or []) - {r.name for r in ablation.ROWS}
+    if unknown:
+        raise SystemExit(f"unknown ablation rows {sorted(unknown)}; rows: {[r.name for r in ablation.ROWS]}")
+    features = work / "features"
+    extract(data, features, tower_features.DEFAULT_IMAGE_TOWERS, tower_features.DEFAULT_TEXT_TOWERS)
+    runner = ablation.Ablation(results, Corpus(features), pipeline_runner(data, work, budget_minutes))
+    outcome = runner.run(rows)
+    table = ablation.markdown(outcome)
+    (results / "ablation.md").write_text(table)
+    ablation.bar_chart(outcome, results / "ablation.png", REFERENCES)
+    print(table)
+    return outcome
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "rsicd"))
@@ -41,6 +104,9 @@ def main() -> None:
     parser.add_argument("--name", default=None, help="run name (an existing one resumes)")
     parser.add_argument("--rerank-k", type=int, default=10)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "quality.json"))
+    parser.add_argument("--ablation", action="store_true", help="run the ablation table instead of one preset")
+    parser.add_argument("--rows", nargs="*", default=None, help="ablation rows to run (default: all)")
+    parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -49,15 +115,11 @@ def main() -> None:
         raise SystemExit(f"RSICD is absent at {rsicd} (see ../shared/data/README.md)")
 
     started = time.monotonic()
-    manifest = ingest_corpus(
-        str(rsicd / "images"),
-        str(rsicd / "captions" / "vt-rsbs_RSICD.csv"),
-        "rsicd",
-        str(work / "data"),
-        split_table=str(rsicd / "rsicd_splits.csv"),
-        workers=1,
-    )
+    manifest = ingest_rsicd(rsicd, work)
     ingest_s = time.monotonic() - started
+    if args.ablation:
+        run_ablation(str(work / "data" / "rsicd"), work, Path(args.results), args.rows, args.budget_minutes)
+        return
     overrides = [f"train.epochs={args.epochs}", f"train.max_minutes={args.budget_minutes}", *args.overrides]
     config = load_config(args.config, overrides)
     started = time.monotonic()

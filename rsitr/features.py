@@ -22,7 +22,7 @@ import ray
 import ray.data
 import torch
 
-from rsitr.config import Config, ConfigError
+from rsitr.config import Config, ConfigError, ModelConfig
 from rsitr.data.pipeline import DATA_TASK_CPUS, decode_image, label_id, read_shards, shuffled
 from rsitr.io import shards, storage
 from rsitr.models.text import load_tokenizer
@@ -45,6 +45,7 @@ PREFIX_FIELDS = (
     "text_pretrained",
     "freeze_text_layers",
     "max_tokens",
+    "mscmat",
 )
 
 
@@ -61,6 +62,18 @@ def check_cacheable(config: Config) -> None:
         raise ConfigError("train.cache_frozen needs model.freeze_image_stages >= 1 and model.freeze_text_layers >= 1")
     if any(p <= m.freeze_image_stages for p in m.gswin_stages):
         raise ConfigError("train.cache_frozen: a Gswin block on a frozen stage needs its feature map every epoch")
+
+
+def text_fully_frozen(config: ModelConfig) -> bool:
+    """Every text layer frozen and no MSCMAT reading token states: the cache needs only the pooled vector."""
+    layers = _text_layer_count(config.text_model)
+    return layers is not None and config.freeze_text_layers >= layers and not config.mscmat
+
+
+def _text_layer_count(name: str) -> int | None:
+    from rsitr.models.text import text_layer_count
+
+    return text_layer_count(name)
 
 
 def cache_key(config: Config, manifest: dict[str, Any]) -> str:
@@ -87,19 +100,37 @@ class FrozenPrefix:
         self.tokenizer = load_tokenizer(config.text_model)
         self.max_tokens = config.max_tokens
         self.image_size = image_size
+        self.pooled_text = text_fully_frozen(config)
+
+    def _caption_states(self, texts: list[str]) -> dict[str, bytes]:
+        """float16 states of each distinct caption (RSICD repeats captions within and across images)."""
+        distinct = sorted(set(texts), key=len)
+        if not distinct:
+            return {}
+        tokens = self.tokenizer(
+            distinct, padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt"
+        )
+        prefix = self.model.text.frozen_prefix(tokens["input_ids"], tokens["attention_mask"])
+        if self.pooled_text:
+            # nothing above the cache reads tokens: one "token", the pooled vector (its mean pool is itself)
+            prefix = self.model.text.pool(prefix, tokens["attention_mask"]).unsqueeze(1)
+            lengths = [1] * len(distinct)
+        else:
+            lengths = tokens["attention_mask"].sum(1).tolist()
+        states = prefix.half().numpy()
+        return {text: state[:length].tobytes() for text, state, length in zip(distinct, states, lengths, strict=True)}
 
     @torch.no_grad()
     def __call__(self, batch: pa.Table) -> pa.Table:
         images = np.stack([decode_image(d, self.image_size) for d in batch["image"].to_pylist()])
         scales, feature_map = self.model.backbone.frozen_prefix(torch.as_tensor(images))
-        flat = pc.list_flatten(batch["captions"]).to_pylist()
         owners = pc.list_parent_indices(batch["captions"]).to_numpy()
-        tokens = self.tokenizer(flat, padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt")
-        states = self.model.text.frozen_prefix(tokens["input_ids"], tokens["attention_mask"]).half().numpy()
-        lengths = tokens["attention_mask"].sum(1).tolist()
+        flat = pc.list_flatten(batch["captions"]).to_pylist()
+        states = self._caption_states(flat)
         captions: list[list[bytes]] = [[] for _ in range(batch.num_rows)]
-        for owner, state, length in zip(owners, states, lengths, strict=True):
-            captions[owner].append(state[:length].tobytes())
+        for owner, text in zip(owners, flat, strict=True):
+            captions[owner].append(states[text])
+        width = self.model.text.width
         maps = feature_map.half().numpy()
         return pa.table(
             {
@@ -110,7 +141,7 @@ class FrozenPrefix:
                 "feature_map": pa.array([m.tobytes() for m in maps], pa.binary()),
                 "map_shape": pa.array([list(maps.shape[1:])] * batch.num_rows, pa.list_(pa.int32())),
                 "captions": pa.array(captions, pa.list_(pa.binary())),
-                "text_width": pa.array([states.shape[-1]] * batch.num_rows, pa.int32()),
+                "text_width": pa.array([width] * batch.num_rows, pa.int32()),
             }
         )
 

@@ -6,10 +6,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from rsitr.config import ConfigError, load_config
+from rsitr.config import ConfigError, LossConfig, load_config
 from rsitr.data.pipeline import tokenize
 from rsitr.features import CACHE_META, build_cache, check_cacheable
 from rsitr.io import shards
+from rsitr.losses import total_loss
 from rsitr.models.msa import build_model
 from rsitr.train import evaluate_checkpoint, fit
 
@@ -42,6 +43,13 @@ def test_split_forward_equals_the_whole_model(backbone: str, frozen: int, head: 
     torch.testing.assert_close(split.text, whole.text)
     for a, b in zip(split.mscmat, whole.mscmat, strict=True):
         torch.testing.assert_close(a, b)
+    # every MSA term (and CMPAGL's intra-class term) from the cache equals the same term from pixels
+    weights = LossConfig(triplet_weight=1, infonce_weight=1, mscma_weight=15, csmmc_weight=10, intra_class_weight=1)
+    labels = torch.tensor([0, 1, 0])
+    from_pixels, from_cache = (total_loss(o.image @ o.text.t(), weights, o.mscmat, labels) for o in (whole, split))
+    assert set(from_cache) == {"triplet", "infonce", "mscma", "csmmc", "intra", "loss"}
+    for term, value in from_pixels.items():
+        torch.testing.assert_close(from_cache[term], value, msg=term)
 
 
 def test_settings_a_cache_cannot_honour_are_refused() -> None:
@@ -69,3 +77,26 @@ def test_a_run_trains_from_the_cache_and_its_checkpoint_embeds_raw_pixels_alike(
     stamp = (cache / CACHE_META).stat().st_mtime_ns
     assert build_cache(config, str(demo_shards), str(tmp_path / "runs")) == str(cache)
     assert (cache / CACHE_META).stat().st_mtime_ns == stamp
+
+
+def test_a_fully_frozen_text_tower_caches_one_pooled_vector_per_caption(demo_shards: Path) -> None:
+    from rsitr.features import FrozenPrefix, _eval_captions
+
+    overrides = ["model.freeze_text_layers=6", "model.image_pretrained=false", "model.fusion=mlp"]
+    config = load_config("demo", overrides)
+    (first,) = shards.shard_uris(str(demo_shards))[:1]
+    rows = pq.read_table(first, columns=["image_id", "split", "label", "image", "captions"]).slice(0, 4)
+    prefix = FrozenPrefix(config.to_dict()["model"], image_size=64, threads=1)
+    cached = prefix(rows)
+    width = prefix.model.text.width
+    assert all(len(state) == width * 2 for caps in cached["captions"].to_pylist() for state in caps)  # float16
+    captions = _eval_captions(cached, config.model.max_tokens)
+    flat = [c for caps in rows["captions"].to_pylist() for c in caps]
+    tokens = tokenize(flat, "all-MiniLM-L6-v2", config.model.max_tokens)
+    model = prefix.model
+    with torch.no_grad():
+        from_cache = model.encode_text_from_prefix(
+            torch.as_tensor(captions["text_states"]), torch.as_tensor(captions["attention_mask"])
+        )
+        from_tokens = model.encode_text(torch.as_tensor(tokens["input_ids"]), torch.as_tensor(tokens["attention_mask"]))
+    torch.testing.assert_close(from_cache, from_tokens, atol=2e-3, rtol=0)  # float16 storage

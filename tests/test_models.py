@@ -1,12 +1,13 @@
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from rsitr.checkpoint import WEIGHTS, load_checkpoint, save_checkpoint
 from rsitr.config import load_config
 from rsitr.losses import total_loss
-from rsitr.models.backbone import IMAGENET_MEAN, IMAGENET_STD, create_classifier
+from rsitr.models.backbone import IMAGENET_MEAN, IMAGENET_STD, MultiScaleBackbone, create_classifier
 from rsitr.models.gswin import GswinBlock
 from rsitr.models.msa import build_model
 from rsitr.models.mscmat import MSCMAT
@@ -128,21 +129,61 @@ def test_embeddings_are_unit_norm_and_image_size_free() -> None:
         assert torch.allclose(image_emb.norm(dim=1), torch.ones(4), atol=1e-5)
 
 
-def test_packaged_lite0_weights_classify_a_known_photo() -> None:
+@pytest.mark.parametrize(("backbone", "size"), [("efficientnet_lite0", 224), ("efficientnet_lite2", 260)])
+def test_packaged_lite_weights_classify_a_known_photo(backbone: str, size: int) -> None:
     import matplotlib
     import numpy as np
     from PIL import Image
 
     photo = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
-    pixels = np.asarray(Image.open(photo).convert("RGB").resize((224, 224)), dtype=np.float32) / 255
+    pixels = np.asarray(Image.open(photo).convert("RGB").resize((size, size)), dtype=np.float32) / 255
     x = (torch.from_numpy(pixels).permute(2, 0, 1) - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(
         IMAGENET_STD
     )[:, None, None]
-    model = create_classifier("efficientnet_lite0", pretrained=True).eval()
+    model = create_classifier(backbone, pretrained=True).eval()  # strict load: every tensor mapped
     with torch.no_grad():
         top = model(x[None]).softmax(-1)[0].topk(3).indices.tolist()
     assert top[0] == 652  # ImageNet "military uniform": Grace Hopper in her US Navy uniform
     assert {834, 457} & set(top)  # "suit", "bow tie"
+
+
+def test_backbone_normalisation_uses_the_statistics_its_weights_were_trained_with() -> None:
+    lite = MultiScaleBackbone("efficientnet_lite2", pretrained=False, normalization="backbone")
+    assert torch.allclose(lite.mean.flatten(), torch.full((3,), 127.5))
+    assert torch.allclose(lite.std.flatten(), torch.full((3,), 127.5))
+    default = MultiScaleBackbone("efficientnet_lite2", pretrained=False)
+    assert torch.allclose(default.mean.flatten(), torch.tensor(IMAGENET_MEAN) * 255)
+    with pytest.raises(ValueError, match="image_normalization"):
+        MultiScaleBackbone("efficientnet_lite2", pretrained=False, normalization="none")
+
+
+def test_packaged_mpnet_unpacks_once_and_ranks_a_paraphrase_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from rsitr.models.packaged_text import MPNET_SHA256
+    from rsitr.models.text import TextEncoder, load_tokenizer, resolve_text_model
+
+    monkeypatch.setenv("RSITR_CACHE", str(tmp_path))
+    folder = Path(resolve_text_model("all-mpnet-base-v2"))
+    assert folder.parent == tmp_path / "models" and MPNET_SHA256[:12] in folder.name
+    assert sorted(p.name for p in tmp_path.joinpath("models").iterdir()) == [folder.name]  # no scratch left over
+    stamp = (folder / "model.safetensors").stat().st_mtime_ns
+    assert resolve_text_model("all-mpnet-base-v2") == str(folder)
+    assert (folder / "model.safetensors").stat().st_mtime_ns == stamp  # unpacked once
+    encoder = TextEncoder("all-mpnet-base-v2").eval()
+    assert type(encoder.encoder).__name__ == "MPNetModel" and encoder.width == 768
+    texts = ["many planes are parked at the airport", "a dense forest of green trees",
+             "several airplanes stand beside the terminal"]  # fmt: skip
+    tokens = load_tokenizer("all-mpnet-base-v2")(texts, padding=True, return_tensors="pt")
+    ids, mask = tokens["input_ids"], tokens["attention_mask"]
+    halves = TextEncoder("all-mpnet-base-v2", frozen_layers=7).eval()
+    with torch.no_grad():
+        pooled, _ = encoder(ids, mask)
+        split, _ = halves.from_prefix(halves.frozen_prefix(ids, mask), mask)
+    vectors = torch.nn.functional.normalize(pooled, dim=-1)
+    similarity = vectors @ vectors.t()
+    assert similarity[0, 2] > similarity[0, 1] + 0.2  # the paraphrase, not the forest
+    torch.testing.assert_close(split, pooled, atol=1e-5, rtol=1e-5)  # relative position bias survives the split
 
 
 def test_optimizer_covers_exactly_the_trainable_parameters() -> None:

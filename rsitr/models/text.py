@@ -50,6 +50,14 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(resolve_text_model(name))
 
 
+def text_layer_count(name: str) -> int | None:
+    """How many transformer layers a text model has (None when its config cannot be read offline)."""
+    try:
+        return int(_architecture(name).num_hidden_layers)
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def _architecture(name: str) -> PretrainedConfig:
     if name in OFFLINE_ARCHITECTURES:
         return OFFLINE_ARCHITECTURES[name]()
@@ -126,13 +134,14 @@ class TextEncoder(nn.Module):
     def from_prefix(self, states: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`forward`'s outputs from :meth:`frozen_prefix`'s states."""
         states = self._run_layers(self._layers()[self.frozen_layers :], states, attention_mask)
-        return self._pool(states, attention_mask), states
+        return self.pool(states, attention_mask), states
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         states = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return self._pool(states, attention_mask), states
+        return self.pool(states, attention_mask), states
 
-    def _pool(self, states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def pool(self, states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The global caption vector from token states: CLS, or the mean over unmasked tokens."""
         if self.pooling == "cls":
             return states[:, 0]
         weights = attention_mask.unsqueeze(-1).to(states.dtype)
