@@ -95,6 +95,8 @@ class TrainConfig:
     use_gpu: bool = False
     seed: int = 0
     max_minutes: float = 0.0
+    # stop once val mR has not improved for this many epochs (0: run every planned epoch)
+    patience: int = 0
     eval_batch_size: int = 64
     # re-rank each query's top K in val/test evaluation (0: off, until it is shown to help on RSICD val)
     rerank_k: int = 0

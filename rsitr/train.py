@@ -145,6 +145,15 @@ class StepLog:
         self.writer.flush()
 
 
+def stale_for(history: list[dict[str, float]], patience: int) -> bool:
+    """Whether the last ``patience`` epochs of ``history`` brought no val mR above the best before them
+    (``patience`` 0: never)."""
+    if not patience or len(history) <= patience:
+        return False
+    before = max(h["val_mR"] for h in history[:-patience])
+    return all(h["val_mR"] <= before for h in history[-patience:])
+
+
 def _agree(flag: bool) -> bool:
     """Rank 0's decision, shared with every worker (so all stop at the same epoch)."""
     if not (dist.is_available() and dist.is_initialized()):
@@ -275,9 +284,13 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
         else:
             ray.train.report(metrics, checkpoint=None)
-        if _agree(out_of_time):
-            if rank == 0:
+        # only rank 0 evaluates, so only its decision counts (shared by _agree)
+        stale = rank == 0 and stale_for(history, train_cfg.patience)
+        if _agree(out_of_time or stale):
+            if rank == 0 and out_of_time:
                 log.info("wall-clock budget of %.1f min reached after epoch %d", train_cfg.max_minutes, epoch)
+            elif rank == 0:
+                log.info("no val mR gain in %d epochs: stopping early after epoch %d", train_cfg.patience, epoch)
             break
 
 

@@ -154,3 +154,17 @@ def test_reranked_metrics_keep_order_at_k1_and_differ_at_k10() -> None:
     sim = images @ captions.t() + 1.0  # keep column sums positive, as trained cosine scores are
     assert reranked_metrics(sim, caption_image, k=1) == retrieval_metrics(sim, caption_image)
     assert reranked_metrics(sim, caption_image, k=10) != retrieval_metrics(sim, caption_image)
+
+
+def test_early_stopping_waits_patience_epochs_without_a_val_gain() -> None:
+    from rsitr.train import stale_for
+
+    def history(*values: float) -> list[dict[str, float]]:
+        return [{"epoch": i, "val_mR": v} for i, v in enumerate(values)]
+
+    assert not stale_for(history(10, 9, 8), patience=0)  # off
+    assert not stale_for(history(10, 9), patience=2)  # too early to tell
+    assert stale_for(history(10, 9, 10), patience=2)  # a tie is no gain
+    assert not stale_for(history(10, 9, 11), patience=2)
+    assert not stale_for(history(5, 10, 9), patience=2)  # the best is one epoch old
+    assert stale_for(history(5, 10, 9, 8), patience=2)
