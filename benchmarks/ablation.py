@@ -71,6 +71,13 @@ ROWS: list[Row] = [
         with_changes(LITE2_MPNET, intra_class_weight=0.1),
     ),
     Row("Lite2 + mpnet + SMR", "SMR re-rank k=10 of the chosen epoch", LITE2_MPNET, rerank_k=10),
+    Row(
+        "Lite2 + mpnet, block 6 + head fine-tuned",
+        "through Ray Train: Lite2's last block and 1x1 head trained from cached block-5 maps (lr 1e-4)",
+        preset="msa-lite2-mpnet",
+        overrides=("model.freeze_image_stages=4", "train.backbone_lr=1e-4", "train.epochs=20"),
+        rerank_k=10,
+    ),
 ]
 
 

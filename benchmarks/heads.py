@@ -46,6 +46,8 @@ class HeadsRecipe:
     # a caption string that several images share is a positive for each of them (not a false negative)
     duplicate_aware: bool = False
     intra_class_weight: float = 0.0
+    # K heads trained side by side, their cosines averaged (see Ensemble)
+    ensemble: int = 1
 
 
 class Heads(nn.Module):
@@ -68,6 +70,26 @@ class Heads(nn.Module):
         )
 
 
+class Ensemble(nn.Module):
+    """Independently initialised heads trained side by side; their unit embeddings are concatenated and scaled by
+    1/√K, so one cosine equals the mean of the members' cosines (an index stores one vector per item)."""
+
+    def __init__(self, image_dim: int, text_dim: int, recipe: HeadsRecipe) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(Heads(image_dim, text_dim, recipe) for _ in range(recipe.ensemble))
+
+    def member_outputs(self, image: torch.Tensor, text: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor, Any]]:
+        return [(*m.encode(image, text), m.log_temperature.exp().clamp_min(0.01)) for m in self.members]
+
+    def encode(self, image: torch.Tensor | None, text: torch.Tensor | None) -> tuple[Any, Any]:
+        scale = 1.0 / math.sqrt(len(self.members))
+        parts = [m.encode(image, text) for m in self.members]
+        return (
+            None if image is None else torch.cat([p[0] for p in parts], dim=1) * scale,
+            None if text is None else torch.cat([p[1] for p in parts], dim=1) * scale,
+        )
+
+
 class Corpus:
     """Saved features and the corpus layout (``tower_features.py``'s ``corpus.json``)."""
 
@@ -81,12 +103,15 @@ class Corpus:
         self._cache: dict[str, torch.Tensor] = {}
 
     def features(self, name: str) -> torch.Tensor:
+        """A saved feature set, or several joined by ``+`` (concatenated feature-wise)."""
         if name not in self._cache:
-            self._cache[name] = torch.from_numpy(np.load(self.root / f"{name}.npz")["features"].astype(np.float32))
+            parts = [np.load(self.root / f"{part}.npz")["features"].astype(np.float32) for part in name.split("+")]
+            self._cache[name] = torch.from_numpy(np.concatenate(parts, axis=1))
         return self._cache[name]
 
     def seconds(self, name: str) -> float:
-        return float(np.load(self.root / f"{name}.npz")["seconds"])
+        """Seconds the feature set(s) took to compute."""
+        return sum(float(np.load(self.root / f"{part}.npz")["seconds"]) for part in name.split("+"))
 
     def rows(self, split: str) -> np.ndarray:
         return np.flatnonzero(self.split == split)
@@ -101,7 +126,7 @@ def _multi_positive_nce(sim: torch.Tensor, positive: torch.Tensor, temperature: 
 
 
 @torch.no_grad()
-def evaluate(heads: Heads, corpus: Corpus, recipe: HeadsRecipe, split: str, rerank_k: int = 0) -> dict[str, float]:
+def evaluate(heads: Ensemble, corpus: Corpus, recipe: HeadsRecipe, split: str, rerank_k: int = 0) -> dict[str, float]:
     """R@K and mR of a split: each image once, each of its captions once (``rerank_k``: after the SMR re-rank)."""
     heads.eval()
     rows = corpus.rows(split)
@@ -120,10 +145,11 @@ def train_heads(corpus: Corpus, recipe: HeadsRecipe, seed: int, rerank_k: int = 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     image_features, text_features = corpus.features(recipe.image), corpus.features(recipe.text)
-    heads = Heads(image_features.shape[1], text_features.shape[1], recipe)
-    decay = [p for n, p in heads.named_parameters() if n != "log_temperature"]
+    heads = Ensemble(image_features.shape[1], text_features.shape[1], recipe)
+    temperatures = [m.log_temperature for m in heads.members]
+    decay = [p for n, p in heads.named_parameters() if not n.endswith("log_temperature")]
     optimizer = torch.optim.AdamW(
-        [{"params": decay}, {"params": [heads.log_temperature], "weight_decay": 0.0}],
+        [{"params": decay}, {"params": temperatures, "weight_decay": 0.0}],
         lr=recipe.lr,
         weight_decay=recipe.weight_decay,
     )
@@ -140,16 +166,16 @@ def train_heads(corpus: Corpus, recipe: HeadsRecipe, seed: int, rerank_k: int = 
         for step in range(steps):
             chosen = order[step * recipe.batch_size : (step + 1) * recipe.batch_size]
             captions = np.asarray([rng.choice(corpus.image_captions[r]) for r in chosen])
-            image, text = heads.encode(image_features[chosen], text_features[captions])
-            sim = image @ text.t()
-            temperature = heads.log_temperature.exp().clamp_min(0.01)
-            if recipe.duplicate_aware:
-                same = torch.as_tensor(captions[:, None] == captions[None, :])
-                loss = _multi_positive_nce(sim, same, temperature)
-            else:
-                loss = info_nce(sim, temperature)
-            if recipe.intra_class_weight:
-                loss = loss + recipe.intra_class_weight * intra_class_loss(sim, labels[chosen])
+            same = torch.as_tensor(captions[:, None] == captions[None, :])
+            loss = torch.zeros(())
+            for image, text, temperature in heads.member_outputs(image_features[chosen], text_features[captions]):
+                sim = image @ text.t()
+                if recipe.duplicate_aware:
+                    loss = loss + _multi_positive_nce(sim, same, temperature)
+                else:
+                    loss = loss + info_nce(sim, temperature)
+                if recipe.intra_class_weight:
+                    loss = loss + recipe.intra_class_weight * intra_class_loss(sim, labels[chosen])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

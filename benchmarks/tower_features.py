@@ -160,7 +160,6 @@ DEFAULT_IMAGE_TOWERS = [
     ImageTower("efficientnet_lite2", 260, "backbone"),
     ImageTower("efficientnet_lite0", 224, "imagenet"),
     ImageTower("efficientnet_lite0", 224, "backbone"),
-    ImageTower("efficientnet_lite2", 224, "backbone"),
 ]
 DEFAULT_TEXT_TOWERS = [TextTower("all-mpnet-base-v2"), TextTower("all-MiniLM-L6-v2")]
 

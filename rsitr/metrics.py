@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 KS = (1, 5, 10)
+TIES = "against"
 METRIC_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "mR")
 
 
@@ -21,31 +22,49 @@ def _ranks(
     caption_image: torch.Tensor,
     own: torch.Tensor,
     chunk: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """0-based ranks of the best correct caption per image, and of the correct image per caption."""
+) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """For the best correct caption per image and the correct image per caption: how many wrong candidates
+    score higher, and how many score exactly the same (a caption string two images share ties exactly)."""
     n_captions = caption_image.shape[0]
-    i2t = torch.empty(n_images, dtype=torch.long)
-    t2i = torch.zeros(n_captions, dtype=torch.long)
+    i2t_above = torch.empty(n_images, dtype=torch.long)
+    i2t_tied = torch.empty(n_images, dtype=torch.long)
+    t2i_above = torch.zeros(n_captions, dtype=torch.long)
+    t2i_tied = torch.zeros(n_captions, dtype=torch.long)
     for start in range(0, n_images, chunk):
         stop = min(start + chunk, n_images)
         scores = block(start, stop).float()  # (c, n_captions)
         rows = torch.arange(start, stop).unsqueeze(1)
         is_own = caption_image.unsqueeze(0) == rows
-        best_own = scores.masked_fill(~is_own, float("-inf")).max(dim=1).values
-        i2t[start:stop] = ((scores >= best_own.unsqueeze(1)) & ~is_own).sum(dim=1)
-        t2i += ((scores >= own.unsqueeze(0)) & ~is_own).sum(dim=0)
-    return i2t, t2i
+        best_own = scores.masked_fill(~is_own, float("-inf")).max(dim=1).values.unsqueeze(1)
+        i2t_above[start:stop] = ((scores > best_own) & ~is_own).sum(dim=1)
+        i2t_tied[start:stop] = ((scores == best_own) & ~is_own).sum(dim=1)
+        t2i_above += ((scores > own.unsqueeze(0)) & ~is_own).sum(dim=0)
+        t2i_tied += ((scores == own.unsqueeze(0)) & ~is_own).sum(dim=0)
+    return (i2t_above, i2t_tied), (t2i_above, t2i_tied)
 
 
-def _summarise(i2t: torch.Tensor, t2i: torch.Tensor) -> dict[str, float]:
-    out = {f"i2t_r{k}": 100.0 * float((i2t < k).float().mean()) for k in KS}
-    out.update({f"t2i_r{k}": 100.0 * float((t2i < k).float().mean()) for k in KS})
+def _recall(above: torch.Tensor, tied: torch.Tensor, k: int, ties: str) -> float:
+    """Percent of queries whose correct item is in the top ``k``. ``against``: every tie ranks ahead of it;
+    ``random``: the expectation over a random order of the tied candidates (what a sort that breaks ties
+    arbitrarily, as the published RSITR evaluation code does, gives on average)."""
+    if ties == "against":
+        return 100.0 * float((above + tied < k).float().mean())
+    if ties == "random":
+        return 100.0 * float(((k - above).float() / (tied + 1).float()).clamp(0.0, 1.0).mean())
+    raise ValueError(f"ties {ties!r}: expected 'against' or 'random'")
+
+
+def _summarise(
+    i2t: tuple[torch.Tensor, torch.Tensor], t2i: tuple[torch.Tensor, torch.Tensor], ties: str
+) -> dict[str, float]:
+    out = {f"i2t_r{k}": _recall(*i2t, k, ties) for k in KS}
+    out.update({f"t2i_r{k}": _recall(*t2i, k, ties) for k in KS})
     out["mR"] = float(np.mean([out[key] for key in METRIC_KEYS[:-1]]))
     return out
 
 
 def retrieval_metrics(
-    sim: torch.Tensor | np.ndarray, caption_image: torch.Tensor | np.ndarray, chunk: int = 1024
+    sim: torch.Tensor | np.ndarray, caption_image: torch.Tensor | np.ndarray, chunk: int = 1024, ties: str = TIES
 ) -> dict[str, float]:
     """Recall@K in percent from an images × captions score matrix.
 
@@ -53,21 +72,26 @@ def retrieval_metrics(
         sim: (n_images, n_captions) scores.
         caption_image: (n_captions,) index of each caption's image.
         chunk: images per block.
+        ties: how exact ties with the correct item count (see :func:`_recall`).
     """
     sim_t = torch.as_tensor(sim)
     cap = torch.as_tensor(caption_image, dtype=torch.long)
     own = sim_t[cap, torch.arange(cap.shape[0])].float()
-    return _summarise(*_ranks(lambda a, b: sim_t[a:b], sim_t.shape[0], cap, own, chunk))
+    return _summarise(*_ranks(lambda a, b: sim_t[a:b], sim_t.shape[0], cap, own, chunk), ties)
 
 
 def retrieval_metrics_from_embeddings(
-    images: torch.Tensor, captions: torch.Tensor, caption_image: torch.Tensor | np.ndarray, chunk: int = 1024
+    images: torch.Tensor,
+    captions: torch.Tensor,
+    caption_image: torch.Tensor | np.ndarray,
+    chunk: int = 1024,
+    ties: str = TIES,
 ) -> dict[str, float]:
     """Recall@K from image and caption embeddings (cosine = dot product of unit vectors), never holding the
     full score matrix: memory is ``chunk × n_captions``."""
     cap = torch.as_tensor(caption_image, dtype=torch.long)
     own = (images[cap] * captions).sum(dim=1).float()
-    return _summarise(*_ranks(lambda a, b: images[a:b] @ captions.t(), images.shape[0], cap, own, chunk))
+    return _summarise(*_ranks(lambda a, b: images[a:b] @ captions.t(), images.shape[0], cap, own, chunk), ties)
 
 
 def chance_metrics(n_images: int, captions_per_image: float) -> dict[str, float]:
