@@ -16,49 +16,58 @@ TIES = "against"
 METRIC_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "mR")
 
 
+Ranks = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
 def _ranks(
     block: Callable[[int, int], torch.Tensor],
     n_images: int,
     caption_image: torch.Tensor,
     own: torch.Tensor,
     chunk: int,
-) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    """For the best correct caption per image and the correct image per caption: how many wrong candidates
-    score higher, and how many score exactly the same (a caption string two images share ties exactly)."""
+) -> tuple[Ranks, Ranks]:
+    """Per image (its best correct caption) and per caption (its image): how many wrong candidates score higher,
+    how many score exactly the same (a caption string two images share ties exactly), and how many correct ones
+    share the best correct score."""
     n_captions = caption_image.shape[0]
-    i2t_above = torch.empty(n_images, dtype=torch.long)
-    i2t_tied = torch.empty(n_images, dtype=torch.long)
-    t2i_above = torch.zeros(n_captions, dtype=torch.long)
-    t2i_tied = torch.zeros(n_captions, dtype=torch.long)
+    i2t = [torch.empty(n_images, dtype=torch.long) for _ in range(3)]
+    t2i = [torch.zeros(n_captions, dtype=torch.long) for _ in range(2)]
     for start in range(0, n_images, chunk):
         stop = min(start + chunk, n_images)
         scores = block(start, stop).float()  # (c, n_captions)
         rows = torch.arange(start, stop).unsqueeze(1)
         is_own = caption_image.unsqueeze(0) == rows
         best_own = scores.masked_fill(~is_own, float("-inf")).max(dim=1).values.unsqueeze(1)
-        i2t_above[start:stop] = ((scores > best_own) & ~is_own).sum(dim=1)
-        i2t_tied[start:stop] = ((scores == best_own) & ~is_own).sum(dim=1)
-        t2i_above += ((scores > own.unsqueeze(0)) & ~is_own).sum(dim=0)
-        t2i_tied += ((scores == own.unsqueeze(0)) & ~is_own).sum(dim=0)
-    return (i2t_above, i2t_tied), (t2i_above, t2i_tied)
+        i2t[0][start:stop] = ((scores > best_own) & ~is_own).sum(dim=1)
+        i2t[1][start:stop] = ((scores == best_own) & ~is_own).sum(dim=1)
+        i2t[2][start:stop] = ((scores == best_own) & is_own).sum(dim=1)
+        t2i[0] += ((scores > own.unsqueeze(0)) & ~is_own).sum(dim=0)
+        t2i[1] += ((scores == own.unsqueeze(0)) & ~is_own).sum(dim=0)
+    return (i2t[0], i2t[1], i2t[2]), (t2i[0], t2i[1], torch.ones(n_captions, dtype=torch.long))
 
 
-def _recall(above: torch.Tensor, tied: torch.Tensor, k: int, ties: str) -> float:
-    """Percent of queries whose correct item is in the top ``k``. ``against``: every tie ranks ahead of it;
-    ``random``: the expectation over a random order of the tied candidates (what a sort that breaks ties
-    arbitrarily, as the published RSITR evaluation code does, gives on average)."""
+def _recall(ranks: Ranks, k: int, ties: str) -> float:
+    """Percent of queries with a correct item in the top ``k``. ``against``: every wrong candidate that ties
+    ranks ahead; ``random``: the expectation over a random order of the tied candidates (what a sort that breaks
+    ties arbitrarily, as the published RSITR evaluation code does, gives on average)."""
+    above, tied, own_tied = ranks
     if ties == "against":
         return 100.0 * float((above + tied < k).float().mean())
-    if ties == "random":
-        return 100.0 * float(((k - above).float() / (tied + 1).float()).clamp(0.0, 1.0).mean())
-    raise ValueError(f"ties {ties!r}: expected 'against' or 'random'")
+    if ties != "random":
+        raise ValueError(f"ties {ties!r}: expected 'against' or 'random'")
+    # the first correct item lands in the `slots` left after `above`: a miss needs every slot to go to a tied
+    # wrong candidate, drawn without replacement from `tied` wrong and `own_tied` correct ones
+    slots = (k - above).clamp(min=0)
+    miss = torch.ones(above.shape, dtype=torch.float64)
+    for j in range(k):
+        step = ((tied - j).clamp(min=0) / (tied + own_tied - j).clamp(min=1)).double()
+        miss = torch.where(j < slots, miss * step, miss)
+    return 100.0 * float((1.0 - miss).mean())
 
 
-def _summarise(
-    i2t: tuple[torch.Tensor, torch.Tensor], t2i: tuple[torch.Tensor, torch.Tensor], ties: str
-) -> dict[str, float]:
-    out = {f"i2t_r{k}": _recall(*i2t, k, ties) for k in KS}
-    out.update({f"t2i_r{k}": _recall(*t2i, k, ties) for k in KS})
+def _summarise(i2t: Ranks, t2i: Ranks, ties: str) -> dict[str, float]:
+    out = {f"i2t_r{k}": _recall(i2t, k, ties) for k in KS}
+    out.update({f"t2i_r{k}": _recall(t2i, k, ties) for k in KS})
     out["mR"] = float(np.mean([out[key] for key in METRIC_KEYS[:-1]]))
     return out
 

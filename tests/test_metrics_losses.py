@@ -168,3 +168,27 @@ def test_early_stopping_waits_patience_epochs_without_a_val_gain() -> None:
     assert not stale_for(history(10, 9, 11), patience=2)
     assert not stale_for(history(5, 10, 9), patience=2)  # the best is one epoch old
     assert stale_for(history(5, 10, 9, 8), patience=2)
+
+
+def test_random_tie_order_gives_the_expected_recall_of_shuffled_sorts() -> None:
+    # image 0's best caption ties exactly with 3 captions of other images (a caption string they share)
+    caption_image = np.repeat(np.arange(4), 2)
+    sim = np.full((4, 8), 0.1, np.float32)
+    sim[0, [0, 2, 4, 6]] = 0.9  # own caption 0 and one caption of each other image, all equal
+    for i in range(1, 4):
+        sim[i, 2 * i] = 1.0
+    against = retrieval_metrics(sim, caption_image, ties="against")
+    random_order = retrieval_metrics(sim, caption_image, ties="random")
+    assert against["i2t_r1"] == 75.0  # image 0 misses: its 3 ties rank ahead
+    assert random_order["i2t_r1"] == 100 * (3 + 1 / 4) / 4  # image 0 hits with probability 1/4
+    assert random_order["i2t_r5"] == against["i2t_r5"] == 100.0
+    # the expectation matches what sorting under many random tie orders gives
+    rng = np.random.default_rng(0)
+    hits = 0
+    for _ in range(4000):
+        order = rng.permutation(8)
+        ranked = order[np.argsort(-sim[0, order], kind="stable")]
+        hits += caption_image[ranked[0]] == 0
+    assert abs(100 * hits / 4000 - 25.0) < 2.5
+    flat = retrieval_metrics(np.zeros_like(sim), caption_image, ties="random")
+    assert abs(flat["i2t_r1"] - 100 * 2 / 8) < 1e-9 and abs(flat["t2i_r1"] - 100 / 4) < 1e-9  # chance
