@@ -83,6 +83,25 @@ ROWS: list[Row] = [
     ),
     Row("Lite2 + mpnet + SMR", "SMR re-rank k=10 of the chosen epoch", LITE2_MPNET, rerank_k=10),
     Row(
+        "previous default",
+        "msa-lite0-minilm through Ray Train: frozen Lite0, MLP fusion, two MiniLM layers fine-tuned",
+        preset="msa-lite0-minilm",
+    ),
+    *(
+        Row(
+            f"previous default + {name}",
+            f"{name} on the cached features (MSCMAT over the cached MiniLM token states)",
+            preset="msa-lite0-minilm",
+            overrides=("model.mscmat=true", *terms),
+        )
+        for name, terms in (
+            ("L_MSCMA", ("loss.mscma_weight=15",)),
+            ("L_CSMMC", ("loss.csmmc_weight=10",)),
+            ("L_tri", ("loss.triplet_weight=1",)),
+            ("MSA's three terms", ("loss.triplet_weight=1", "loss.mscma_weight=15", "loss.csmmc_weight=10")),
+        )
+    ),
+    Row(
         "Lite2 + mpnet, block 6 + head fine-tuned",
         "through Ray Train: Lite2's last block and 1x1 head trained from cached block-5 maps (lr 1e-4)",
         preset="msa-lite2-mpnet",

@@ -4,7 +4,7 @@ Ingests RSICD from ``../shared/data/rsicd`` (VT-RSBS captions, official split), 
 chosen on val), evaluates test once, and measures on val whether the SMR re-rank helps. Prints the table and
 writes JSON.
 
-Usage: ``python benchmarks/quality.py [--config msa-lite0-minilm] [--budget-minutes 80] [--epochs 20] [key=value …]``
+Usage: ``python benchmarks/quality.py [--config msa-lite2-mpnet] [--budget-minutes 80] [--epochs 20] [key=value …]``
 
 ``--ablation`` instead runs the ablation table (``benchmarks/ablation.py``): every row, resumable, results in
 ``benchmarks/results/ablation.{json,md,png}``; ``--rows`` picks rows by name.
@@ -24,7 +24,7 @@ import tower_features
 from heads import Corpus
 from tower_features import extract
 
-from rsitr.config import load_config
+from rsitr.config import DEFAULT_PRESET, load_config
 from rsitr.ingest import ingest_corpus
 from rsitr.metrics import METRIC_KEYS
 from rsitr.train import evaluate_checkpoint, fit
@@ -98,7 +98,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "rsicd"))
     parser.add_argument("--work", default=str(ROOT / ".rsitr" / "quality"))
-    parser.add_argument("--config", default="msa-lite0-minilm")
+    parser.add_argument("--config", default=DEFAULT_PRESET)
     parser.add_argument("--budget-minutes", type=float, default=80.0, help="training wall-clock budget")
     parser.add_argument("--epochs", type=int, default=20, help="planned epochs (the LR schedule's length)")
     parser.add_argument("--name", default=None, help="run name (an existing one resumes)")

@@ -22,6 +22,7 @@ from prefect.states import Cancelled, State
 
 from pipelines.raycluster import local_ray_head
 from rsitr.checkpoint import RESULT
+from rsitr.config import DEFAULT_PRESET
 from rsitr.io import shards, storage
 from rsitr.metrics import METRIC_KEYS
 
@@ -117,7 +118,7 @@ def follow_job(address: str, command: str, job_id: str, poll_s: float = 2.0) -> 
 @flow(name="train-msa", log_prints=True)
 def train_msa(
     data: str,
-    config: str = "msa-lite0-minilm",
+    config: str = DEFAULT_PRESET,
     storage_path: str = ".rsitr/runs",
     name: str | None = None,
     epochs: int | None = None,
