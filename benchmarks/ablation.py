@@ -166,7 +166,7 @@ class Ablation:
 def summarise(seeds: dict[str, Any]) -> dict[str, Any]:
     """Mean and (with several seeds) standard deviation of every metric over seeds."""
     out: dict[str, Any] = {"seeds": len(seeds)}
-    for part in ("test", "val", "test_rerank"):
+    for part in ("test", "val", "test_rerank", "val_rerank"):
         if all(part in s for s in seeds.values()):
             for key in METRIC_KEYS:
                 values = [s[part][key] for s in seeds.values()]
@@ -187,11 +187,12 @@ def markdown(results: dict[str, Any], floor: str = "floor") -> str:
         if not s:
             continue
         prefix = "test_rerank" if "test_rerank_mR" in s else "test"
+        val = s["val_rerank_mR"] if "val_rerank_mR" in s else s["val_mR"]
         mr = f"{s[f'{prefix}_mR']:.2f}" + (f" ± {s[f'{prefix}_mR_std']:.2f}" if s["seeds"] > 1 else "")
         delta = "" if base is None else f"{s[f'{prefix}_mR'] - base:+.2f}"
         lines.append(
             f"| {name} | {entry['what']} | {s['seeds']} | {s[f'{prefix}_i2t_r1']:.2f} | {s[f'{prefix}_t2i_r1']:.2f} "
-            f"| {mr} | {delta} | {s['val_mR']:.2f} | {s['wall_s'] / 60:.1f} |"
+            f"| {mr} | {delta} | {val:.2f} | {s['wall_s'] / 60:.1f} |"
         )
     return "\n".join(lines) + "\n"
 
