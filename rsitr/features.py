@@ -25,7 +25,7 @@ import torch
 from rsitr.config import Config, ConfigError, ModelConfig
 from rsitr.data.pipeline import DATA_TASK_CPUS, decode_image, label_id, read_shards, shuffled
 from rsitr.io import shards, storage
-from rsitr.models.text import load_tokenizer
+from rsitr.models.text import load_tokenizer, text_layer_count
 
 log = logging.getLogger("rsitr.features")
 CACHE_FORMAT = 1
@@ -66,14 +66,8 @@ def check_cacheable(config: Config) -> None:
 
 def text_fully_frozen(config: ModelConfig) -> bool:
     """Every text layer frozen and no MSCMAT reading token states: the cache needs only the pooled vector."""
-    layers = _text_layer_count(config.text_model)
+    layers = text_layer_count(config.text_model)
     return layers is not None and config.freeze_text_layers >= layers and not config.mscmat
-
-
-def _text_layer_count(name: str) -> int | None:
-    from rsitr.models.text import text_layer_count
-
-    return text_layer_count(name)
 
 
 def cache_key(config: Config, manifest: dict[str, Any]) -> str:
