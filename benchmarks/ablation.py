@@ -83,13 +83,13 @@ ROWS: list[Row] = [
     ),
     Row("Lite2 + mpnet + SMR", "SMR re-rank k=10 of the chosen epoch", LITE2_MPNET, rerank_k=10),
     Row(
-        "previous default",
+        "default msa-lite0-minilm",
         "msa-lite0-minilm through Ray Train: frozen Lite0, MLP fusion, two MiniLM layers fine-tuned",
         preset="msa-lite0-minilm",
     ),
     *(
         Row(
-            f"previous default + {name}",
+            f"msa-lite0-minilm + {name}",
             f"{name} on the cached features (MSCMAT over the cached MiniLM token states)",
             preset="msa-lite0-minilm",
             overrides=("model.mscmat=true", *terms),

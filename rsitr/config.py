@@ -11,8 +11,8 @@ from typing import Any
 import yaml
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-# the CPU default (README "Quality on RSICD" says why)
-DEFAULT_PRESET = "msa-lite2-mpnet"
+# the CPU default (README "Quality on RSICD" says why it stays)
+DEFAULT_PRESET = "msa-lite0-minilm"
 STRING_TUPLES = {"image_taps"}
 
 
