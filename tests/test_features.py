@@ -100,4 +100,3 @@ def test_a_fully_frozen_text_tower_caches_one_pooled_vector_per_caption(demo_sha
         )
         from_tokens = model.encode_text(torch.as_tensor(tokens["input_ids"]), torch.as_tensor(tokens["attention_mask"]))
     torch.testing.assert_close(from_cache, from_tokens, atol=2e-3, rtol=0)  # float16 storage
-
