@@ -63,6 +63,9 @@ class ModelConfig:
     # learn the InfoNCE temperature (log-parametrised, starting at initial_temperature) instead of loss.temperature
     learn_temperature: bool = False
     initial_temperature: float = 0.07
+    # K independently initialised heads trained side by side, each with its own loss; embeddings are the members'
+    # unit vectors side by side / √K (one cosine = the mean of theirs), K × embed_dim wide
+    head_ensemble: int = 1
 
 
 @dataclass

@@ -53,7 +53,8 @@ def check_cacheable(config: Config) -> None:
     """Reject settings under which a frozen-prefix cache would train something else than the config says.
 
     Raises:
-        ConfigError: augmentation on, nothing frozen, or a Gswin block on a frozen stage.
+        ConfigError: augmentation on, nothing frozen, a Gswin block on a frozen stage, or a randomly initialised
+            tower (each process would draw different frozen weights).
     """
     m = config.model
     if config.train.augment:
@@ -62,6 +63,9 @@ def check_cacheable(config: Config) -> None:
         raise ConfigError("train.cache_frozen needs model.freeze_image_stages >= 1 and model.freeze_text_layers >= 1")
     if any(p <= m.freeze_image_stages for p in m.gswin_stages):
         raise ConfigError("train.cache_frozen: a Gswin block on a frozen stage needs its feature map every epoch")
+    if not (m.image_pretrained or m.image_weights) or not m.text_pretrained:
+        # the cache's actors and the trainer would each draw their own random frozen weights
+        raise ConfigError("train.cache_frozen needs pretrained towers: random frozen weights differ in every process")
 
 
 def text_fully_frozen(config: ModelConfig) -> bool:
@@ -104,12 +108,12 @@ class FrozenPrefix:
         tokens = self.tokenizer(
             distinct, padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt"
         )
-        prefix = self.model.text.frozen_prefix(tokens["input_ids"], tokens["attention_mask"])
         if self.pooled_text:
             # nothing above the cache reads tokens: one "token", the pooled vector (its mean pool is itself)
-            prefix = self.model.text.pool(prefix, tokens["attention_mask"]).unsqueeze(1)
+            prefix = self.model.text.frozen_pooled(tokens["input_ids"], tokens["attention_mask"]).unsqueeze(1)
             lengths = [1] * len(distinct)
         else:
+            prefix = self.model.text.frozen_prefix(tokens["input_ids"], tokens["attention_mask"])
             lengths = tokens["attention_mask"].sum(1).tolist()
         states = prefix.half().numpy()
         return {text: state[:length].tobytes() for text, state, length in zip(distinct, states, lengths, strict=True)}

@@ -46,14 +46,17 @@ def make_optimizer(model: MSA, train: TrainConfig) -> torch.optim.Optimizer:
     """AdamW with a smaller learning rate for the pretrained towers than for the new heads."""
     towers: list[torch.nn.Parameter] = []
     heads: list[torch.nn.Parameter] = []
+    temperatures: list[torch.nn.Parameter] = []
     for name, param in model.named_parameters():
-        if param.requires_grad and name != "log_temperature":
+        if name.endswith("log_temperature"):
+            temperatures.append(param)
+        elif param.requires_grad:
             (towers if name.startswith(("backbone.", "text.")) else heads).append(param)
     groups: list[dict[str, Any]] = [{"params": heads, "lr": train.lr}]
     if towers:
         groups.append({"params": towers, "lr": train.backbone_lr})
-    if model.log_temperature is not None:  # decay would pull the temperature towards 1
-        groups.append({"params": [model.log_temperature], "lr": train.lr, "weight_decay": 0.0})
+    if temperatures:  # decay would pull the temperature towards 1
+        groups.append({"params": temperatures, "lr": train.lr, "weight_decay": 0.0})
     return torch.optim.AdamW(groups, weight_decay=train.weight_decay)
 
 
@@ -191,10 +194,14 @@ class TrainStep:
     def __call__(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         with torch.autocast(self.device.type, enabled=self.amp):
             out = _forward(self.ddp, batch)
-            sim = self.gather(out.image) @ self.gather(out.text).t()
             labels = self.gather(batch["label"]) if self.config.loss.intra_class_weight else None
             mscmat = [m.float() for m in out.mscmat]
-            terms = total_loss(sim.float(), self.config.loss, mscmat, labels, out.temperature)
+            # each member of a head ensemble learns on its own (its own loss and temperature), as ensembles do
+            terms: dict[str, torch.Tensor] = {}
+            for image, text, temperature in out.members:
+                sim = self.gather(image) @ self.gather(text).t()
+                for key, value in total_loss(sim.float(), self.config.loss, mscmat, labels, temperature).items():
+                    terms[key] = terms[key] + value if key in terms else value
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(terms["loss"]).backward()
         self.scaler.step(self.optimizer)

@@ -53,7 +53,8 @@ def test_split_forward_equals_the_whole_model(backbone: str, frozen: int, head: 
 
 
 def test_settings_a_cache_cannot_honour_are_refused() -> None:
-    for override in ("train.augment=true", "model.freeze_text_layers=0", "model.gswin_stages=2"):
+    refused = ("train.augment=true", "model.freeze_text_layers=0", "model.gswin_stages=2", "model.image_pretrained=false")
+    for override in refused:
         with pytest.raises(ConfigError):
             check_cacheable(load_config("msa-lite0-minilm", ["train.cache_frozen=true", override]))
 
@@ -100,3 +101,52 @@ def test_a_fully_frozen_text_tower_caches_one_pooled_vector_per_caption(demo_sha
         )
         from_tokens = model.encode_text(torch.as_tensor(tokens["input_ids"]), torch.as_tensor(tokens["attention_mask"]))
     torch.testing.assert_close(from_cache, from_tokens, atol=2e-3, rtol=0)  # float16 storage
+
+
+JOINED = ["model.image_backbone=efficientnet_lite0+efficientnet_lite0", "model.image_pretrained=false",
+          "model.freeze_image_stages=4", "model.text_model=all-MiniLM-L6-v2+all-MiniLM-L6-v2",
+          "model.freeze_text_layers=6", "model.head_ensemble=3", "model.fusion=mlp", "model.standardize=true",
+          "model.learn_temperature=true"]  # fmt: skip
+
+
+def test_joined_towers_and_a_head_ensemble_split_like_the_whole_model() -> None:
+    from rsitr.models.text import TextEncoder
+
+    config = load_config("demo", JOINED)
+    torch.manual_seed(0)
+    model = build_model(config.model).eval()
+    images = torch.randint(0, 256, (3, 64, 64, 3), dtype=torch.uint8)
+    texts = ["two planes beside a terminal", "a river", "many green trees near a road"]
+    joined = tokenize(texts, config.model.text_model, 16)
+    ids, mask = torch.as_tensor(joined["input_ids"]), torch.as_tensor(joined["attention_mask"])
+    single = {k: torch.as_tensor(v) for k, v in tokenize(texts, "all-MiniLM-L6-v2", 16).items()}
+    with torch.no_grad():
+        whole = model(images, ids, mask)
+        scales, feature_map = model.backbone.frozen_prefix(images)
+        states = model.text.frozen_prefix(ids, mask)
+        split = model(feature_map, None, mask[:, :1], frozen_scales=scales, text_states=states)
+        # the joined caption vector is each tower's vector, side by side
+        alone, _ = TextEncoder("all-MiniLM-L6-v2", frozen_layers=6)(single["input_ids"], single["attention_mask"])
+    assert ids.shape == (3, 32) and states.shape == (3, 1, 2 * 384) and feature_map.numel() == 0
+    torch.testing.assert_close(states[:, 0, :384], alone)
+    torch.testing.assert_close(states[:, 0, 384:], alone)
+    assert scales.shape[1] == sum(model.backbone.channels) == 2 * sum(model.backbone.towers[0].channels)
+    torch.testing.assert_close(split.image, whole.image)
+    torch.testing.assert_close(split.text, whole.text)
+    # one cosine of the ensemble's embeddings is the mean of its three members' cosines
+    assert len(whole.members) == 3 and whole.image.shape[1] == 3 * config.model.embed_dim
+    members = torch.stack([image @ text.t() for image, text, _ in whole.members]).mean(0)
+    torch.testing.assert_close(whole.image @ whole.text.t(), members)
+    torch.testing.assert_close(model.encode_image(images), whole.image)
+    torch.testing.assert_close(model.encode_text(ids, mask), whole.text)
+
+
+def test_joined_towers_train_from_the_cache_and_embed_raw_pixels_alike(
+    ray_local: None, demo_shards: Path, tmp_path: Path
+) -> None:
+    pretrained = ["model.image_backbone=efficientnet_lite0+efficientnet_lite2", "model.image_pretrained=true"]
+    config = load_config("demo", [*JOINED, *pretrained, "train.cache_frozen=true", "train.epochs=2"])
+    result = fit(config, str(demo_shards), str(tmp_path / "runs"), name="joined", evaluate_test=False)
+    from_pixels = evaluate_checkpoint(result.best_checkpoint, str(demo_shards), "val")
+    assert from_pixels["mR"] == pytest.approx(result.val["mR"], abs=1.5)
+    assert result.val["mR"] > 10  # chance on 57 val images is ~ 3

@@ -216,3 +216,18 @@ def test_cpu_default_fuses_every_lite0_block_and_the_head_with_the_image_tower_f
     assert scales.shape == (3, 2024) and feature_map.numel() == 0
     trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"scale_proj", "fusion", "text", "text_proj", "log_temperature"}
+
+
+def test_joined_towers_stay_frozen_and_a_single_head_keeps_its_checkpoint_names() -> None:
+    joined_image = ["model.image_backbone=efficientnet_lite0+efficientnet_lite0", "model.image_pretrained=false"]
+    with pytest.raises(ValueError, match="freeze_image_stages to at least 4"):
+        build_model(load_config("demo", [*joined_image, "model.freeze_image_stages=3"]).model)
+    with pytest.raises(ValueError, match="freeze_text_layers to at least 6"):
+        build_model(load_config("demo", ["model.text_model=all-MiniLM-L6-v2+all-MiniLM-L6-v2"]).model)
+    with pytest.raises(ValueError, match="head_ensemble"):
+        build_model(load_config("msa-lite0-minilm-mscmat", ["model.head_ensemble=2", "model.image_pretrained=false"]).model)
+    names = set(build_model(load_config("demo", ["model.image_pretrained=false"]).model).state_dict())
+    assert {"scale_proj.0.weight", "fusion.w1.weight", "text_proj.weight"} <= names
+    assert not any(n.startswith("extra_heads") for n in names)
+    ensemble = build_model(load_config("demo", ["model.image_pretrained=false", "model.head_ensemble=2"]).model)
+    assert {"scale_proj.0.weight", "extra_heads.0.scale_proj.0.weight"} <= set(ensemble.state_dict())

@@ -300,3 +300,55 @@ class MultiScaleBackbone(nn.Module):
         else:
             features = self.body(self._normalize(images))
         return self._pool(features, 0) + self._head(features[-1])
+
+
+# "a+b": image towers joined feature-wise (their scales side by side); see JoinedBackbone
+JOIN = "+"
+
+
+class JoinedBackbone(nn.Module):
+    """Several frozen image towers joined feature-wise: the scales of each, one after another.
+
+    Every tower reads the same pixels (each normalises them with its own statistics) and is wholly frozen, so
+    the frozen-prefix cache holds all their pooled scales and no feature map.
+    """
+
+    def __init__(self, name: str, frozen_stages: int, **options: Any) -> None:
+        super().__init__()
+        self.towers = nn.ModuleList(
+            MultiScaleBackbone(part.strip(), frozen_stages=frozen_stages, **options) for part in name.split(JOIN)
+        )
+        thawed = [t for t in self.towers if t.frozen_stages < len(t.stage_modules) or len(t.gswin)]
+        if thawed:
+            deepest = max(len(t.stage_modules) for t in self.towers)
+            raise ValueError(
+                f"model.image_backbone {name!r} joins towers, which stay frozen: set model.freeze_image_stages to at "
+                f"least {deepest} and use no Gswin block"
+            )
+        self.channels: list[int] = [c for tower in self.towers for c in tower.channels]
+        self.frozen_stages = len(self.channels)
+
+    def frozen_prefix(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every tower's pooled scales, concatenated (N, Σ C_s), and an empty map (nothing trainable reads one)."""
+        scales = [tower.frozen_prefix(images)[0] for tower in self.towers]
+        return torch.cat(scales, dim=1), scales[0].new_zeros(images.shape[0], 0)
+
+    def from_prefix(self, frozen_scales: torch.Tensor, feature_map: torch.Tensor) -> list[torch.Tensor]:
+        """The pooled scales from :meth:`frozen_prefix`'s outputs."""
+        return list(frozen_scales.split(self.channels, dim=1))
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return [scale for tower in self.towers for scale in tower(images)]
+
+
+def build_backbone(name: str, frozen_stages: int = 0, **options: Any) -> MultiScaleBackbone | JoinedBackbone:
+    """The image tower a ``model.image_backbone`` names: one backbone, or several joined by ``+``.
+
+    Raises:
+        ValueError: joined towers with a local weights file (it would fit only one of them).
+    """
+    if JOIN not in name:
+        return MultiScaleBackbone(name, frozen_stages=frozen_stages, **options)
+    if options.get("weights_file"):
+        raise ValueError(f"model.image_weights names one file, but model.image_backbone {name!r} joins towers")
+    return JoinedBackbone(name, frozen_stages, **options)

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from rsitr.config import ModelConfig
-from rsitr.models.backbone import MultiScaleBackbone
+from rsitr.models.backbone import build_backbone
 from rsitr.models.mscmat import MSCMAT
-from rsitr.models.text import TextEncoder
+from rsitr.models.text import JoinedTextEncoder, build_text_encoder
 
 
 class GatedFusion(nn.Module):
@@ -41,6 +41,56 @@ def linear_in(in_dim: int, out_dim: int, standardize: bool) -> nn.Module:
     return nn.Linear(in_dim, out_dim)
 
 
+class Heads(nn.Module):
+    """The trainable heads of one ensemble member: e_v = F(Σ_s W_s s_s), the text projection and a temperature."""
+
+    def __init__(self, config: ModelConfig, channels: list[int], text_width: int) -> None:
+        super().__init__()
+        # gated: W_s map to the joint space and F is MSA's gated map. mlp: W_s map to a hidden width and
+        # F = LayerNorm, GELU, dropout, Linear — together a two-layer MLP over all scales at once.
+        fusion: nn.Module
+        if config.fusion == "gated":
+            width = config.embed_dim
+            fusion = GatedFusion(config.embed_dim, config.gate_hidden)
+        elif config.fusion == "mlp":
+            width = config.head_hidden
+            fusion = mlp_tail(width, config.embed_dim, config.head_dropout)
+        else:
+            raise ValueError(f"model.fusion {config.fusion!r}: expected 'gated' or 'mlp'")
+        self.scale_proj = nn.ModuleList(linear_in(c, width, config.standardize) for c in channels)
+        self.fusion = fusion
+        text_proj = linear_in(text_width, width, config.standardize)
+        self.text_proj = (
+            text_proj
+            if config.fusion == "gated"
+            else nn.Sequential(text_proj, mlp_tail(width, config.embed_dim, config.head_dropout))
+        )
+        self.log_temperature: nn.Parameter | None = None
+        if config.learn_temperature:
+            self.log_temperature = nn.Parameter(torch.tensor(math.log(config.initial_temperature)))
+
+    def image(self, scales: list[torch.Tensor]) -> torch.Tensor:
+        """Unit-norm e_v from the pooled scales."""
+        summed = torch.stack([proj(s) for proj, s in zip(self.scale_proj, scales, strict=True)]).sum(0)
+        return F.normalize(self.fusion(summed), dim=-1)
+
+    def text(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Unit-norm e_t from the pooled caption vector."""
+        return F.normalize(self.text_proj(pooled), dim=-1)
+
+    def temperature(self) -> torch.Tensor | None:
+        """The learned InfoNCE temperature, never below 0.01 (CLIP's floor: logits at most ×100)."""
+        return None if self.log_temperature is None else self.log_temperature.exp().clamp_min(0.01)
+
+
+def _joined(units: list[torch.Tensor]) -> torch.Tensor:
+    """Members' unit embeddings side by side, scaled by 1/√K: one cosine is then the mean of the members' cosines,
+    and an index still stores one unit vector per item."""
+    if len(units) == 1:
+        return units[0]
+    return torch.cat(units, dim=-1) / math.sqrt(len(units))
+
+
 @dataclass
 class MSAOutput:
     """What a training step needs from one forward pass."""
@@ -50,6 +100,8 @@ class MSAOutput:
     scales: list[torch.Tensor]  # pooled s_1..s_4, each (B, C_s)
     mscmat: list[torch.Tensor]  # M_s, each (B images, B captions); empty when MSCMAT is off
     temperature: torch.Tensor | None = None  # the learned InfoNCE temperature (model.learn_temperature)
+    # each head's (image, text, temperature) of an ensemble (model.head_ensemble), trained with a loss each
+    members: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = field(default_factory=list)
 
 
 class MSA(nn.Module):
@@ -65,7 +117,7 @@ class MSA(nn.Module):
     def __init__(self, config: ModelConfig, pretrained: bool | None = None) -> None:
         super().__init__()
         self.config = config
-        self.backbone = MultiScaleBackbone(
+        self.backbone = build_backbone(
             config.image_backbone,
             pretrained=config.image_pretrained if pretrained is None else pretrained,
             stages=tuple(config.image_stages),
@@ -78,36 +130,28 @@ class MSA(nn.Module):
             pooling=config.scale_pooling,
             normalization=config.image_normalization,
         )
-        # e_v = F(Σ_s W_s s_s). gated: W_s map to the joint space and F is MSA's gated map. mlp: W_s map to a
-        # hidden width and F = LayerNorm, GELU, dropout, Linear — together a two-layer MLP over all scales at once.
-        fusion: nn.Module
-        if config.fusion == "gated":
-            width = config.embed_dim
-            fusion = GatedFusion(config.embed_dim, config.gate_hidden)
-        elif config.fusion == "mlp":
-            width = config.head_hidden
-            fusion = mlp_tail(width, config.embed_dim, config.head_dropout)
-        else:
-            raise ValueError(f"model.fusion {config.fusion!r}: expected 'gated' or 'mlp'")
-        self.scale_proj = nn.ModuleList(linear_in(c, width, config.standardize) for c in self.backbone.channels)
-        self.fusion = fusion
-        self.text = TextEncoder(
+        self.text = build_text_encoder(
             config.text_model,
             config.text_pooling,
             config.freeze_text_layers,
             pretrained=config.text_pretrained if pretrained is None else pretrained,
         )
-        text_proj = linear_in(self.text.width, width, config.standardize)
-        self.text_proj = (
-            text_proj
-            if config.fusion == "gated"
-            else nn.Sequential(text_proj, mlp_tail(width, config.embed_dim, config.head_dropout))
+        if config.head_ensemble < 1:
+            raise ValueError(f"model.head_ensemble {config.head_ensemble}: expected at least 1")
+        if config.head_ensemble > 1 and config.mscmat:
+            raise ValueError("model.head_ensemble > 1 and model.mscmat do not combine: MSCMAT's terms have one head")
+        first = Heads(config, self.backbone.channels, self.text.width)
+        # the first member's modules keep the names a single-head MSA has, so every checkpoint loads either way
+        self.scale_proj, self.fusion, self.text_proj = first.scale_proj, first.fusion, first.text_proj
+        self.log_temperature = first.log_temperature
+        self.extra_heads = nn.ModuleList(
+            Heads(config, self.backbone.channels, self.text.width) for _ in range(config.head_ensemble - 1)
         )
-        self.log_temperature: nn.Parameter | None = None
-        if config.learn_temperature:
-            self.log_temperature = nn.Parameter(torch.tensor(math.log(config.initial_temperature)))
+        self.heads: list[Heads] = [first, *self.extra_heads]
         self.mscmat: MSCMAT | None = None
         if config.mscmat:
+            if isinstance(self.text, JoinedTextEncoder):
+                raise ValueError("model.mscmat reads one text tower's token states: it needs a single text_model")
             self.mscmat = MSCMAT(
                 self.backbone.channels,
                 self.text.width,
@@ -117,12 +161,10 @@ class MSA(nn.Module):
             )
 
     def _fuse(self, scales: list[torch.Tensor]) -> torch.Tensor:
-        summed = torch.stack([proj(s) for proj, s in zip(self.scale_proj, scales, strict=True)]).sum(0)
-        return F.normalize(self.fusion(summed), dim=-1)
+        return _joined([head.image(scales) for head in self.heads])
 
-    def _image(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        scales = self.backbone(images)
-        return self._fuse(scales), scales
+    def _project_text(self, pooled: torch.Tensor) -> torch.Tensor:
+        return _joined([head.text(pooled) for head in self.heads])
 
     def encode_image_from_prefix(self, feature_map: torch.Tensor, frozen_scales: torch.Tensor) -> torch.Tensor:
         """:meth:`encode_image` from the frozen stages' cached outputs (see ``rsitr.features``)."""
@@ -131,16 +173,16 @@ class MSA(nn.Module):
     def encode_text_from_prefix(self, states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """:meth:`encode_text` from the frozen layers' cached token states."""
         pooled, _ = self.text.from_prefix(states, attention_mask)
-        return F.normalize(self.text_proj(pooled), dim=-1)
+        return self._project_text(pooled)
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """Unit-norm image embeddings from (N, H, W, 3) pixels in 0–255."""
-        return self._image(images)[0]
+        return self._fuse(self.backbone(images))
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Unit-norm caption embeddings."""
         pooled, _ = self.text(input_ids, attention_mask)
-        return F.normalize(self.text_proj(pooled), dim=-1)
+        return self._project_text(pooled)
 
     def forward(
         self,
@@ -156,24 +198,22 @@ class MSA(nn.Module):
         the frozen stages' pooled scales; ``text_states`` replaces ``input_ids`` with the frozen layers' states.
         """
         if frozen_scales is None:
-            image, scales = self._image(images)
+            scales = self.backbone(images)
         else:
             scales = self.backbone.from_prefix(frozen_scales, images)
-            image = self._fuse(scales)
         if text_states is not None:
             pooled, tokens = self.text.from_prefix(text_states, attention_mask)
         elif input_ids is not None:
             pooled, tokens = self.text(input_ids, attention_mask)
         else:
             raise ValueError("forward needs input_ids or text_states")
-        text = F.normalize(self.text_proj(pooled), dim=-1)
+        members = [(head.image(scales), head.text(pooled), head.temperature()) for head in self.heads]
         scores: list[torch.Tensor] = []
         if self.mscmat is not None:
             score = self.mscmat.pairwise_reference if self.use_pairwise_reference else self.mscmat
             scores = score(scales, tokens, attention_mask, pooled)
-        # the floor CLIP uses: logits never sharper than ×100
-        temperature = None if self.log_temperature is None else self.log_temperature.exp().clamp_min(0.01)
-        return MSAOutput(image, text, scales, scores, temperature)
+        image, text = _joined([m[0] for m in members]), _joined([m[1] for m in members])
+        return MSAOutput(image, text, scales, scores, members[0][2], members)
 
 
 def build_model(config: ModelConfig, pretrained: bool | None = None) -> MSA:

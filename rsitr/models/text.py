@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from transformers import (
@@ -21,6 +23,8 @@ from rsitr.models.backbone import WeightsError
 from rsitr.models.packaged_text import MPNET_NAMES, packaged_mpnet
 
 PACKAGED = {"all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"}
+# "a+b": towers joined feature-wise (their pooled vectors concatenated); see JoinedTextEncoder
+JOIN = "+"
 
 
 # Architectures that can be built with no hub at all: (config, a packaged folder with the same tokenizer).
@@ -43,15 +47,52 @@ def resolve_text_model(name: str) -> str:
     return str(Path(name).resolve()) if Path(name).exists() else name
 
 
-def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
-    """The tokenizer of a text model (``bert-base-uncased``'s vocabulary comes from the packaged MiniLM)."""
+def tower_names(name: str) -> list[str]:
+    """The models a text model name stands for: one, or several joined by ``+``."""
+    return [part.strip() for part in name.split(JOIN)]
+
+
+class JoinedTokenizer:
+    """Tokenizes for several joined text towers at once: each tower's ids and mask, padded to one common length
+    and laid side by side, so the joined row travels through every pipeline like one tower's row."""
+
+    def __init__(self, tokenizers: list[PreTrainedTokenizerBase]) -> None:
+        self.tokenizers = tokenizers
+
+    def __call__(self, texts: list[str], return_tensors: str = "np", **options: Any) -> dict[str, Any]:
+        parts = [tokenizer(texts, return_tensors="np", **options) for tokenizer in self.tokenizers]
+        length = max(part["input_ids"].shape[1] for part in parts)
+        ids, masks = [], []
+        for tokenizer, part in zip(self.tokenizers, parts, strict=True):
+            pad = length - part["input_ids"].shape[1]
+            ids.append(np.pad(part["input_ids"], ((0, 0), (0, pad)), constant_values=tokenizer.pad_token_id or 0))
+            masks.append(np.pad(part["attention_mask"], ((0, 0), (0, pad))))
+        joined = {"input_ids": np.concatenate(ids, axis=1), "attention_mask": np.concatenate(masks, axis=1)}
+        if return_tensors == "pt":
+            return {key: torch.as_tensor(value) for key, value in joined.items()}
+        return joined
+
+
+def load_tokenizer(name: str) -> PreTrainedTokenizerBase | JoinedTokenizer:
+    """The tokenizer of a text model (``bert-base-uncased``'s vocabulary comes from the packaged MiniLM); for
+    joined towers (``a+b``) a :class:`JoinedTokenizer`."""
+    if JOIN in name:
+        return JoinedTokenizer([_single_tokenizer(part) for part in tower_names(name)])
+    return _single_tokenizer(name)
+
+
+def _single_tokenizer(name: str) -> PreTrainedTokenizerBase:
     if name in OFFLINE_ARCHITECTURES:
         return AutoTokenizer.from_pretrained(_packaged_minilm())
     return AutoTokenizer.from_pretrained(resolve_text_model(name))
 
 
 def text_layer_count(name: str) -> int | None:
-    """How many transformer layers a text model has (None when its config cannot be read offline)."""
+    """How many transformer layers a text model has (joined towers: the most of any; None when a config cannot be
+    read offline)."""
+    if JOIN in name:
+        counts = [text_layer_count(part) for part in tower_names(name)]
+        return None if None in counts else max(c for c in counts if c is not None)
     try:
         return int(_architecture(name).num_hidden_layers)
     except (OSError, ValueError, AttributeError):
@@ -140,12 +181,70 @@ class TextEncoder(nn.Module):
         states = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         return self.pool(states, attention_mask), states
 
+    def frozen_pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The caption vector of a wholly frozen tower (what the cache stores when nothing above reads tokens)."""
+        return self.pool(self.frozen_prefix(input_ids, attention_mask), attention_mask)
+
     def pool(self, states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The global caption vector from token states: CLS, or the mean over unmasked tokens."""
         if self.pooling == "cls":
             return states[:, 0]
         weights = attention_mask.unsqueeze(-1).to(states.dtype)
         return (states * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+
+
+class JoinedTextEncoder(nn.Module):
+    """Several frozen text towers joined feature-wise: the caption vector is their pooled vectors concatenated.
+
+    Input rows come from :class:`JoinedTokenizer` (each tower's tokens side by side, equal widths). Every tower is
+    wholly frozen, so the only "token state" it hands on is the joined vector itself (one token): MSCMAT, which
+    reads a tower's real token states, needs a single tower.
+    """
+
+    def __init__(self, name: str, pooling: str = "mean", frozen_layers: int = 0, pretrained: bool = True) -> None:
+        super().__init__()
+        names = tower_names(name)
+        needed = text_layer_count(name)
+        if needed is None or frozen_layers < needed:
+            raise ValueError(
+                f"model.text_model {name!r} joins towers, which stay frozen: set model.freeze_text_layers to at "
+                f"least {needed if needed is not None else 'the deepest tower'}"
+            )
+        self.towers = nn.ModuleList(TextEncoder(n, pooling, frozen_layers, pretrained) for n in names)
+        self.width = sum(tower.width for tower in self.towers)
+
+    def _split(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        ids, masks = input_ids.chunk(len(self.towers), dim=1), attention_mask.chunk(len(self.towers), dim=1)
+        return list(zip(ids, masks, strict=True))
+
+    def frozen_pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The joined caption vector."""
+        parts = self._split(input_ids, attention_mask)
+        return torch.cat([tower.frozen_pooled(i, m) for tower, (i, m) in zip(self.towers, parts, strict=True)], 1)
+
+    def frozen_prefix(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The joined vector as a one-token state (every layer is frozen)."""
+        return self.frozen_pooled(input_ids, attention_mask).unsqueeze(1)
+
+    def from_prefix(self, states: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`forward`'s outputs from :meth:`frozen_prefix`'s one-token states."""
+        return states[:, 0], states
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.from_prefix(self.frozen_prefix(input_ids, attention_mask), attention_mask[:, :1])
+
+    def pool(self, states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The joined vector of one-token states."""
+        return states[:, 0]
+
+
+def build_text_encoder(
+    name: str, pooling: str = "mean", frozen_layers: int = 0, pretrained: bool = True
+) -> TextEncoder | JoinedTextEncoder:
+    """The text tower a ``model.text_model`` names: one model, or several joined by ``+``."""
+    if JOIN in name:
+        return JoinedTextEncoder(name, pooling, frozen_layers, pretrained)
+    return TextEncoder(name, pooling, frozen_layers, pretrained)
 
 
 def _first(output: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
