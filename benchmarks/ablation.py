@@ -64,6 +64,20 @@ ROWS: list[Row] = [
         decides_default=True,
     ),
     Row(
+        "all four towers, Lite statistics, ensemble of 3",
+        "as above with Lite0 fed the pixel statistics it was trained with (what msa-four-towers does)",
+        with_changes(JOINED, image=f"{LITE2_MPNET.image}+img-efficientnet_lite0-224-backbone"),
+        seeds=SEEDS3,
+        decides_default=True,
+    ),
+    Row(
+        "msa-four-towers",
+        "the four-tower recipe through the product: Ray Train from the frozen-prefix cache, Lite0 at 260 px",
+        preset="msa-four-towers",
+        seeds=SEEDS3,
+        decides_default=True,
+    ),
+    Row(
         "floor, Lite statistics",
         "floor with the pixel statistics Lite0 was trained with (0.5/0.5)",
         with_changes(FLOOR, image="img-efficientnet_lite0-224-backbone"),
