@@ -53,7 +53,12 @@ def test_split_forward_equals_the_whole_model(backbone: str, frozen: int, head: 
 
 
 def test_settings_a_cache_cannot_honour_are_refused() -> None:
-    refused = ("train.augment=true", "model.freeze_text_layers=0", "model.gswin_stages=2", "model.image_pretrained=false")
+    refused = (
+        "train.augment=true",
+        "model.freeze_text_layers=0",
+        "model.gswin_stages=2",
+        "model.image_pretrained=false",
+    )
     for override in refused:
         with pytest.raises(ConfigError):
             check_cacheable(load_config("msa-lite0-minilm", ["train.cache_frozen=true", override]))
@@ -130,7 +135,7 @@ def test_joined_towers_and_a_head_ensemble_split_like_the_whole_model() -> None:
     assert ids.shape == (3, 32) and states.shape == (3, 1, 2 * 384) and feature_map.numel() == 0
     torch.testing.assert_close(states[:, 0, :384], alone)
     torch.testing.assert_close(states[:, 0, 384:], alone)
-    assert scales.shape[1] == sum(model.backbone.channels) == 2 * sum(model.backbone.towers[0].channels)
+    assert scales.shape[1] == sum(model.backbone.channels) == 2 * sum(model.backbone.parts[0].channels)
     torch.testing.assert_close(split.image, whole.image)
     torch.testing.assert_close(split.text, whole.text)
     # one cosine of the ensemble's embeddings is the mean of its three members' cosines

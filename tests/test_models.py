@@ -225,7 +225,9 @@ def test_joined_towers_stay_frozen_and_a_single_head_keeps_its_checkpoint_names(
     with pytest.raises(ValueError, match="freeze_text_layers to at least 6"):
         build_model(load_config("demo", ["model.text_model=all-MiniLM-L6-v2+all-MiniLM-L6-v2"]).model)
     with pytest.raises(ValueError, match="head_ensemble"):
-        build_model(load_config("msa-lite0-minilm-mscmat", ["model.head_ensemble=2", "model.image_pretrained=false"]).model)
+        build_model(
+            load_config("msa-lite0-minilm-mscmat", ["model.head_ensemble=2", "model.image_pretrained=false"]).model
+        )
     names = set(build_model(load_config("demo", ["model.image_pretrained=false"]).model).state_dict())
     assert {"scale_proj.0.weight", "fusion.w1.weight", "text_proj.weight"} <= names
     assert not any(n.startswith("extra_heads") for n in names)

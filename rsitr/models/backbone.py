@@ -315,22 +315,23 @@ class JoinedBackbone(nn.Module):
 
     def __init__(self, name: str, frozen_stages: int, **options: Any) -> None:
         super().__init__()
-        self.towers = nn.ModuleList(
+        self.parts = [
             MultiScaleBackbone(part.strip(), frozen_stages=frozen_stages, **options) for part in name.split(JOIN)
-        )
-        thawed = [t for t in self.towers if t.frozen_stages < len(t.stage_modules) or len(t.gswin)]
+        ]
+        self.towers = nn.ModuleList(self.parts)  # registers the parts' weights
+        thawed = [t for t in self.parts if t.frozen_stages < len(t.stage_modules) or len(t.gswin)]
         if thawed:
-            deepest = max(len(t.stage_modules) for t in self.towers)
+            deepest = max(len(t.stage_modules) for t in self.parts)
             raise ValueError(
                 f"model.image_backbone {name!r} joins towers, which stay frozen: set model.freeze_image_stages to at "
                 f"least {deepest} and use no Gswin block"
             )
-        self.channels: list[int] = [c for tower in self.towers for c in tower.channels]
+        self.channels: list[int] = [c for tower in self.parts for c in tower.channels]
         self.frozen_stages = len(self.channels)
 
     def frozen_prefix(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Every tower's pooled scales, concatenated (N, Σ C_s), and an empty map (nothing trainable reads one)."""
-        scales = [tower.frozen_prefix(images)[0] for tower in self.towers]
+        scales = [tower.frozen_prefix(images)[0] for tower in self.parts]
         return torch.cat(scales, dim=1), scales[0].new_zeros(images.shape[0], 0)
 
     def from_prefix(self, frozen_scales: torch.Tensor, feature_map: torch.Tensor) -> list[torch.Tensor]:
@@ -338,7 +339,7 @@ class JoinedBackbone(nn.Module):
         return list(frozen_scales.split(self.channels, dim=1))
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        return [scale for tower in self.towers for scale in tower(images)]
+        return [scale for tower in self.parts for scale in tower(images)]
 
 
 def build_backbone(name: str, frozen_stages: int = 0, **options: Any) -> MultiScaleBackbone | JoinedBackbone:

@@ -197,10 +197,7 @@ class MSA(nn.Module):
         From a frozen-prefix cache, ``images`` is the feature map the trainable stages read and ``frozen_scales``
         the frozen stages' pooled scales; ``text_states`` replaces ``input_ids`` with the frozen layers' states.
         """
-        if frozen_scales is None:
-            scales = self.backbone(images)
-        else:
-            scales = self.backbone.from_prefix(frozen_scales, images)
+        scales = self.backbone(images) if frozen_scales is None else self.backbone.from_prefix(frozen_scales, images)
         if text_states is not None:
             pooled, tokens = self.text.from_prefix(text_states, attention_mask)
         elif input_ids is not None:

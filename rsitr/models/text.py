@@ -210,8 +210,9 @@ class JoinedTextEncoder(nn.Module):
                 f"model.text_model {name!r} joins towers, which stay frozen: set model.freeze_text_layers to at "
                 f"least {needed if needed is not None else 'the deepest tower'}"
             )
-        self.towers = nn.ModuleList(TextEncoder(n, pooling, frozen_layers, pretrained) for n in names)
-        self.width = sum(tower.width for tower in self.towers)
+        self.parts = [TextEncoder(n, pooling, frozen_layers, pretrained) for n in names]
+        self.towers = nn.ModuleList(self.parts)  # registers the parts' weights
+        self.width = sum(tower.width for tower in self.parts)
 
     def _split(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         ids, masks = input_ids.chunk(len(self.towers), dim=1), attention_mask.chunk(len(self.towers), dim=1)
@@ -220,7 +221,7 @@ class JoinedTextEncoder(nn.Module):
     def frozen_pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The joined caption vector."""
         parts = self._split(input_ids, attention_mask)
-        return torch.cat([tower.frozen_pooled(i, m) for tower, (i, m) in zip(self.towers, parts, strict=True)], 1)
+        return torch.cat([tower.frozen_pooled(i, m) for tower, (i, m) in zip(self.parts, parts, strict=True)], 1)
 
     def frozen_prefix(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The joined vector as a one-token state (every layer is frozen)."""
