@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from rsitr.config import Config
+from rsitr.errors import CheckpointError
 from rsitr.io import storage
 from rsitr.models.msa import MSA, build_model
 
@@ -25,10 +26,6 @@ CONFIG = "config.json"
 STATE = "state.json"
 RESULT = "result.json"
 LATEST = "latest.json"
-
-
-class CheckpointError(FileNotFoundError):
-    """A checkpoint or run folder that is missing or incomplete."""
 
 
 def save_checkpoint(

@@ -8,14 +8,11 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from rsitr.checkpoint import CheckpointError
-from rsitr.config import ConfigError
-from rsitr.index import IndexNotFoundError
-from rsitr.ingest import IngestError
+from rsitr.config import ConfigError, build_train_parser
+from rsitr.errors import CheckpointError, EmbeddingsNotFoundError, IndexBusyError, IndexNotFoundError, IngestError
 from rsitr.io.captions import FORMATS, CaptionFormatError
 from rsitr.io.geotiff import BAND_PRESETS
 from rsitr.io.shards import ShardsNotFoundError
-from rsitr.reindex import IndexBusyError
 
 # Errors that carry a message meant for the user: printed on one line, exit status 2.
 USER_ERRORS = (
@@ -26,6 +23,7 @@ USER_ERRORS = (
     IndexNotFoundError,
     CheckpointError,
     IndexBusyError,
+    EmbeddingsNotFoundError,
     ValueError,
 )
 
@@ -199,10 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
         k.add_argument("--shard-mb", type=int, default=64, help="target shard size")
     p.set_defaults(func=_ingest)
 
-    from rsitr.train import build_parser as train_parser
-
     p = sub.add_parser("train", help="train MSA with Ray Train")
-    train_parser(p)
+    build_train_parser(p)
     p.set_defaults(func=_train)
 
     p = sub.add_parser("eval", help="R@K and mR of a checkpoint on a split")
@@ -224,7 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("index", help="retrieval index")
     actions = p.add_subparsers(dest="action", required=True)
     b = actions.add_parser("build", help="build an index from embeddings")
-    b.add_argument("--embeddings", required=True, help="embeddings GeoParquet file")
+    b.add_argument(
+        "--embeddings", required=True, help="embeddings GeoParquet file, or the folder `rsitr embed --out` wrote"
+    )
     b.add_argument("--out", required=True)
     b.add_argument("--checkpoint", default=None, help="checkpoint whose text tower answers queries")
     b.add_argument("--captions", default=None, help="caption embeddings (from `rsitr embed --captions`)")

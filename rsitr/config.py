@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 from dataclasses import dataclass, field
@@ -209,3 +210,17 @@ def load_config(preset_or_path: str = DEFAULT_PRESET, overrides: list[str] | Non
                 raise ConfigError(f"override {item!r}: {part} is not a section")
         node[parts[-1]] = yaml.safe_load(raw) if raw else raw
     return Config.from_dict(data)
+
+
+def build_train_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Adds the training arguments shared by ``python -m rsitr.train`` and ``rsitr train`` (here, not in
+    ``rsitr.train``, so building the CLI imports neither torch nor Ray)."""
+    parser.add_argument("--config", default=DEFAULT_PRESET, help="preset name or YAML file")
+    parser.add_argument("--data", required=True, help="ingested dataset folder/URI (holds manifest.json)")
+    parser.add_argument("--storage", default=".rsitr/runs", help="where runs and checkpoints go")
+    parser.add_argument("--name", default=None, help="run name; an existing run of that name resumes")
+    parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--max-minutes", type=float, default=None, help="wall-clock budget for training")
+    parser.add_argument("--workers", type=int, default=None, help="Ray Train workers")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4")
+    return parser

@@ -25,13 +25,12 @@ import torch
 
 from rsitr import checkpoint as ckpt
 from rsitr.data.pipeline import DATA_TASK_CPUS, decode_images, tokenize
+from rsitr.index import CAPTIONS_FILE, EMBEDDINGS_FILE
 from rsitr.io import shards, storage
 from rsitr.models.msa import MSA
 from rsitr.raysession import init_ray
 
 log = logging.getLogger(__name__)
-EMBEDDINGS_FILE = "embeddings.parquet"
-CAPTIONS_FILE = "captions.parquet"
 PARTS_DIR = "_parts"
 # schema metadata naming the ingested dataset the embeddings came from (result sheets read thumbnails there)
 PROVENANCE_KEY = b"rsitr"

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import shapely
 from lancedb.index import BTree, HnswSq, IvfFlat, IvfPq, IvfSq
 
+from rsitr.errors import EmbeddingsNotFoundError, IndexNotFoundError
 from rsitr.io import storage
 
 log = logging.getLogger(__name__)
@@ -23,10 +24,6 @@ CAPTIONS_TABLE = "captions"
 INDEX_META = "index.json"
 ANN_THRESHOLD = 100_000
 FILTER_COLUMNS = ("min_lon", "max_lon", "min_lat", "max_lat", "acquired_at")
-
-
-class IndexNotFoundError(FileNotFoundError):
-    """No index at the given URI."""
 
 
 def connect(uri: str) -> Any:
@@ -55,8 +52,10 @@ def build_index(
         ``index.json``'s content: rows, model_version, checkpoint, kind (exact or the ANN index type), caption_rows.
 
     Raises:
+        EmbeddingsNotFoundError: ``embeddings`` (or ``captions``) names nothing readable.
         ValueError: the captions come from another model version than the tiles.
     """
+    embeddings, captions = locate_embeddings(embeddings, captions)
     table = read_embeddings(embeddings)
     data = index_rows(table, embeddings)
     version = data["model_version"][0].as_py()
@@ -73,6 +72,34 @@ def build_index(
         extra.update(captions_table=CAPTIONS_TABLE, caption_rows=caption_data.num_rows)
     lance_table = db.create_table(TABLE, data=data, mode="overwrite")
     return publish(out, lance_table, version, checkpoint, extra)
+
+
+# what `rsitr embed --out FOLDER` writes (rsitr.embed; named here so the index needs no torch)
+EMBEDDINGS_FILE = "embeddings.parquet"
+CAPTIONS_FILE = "captions.parquet"
+
+
+def locate_embeddings(embeddings: str, captions: str | None = None) -> tuple[str, str | None]:
+    """The embeddings and captions files a user named: the files themselves, or the folder ``rsitr embed --out``
+    wrote (its ``captions.parquet`` is then used when present and ``captions`` is not given).
+
+    Raises:
+        EmbeddingsNotFoundError: no such file, or a folder without ``embeddings.parquet``.
+    """
+    if storage.is_dir(embeddings):
+        folder = embeddings
+        embeddings = storage.join(folder, EMBEDDINGS_FILE)
+        if not storage.exists(embeddings):
+            raise EmbeddingsNotFoundError(
+                f"{folder}: a folder without {EMBEDDINGS_FILE}; give the folder `rsitr embed --out` wrote, or the file"
+            )
+        if captions is None and storage.exists(storage.join(folder, CAPTIONS_FILE)):
+            captions = storage.join(folder, CAPTIONS_FILE)
+    elif not storage.exists(embeddings):
+        raise EmbeddingsNotFoundError(f"{embeddings}: no such embeddings file or folder (see `rsitr embed --out`)")
+    if captions is not None and not storage.exists(captions):
+        raise EmbeddingsNotFoundError(f"{captions}: no such captions file (see `rsitr embed --captions`)")
+    return embeddings, captions
 
 
 def read_embeddings(uri: str) -> pa.Table:

@@ -29,6 +29,7 @@ import rasterio
 from PIL import Image, UnidentifiedImageError
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
 
+from rsitr.errors import IngestError
 from rsitr.io import geotiff, shards, storage
 from rsitr.io.captions import CaptionCorpus, CaptionRecord, read_corpus, read_split_table, seeded_split
 
@@ -38,10 +39,6 @@ RASTER_SUFFIXES = (".tif", ".tiff", ".vrt", ".jp2", ".img")
 PLAN_DIR = "_ingest"
 DEFAULT_SHARD_MB = 64
 Result = TypeVar("Result")
-
-
-class IngestError(RuntimeError):
-    """The inputs do not exist, the output holds a different ingest, or nothing usable remained."""
 
 
 @dataclass

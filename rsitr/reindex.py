@@ -22,15 +22,12 @@ from typing import Any
 
 from rsitr import checkpoint as ckpt
 from rsitr import embed, index, ingest
+from rsitr.errors import IndexBusyError
 from rsitr.io import geotiff, shards, storage
 from rsitr.locks import LockHeldError, pid_lock
 
 log = logging.getLogger("rsitr.reindex")
 LOCK_NAME = ".reindex.lock"
-
-
-class IndexBusyError(RuntimeError):
-    """Another re-index of the same index is running."""
 
 
 @contextmanager

@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from rsitr import checkpoint as ckpt
 from rsitr import features
-from rsitr.config import DEFAULT_PRESET, Config, TrainConfig, load_config
+from rsitr.config import Config, TrainConfig, build_train_parser, load_config
 from rsitr.data.pipeline import eval_datasets, train_dataset
 from rsitr.evaluate import evaluate_model
 from rsitr.io import shards, storage
@@ -428,18 +428,9 @@ def evaluate_checkpoint(
     )
 
 
-def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    """Arguments shared by ``python -m rsitr.train`` and ``rsitr train``."""
-    parser = parser or argparse.ArgumentParser(prog="python -m rsitr.train", description=__doc__)
-    parser.add_argument("--config", default=DEFAULT_PRESET, help="preset name or YAML file")
-    parser.add_argument("--data", required=True, help="ingested dataset folder/URI (holds manifest.json)")
-    parser.add_argument("--storage", default=".rsitr/runs", help="where runs and checkpoints go")
-    parser.add_argument("--name", default=None, help="run name; an existing run of that name resumes")
-    parser.add_argument("--epochs", type=int, default=None)
-    parser.add_argument("--max-minutes", type=float, default=None, help="wall-clock budget for training")
-    parser.add_argument("--workers", type=int, default=None, help="Ray Train workers")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4")
-    return parser
+def build_parser() -> argparse.ArgumentParser:
+    """The arguments of ``python -m rsitr.train`` (the same as ``rsitr train``'s)."""
+    return build_train_parser(argparse.ArgumentParser(prog="python -m rsitr.train", description=__doc__))
 
 
 def run_from_args(args: argparse.Namespace) -> FitResult:

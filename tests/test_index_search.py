@@ -231,3 +231,19 @@ def test_an_append_keeps_the_ann_settings_the_index_was_built_with(
     meta = index_module.publish(str(tmp_path), table, "v", None, {})  # the default settings are IVF-SQ
     assert (meta["rows"], meta["kind"], meta["ann"]["nprobes"]) == (432, "ivf_pq", 4)
     assert index_module.ann_settings(meta) == pq_settings
+
+
+def test_index_build_takes_the_folder_rsitr_embed_wrote(
+    built_index: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "from-folder"
+    assert cli_main(["index", "build", "--embeddings", str(built_index), "--out", str(out)]) == 0
+    built = json.loads(capsys.readouterr().out)
+    assert built["rows"] == open_index(str(built_index))[1]["rows"]
+    assert built["caption_rows"] > 0  # the folder's captions.parquet came along
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for wrong in (empty, tmp_path / "missing"):
+        assert cli_main(["index", "build", "--embeddings", str(wrong), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert str(wrong) in err and "embeddings" in err and len(err.strip().splitlines()) == 1
