@@ -29,6 +29,7 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check rsitr pipelines tests benchmarks
+	$(VENV)/bin/ruff format --check -q rsitr pipelines tests benchmarks
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy

@@ -106,7 +106,10 @@ def read_embeddings(uri: str) -> pa.Table:
     """An embeddings GeoParquet file (see :mod:`rsitr.embed`)."""
     fs, path = storage.filesystem(uri)
     with fs.open(path, "rb") as handle:
-        return pq.read_table(handle)
+        try:
+            return pq.read_table(handle)
+        except pa.ArrowInvalid as err:
+            raise EmbeddingsNotFoundError(f"{uri}: not an embeddings GeoParquet file ({err})") from err
 
 
 def embeddings_source(table: pa.Table) -> str | None:

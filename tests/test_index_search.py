@@ -142,18 +142,36 @@ def test_captions_are_embedded_and_searchable_from_an_image(
     assert all(text[h.caption_id] == h.caption for h in hits)
 
 
-def test_rerank_reorders_candidates_by_the_similarity_matrix(built_index: Path) -> None:
+def test_rerank_scores_follow_the_smr_formula(built_index: Path) -> None:
+    query = "a river crosses dense forest"
     searcher = Searcher(str(built_index))
-    plain = searcher.search("a river crosses dense forest", k=20)
-    reranked = searcher.search("a river crosses dense forest", k=20, rerank=20)
-    assert {h.image_id for h in reranked} == {h.image_id for h in plain}  # the same candidates …
-    assert all(h.rerank_score is not None for h in reranked)
-    scores = [h.rerank_score for h in reranked]
-    assert scores == sorted(scores, reverse=True)  # … in the re-ranked order
+    plain = searcher.search(query, k=20)
+    reranked = searcher.search(query, k=20, rerank=20)
     by_id = {h.image_id: h.score for h in plain}
     assert all(abs(by_id[h.image_id] - h.score) < 1e-5 for h in reranked)  # cosine scores unchanged
-    top = searcher.search("a river crosses dense forest", k=5, rerank=20)
-    assert [h.image_id for h in top] == [h.image_id for h in reranked[:5]]
+    # s′ recomputed here from the formula: the query among the caption table's vectors as reference queries
+    tokens = {k: torch.as_tensor(v) for k, v in searcher_tokens(searcher, query).items()}
+    with torch.no_grad():
+        q = searcher.model.encode_text(tokens["input_ids"], tokens["attention_mask"])[0].numpy()
+    references = np.stack(searcher.captions.to_arrow()["vector"].to_numpy(zero_copy_only=False))
+    tiles = {row["image_id"]: row["vector"] for row in searcher.table.to_arrow().to_pylist()}
+    candidates = np.stack([tiles[h.image_id] for h in plain])  # in forward (cosine) order
+    columns = np.concatenate([q[None], references]) @ candidates.T
+    own = q @ candidates.T
+    reverse = (columns[1:] > own[None]).sum(0)  # the query's rank in each candidate's column
+    reverse_position = np.argsort(np.argsort(reverse, kind="stable"), kind="stable")
+    ranks = np.arange(len(plain))
+    expected = own / columns.sum(0) + np.exp(-0.05 * (ranks + 1)) + 0.7 * np.exp(-0.05 * (reverse_position + 1))
+    got = {h.image_id: h.rerank_score for h in reranked}
+    np.testing.assert_allclose([got[h.image_id] for h in plain], expected, rtol=1e-4, atol=1e-5)
+    assert [h.image_id for h in reranked] == [plain[i].image_id for i in np.argsort(-expected, kind="stable")]
+    assert [h.image_id for h in searcher.search(query, k=5, rerank=20)] == [h.image_id for h in reranked[:5]]
+
+
+def searcher_tokens(searcher: Searcher, text: str) -> dict[str, np.ndarray]:
+    from rsitr.data.pipeline import tokenize
+
+    return tokenize([text], searcher.config.model.text_model, searcher.config.model.max_tokens)
 
 
 def test_image_search_and_rerank_need_a_caption_table(
@@ -243,7 +261,8 @@ def test_index_build_takes_the_folder_rsitr_embed_wrote(
     assert built["caption_rows"] > 0  # the folder's captions.parquet came along
     empty = tmp_path / "empty"
     empty.mkdir()
-    for wrong in (empty, tmp_path / "missing"):
+    (tmp_path / "not.parquet").write_text("tile,vector\n")
+    for wrong in (empty, tmp_path / "missing", tmp_path / "not.parquet"):
         assert cli_main(["index", "build", "--embeddings", str(wrong), "--out", str(out)]) == 2
         err = capsys.readouterr().err
         assert str(wrong) in err and "embeddings" in err and len(err.strip().splitlines()) == 1
