@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# The GPU path, end to end on one CUDA device, in a few minutes:
+#   1. msa-lite0-minilm-mscmat and msa-resnet50-bert (random init: no hub needed) each train a few hundred steps
+#      through Ray Train with mixed precision on the generated corpus; the loss must fall and stay finite;
+#      samples/s is printed.
+#   2. ~10k generated tiles are embedded by `rsitr.embed.embed_archive` and by the bare image tower on the same
+#      tiles, decoded beforehand into GPU-sized batches; tiles/s of both and their ratio are printed.
+# Ends with one JSON line. Needs the project installed (`make install`); GPU_CHECK_SCALE=0.05 shrinks every size
+# (a dry run of the script itself, also on CPU with GPU_CHECK_ALLOW_CPU=1).
+# Usage: benchmarks/gpu_check.sh [work folder]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+[ -x "$PY" ] || PY=python3
+WORK=${1:-$(mktemp -d)}
+export PYTHONUNBUFFERED=1
+exec "$PY" - "$WORK" <<'EOF'
+import json, math, os, sys, time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from rsitr import checkpoint as ckpt
+from rsitr.config import load_config
+from rsitr.data.pipeline import decode_image
+from rsitr.embed import embed_archive
+from rsitr.ingest import ingest_folder
+from rsitr.io import shards
+from rsitr.synthetic import generate_demo_corpus
+from rsitr.train import fit
+
+work = Path(sys.argv[1])
+scale = float(os.environ.get("GPU_CHECK_SCALE", "1"))
+cuda = torch.cuda.is_available()
+if not cuda and os.environ.get("GPU_CHECK_ALLOW_CPU") != "1":
+    sys.exit("gpu_check: no CUDA device (GPU_CHECK_ALLOW_CPU=1 runs it on CPU as a dry run)")
+print("device:", torch.cuda.get_device_name(0) if cuda else "cpu", "| torch", torch.__version__)
+started = time.monotonic()
+out: dict = {"device": torch.cuda.get_device_name(0) if cuda else "cpu", "train": {}}
+
+
+def corpus(name: str, scenes: int) -> str:
+    generate_demo_corpus(work / name, seed=1, scenes=scenes)
+    ingest_folder(str(work / name), name, str(work / "data"), tile_size=128, workers=None)
+    return str(work / "data" / name)
+
+
+# 1. training: ~24 steps per epoch at batch 32 on 24 scenes (864 tiles)
+train_data = corpus("train-corpus", max(2, round(24 * scale)))
+runs = {
+    "msa-lite0-minilm-mscmat": [],
+    "msa-resnet50-bert": ["model.image_pretrained=false", "model.text_pretrained=false"],
+}
+for preset, extra in runs.items():
+    overrides = [*extra, "train.batch_size=32", f"train.epochs={max(2, round(10 * scale))}", "train.num_workers=1",
+                 f"train.use_gpu={str(cuda).lower()}", "train.image_size=128", "train.cpus_per_worker=2"]
+    config = load_config(preset, overrides)
+    t0 = time.monotonic()
+    result = fit(config, train_data, str(work / "runs"), name=preset, evaluate_test=False)
+    losses = [row["train_loss"] for row in result.history]
+    finite = all(math.isfinite(x) for x in losses)
+    falls = losses[-1] < losses[0]
+    out["train"][preset] = {
+        "epochs": len(losses), "loss_first": losses[0], "loss_last": losses[-1], "finite": finite, "falls": falls,
+        "samples_per_s": float(np.median([row["samples_per_s"] for row in result.history])),
+        "val_mR": result.val["mR"], "wall_s": time.monotonic() - t0, "amp": cuda,
+    }
+    print(preset, json.dumps(out["train"][preset]))
+    assert finite, f"{preset}: non-finite loss {losses}"
+    assert falls, f"{preset}: loss did not fall {losses}"
+
+# 2. embedding ~10k tiles (280 scenes × 36) with the first run's checkpoint, product vs bare tower
+embed_data = corpus("embed-corpus", max(2, round(280 * scale)))
+checkpoint = str(work / "runs" / "msa-lite0-minilm-mscmat")
+t0 = time.monotonic()
+summary = embed_archive(checkpoint, embed_data, str(work / "embeddings"))
+product_s = time.monotonic() - t0
+model, config, _ = ckpt.load_checkpoint(checkpoint, map_location="cuda" if cuda else "cpu")
+model.eval()
+device = torch.device("cuda" if cuda else "cpu")
+tiles = [decode_image(b, config.train.image_size) for uri in shards.shard_uris(embed_data)
+         for b in pq.read_table(uri, columns=["image"])["image"].to_pylist()]
+batches = [torch.as_tensor(np.stack(tiles[i : i + 256])) for i in range(0, len(tiles), 256)]
+with torch.no_grad(), torch.autocast(device.type, enabled=cuda):
+    model.encode_image(batches[0].to(device))  # warm-up (cuDNN autotune, allocator)
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.monotonic()
+    for batch in batches:
+        model.encode_image(batch.to(device, non_blocking=True))
+    if cuda:
+        torch.cuda.synchronize()
+    bare_s = time.monotonic() - t0
+out["embed"] = {
+    "tiles": len(tiles), "rows_written": summary.get("rows"), "product_tiles_per_s": len(tiles) / product_s,
+    "bare_tiles_per_s": len(tiles) / bare_s, "embed_vs_bound": (len(tiles) / bare_s) / (len(tiles) / product_s),
+}
+print("embed", json.dumps(out["embed"]))
+out["wall_s"] = time.monotonic() - started
+print(json.dumps(out))
+EOF
