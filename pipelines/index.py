@@ -35,7 +35,7 @@ def index_archive(
     data: str | None = None,
     archive: str | None = None,
     out: str = ".rsitr/index/demo",
-    tile_size: int = 128,
+    tile_size: int = geotiff.SCENE_TILE_SIZE,
     captions: bool = False,
 ) -> dict[str, Any]:
     """Index an ingested dataset (``data``: embed everything, rebuild) or a folder/URI of scenes (``archive``:

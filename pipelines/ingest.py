@@ -108,7 +108,7 @@ def ingest_archive_flow(
     scenes: list[str],
     dataset: str = "archive",
     out: str = ".rsitr/data",
-    tile_size: int = 256,
+    tile_size: int = geotiff.SCENE_TILE_SIZE,
     out_size: int | None = None,
     overlap: int = 0,
     bands: str | None = None,

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from rsitr.config import ConfigError, build_train_parser
 from rsitr.errors import CheckpointError, EmbeddingsNotFoundError, IndexBusyError, IndexNotFoundError, IngestError
 from rsitr.io.captions import FORMATS, CaptionFormatError
-from rsitr.io.geotiff import BAND_PRESETS
+from rsitr.io.geotiff import BAND_PRESETS, SCENE_TILE_SIZE
 from rsitr.io.shards import ShardsNotFoundError
 
 # Errors that carry a message meant for the user: printed on one line, exit status 2.
@@ -169,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     kinds = p.add_subparsers(dest="kind", required=True)
     k = kinds.add_parser("scenes", help="tile raster scenes (paths, globs, folders, s3:// URIs; a,b,c = band files)")
     k.add_argument("paths", nargs="+")
-    k.add_argument("--tile-size", type=int, default=256, help="window side in source pixels")
+    k.add_argument("--tile-size", type=int, default=SCENE_TILE_SIZE, help="window side in source pixels")
     k.add_argument("--out-size", type=int, default=None, help="stored tile side (default: tile size)")
     k.add_argument("--overlap", type=int, default=0)
     k.add_argument("--bands", default=None, help=f"R,G,B band numbers or a preset ({', '.join(BAND_PRESETS)})")
@@ -231,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--archive", required=True, help="folder, glob or s3:// prefix of GeoTIFF scenes")
     u.add_argument("--out", required=True, help="the index to bring up to date (created when missing)")
     u.add_argument("--checkpoint", required=True, help="checkpoint, finished run or runs folder")
-    u.add_argument("--tile-size", type=int, default=256)
+    u.add_argument("--tile-size", type=int, default=SCENE_TILE_SIZE, help="window side in source pixels")
     u.set_defaults(func=_index_update)
 
     p = sub.add_parser("search", help="text → tiles, or --image FILE → captions")

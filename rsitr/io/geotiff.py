@@ -48,6 +48,10 @@ _EARTH_SEMI_MAJOR_M = (6.3e6, 6.4e6)
 _STRETCH_PX = 1024
 
 
+# the window side scenes are cut into unless told otherwise (CLI, flows and the nightly re-index agree on it)
+SCENE_TILE_SIZE = 256
+
+
 class SceneError(ValueError):
     """A scene that cannot be tiled: unreadable, bands that do not exist or do not align, no CRS when required."""
 
@@ -67,7 +71,7 @@ class TileOptions:
         require_georef: a scene without a usable Earth CRS is rejected instead of ingested with a null footprint.
     """
 
-    tile_size: int = 256
+    tile_size: int = SCENE_TILE_SIZE
     out_size: int | None = None
     overlap: int = 0
     bands: tuple[int, ...] | str | None = None
