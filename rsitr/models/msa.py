@@ -41,46 +41,61 @@ def linear_in(in_dim: int, out_dim: int, standardize: bool) -> nn.Module:
     return nn.Linear(in_dim, out_dim)
 
 
-class Heads(nn.Module):
-    """The trainable heads of one ensemble member: e_v = F(Σ_s W_s s_s), the text projection and a temperature."""
+class HeadOutputs:
+    """What one set of heads computes from its modules ``scale_proj``, ``fusion``, ``text_proj`` and
+    ``log_temperature``: MSA holds the first set itself (under the names single-head checkpoints use), each further
+    ensemble member is a :class:`Heads`."""
 
-    def __init__(self, config: ModelConfig, channels: list[int], text_width: int) -> None:
-        super().__init__()
-        # gated: W_s map to the joint space and F is MSA's gated map. mlp: W_s map to a hidden width and
-        # F = LayerNorm, GELU, dropout, Linear — together a two-layer MLP over all scales at once.
-        fusion: nn.Module
-        if config.fusion == "gated":
-            width = config.embed_dim
-            fusion = GatedFusion(config.embed_dim, config.gate_hidden)
-        elif config.fusion == "mlp":
-            width = config.head_hidden
-            fusion = mlp_tail(width, config.embed_dim, config.head_dropout)
-        else:
-            raise ValueError(f"model.fusion {config.fusion!r}: expected 'gated' or 'mlp'")
-        self.scale_proj = nn.ModuleList(linear_in(c, width, config.standardize) for c in channels)
-        self.fusion = fusion
-        text_proj = linear_in(text_width, width, config.standardize)
-        self.text_proj = (
-            text_proj
-            if config.fusion == "gated"
-            else nn.Sequential(text_proj, mlp_tail(width, config.embed_dim, config.head_dropout))
-        )
-        self.log_temperature: nn.Parameter | None = None
-        if config.learn_temperature:
-            self.log_temperature = nn.Parameter(torch.tensor(math.log(config.initial_temperature)))
+    scale_proj: nn.ModuleList
+    fusion: nn.Module
+    text_proj: nn.Module
+    log_temperature: nn.Parameter | None
 
-    def image(self, scales: list[torch.Tensor]) -> torch.Tensor:
-        """Unit-norm e_v from the pooled scales."""
+    def embed_image(self, scales: list[torch.Tensor]) -> torch.Tensor:
+        """Unit-norm e_v = F(Σ_s W_s s_s) from the pooled scales."""
         summed = torch.stack([proj(s) for proj, s in zip(self.scale_proj, scales, strict=True)]).sum(0)
         return F.normalize(self.fusion(summed), dim=-1)
 
-    def text(self, pooled: torch.Tensor) -> torch.Tensor:
+    def embed_text(self, pooled: torch.Tensor) -> torch.Tensor:
         """Unit-norm e_t from the pooled caption vector."""
         return F.normalize(self.text_proj(pooled), dim=-1)
 
     def temperature(self) -> torch.Tensor | None:
         """The learned InfoNCE temperature, never below 0.01 (CLIP's floor: logits at most ×100)."""
         return None if self.log_temperature is None else self.log_temperature.exp().clamp_min(0.01)
+
+
+def head_modules(
+    config: ModelConfig, channels: list[int], text_width: int
+) -> tuple[nn.ModuleList, nn.Module, nn.Module, nn.Parameter | None]:
+    """One set of heads: W_s per scale, F, the text projection and (``model.learn_temperature``) a temperature.
+
+    gated: W_s map to the joint space and F is MSA's gated map. mlp: W_s map to a hidden width and F = LayerNorm,
+    GELU, dropout, Linear — together a two-layer MLP over all scales at once; the text side gets the same MLP.
+    """
+    fusion: nn.Module
+    if config.fusion == "gated":
+        width = config.embed_dim
+        fusion = GatedFusion(config.embed_dim, config.gate_hidden)
+    elif config.fusion == "mlp":
+        width = config.head_hidden
+        fusion = mlp_tail(width, config.embed_dim, config.head_dropout)
+    else:
+        raise ValueError(f"model.fusion {config.fusion!r}: expected 'gated' or 'mlp'")
+    scale_proj = nn.ModuleList(linear_in(c, width, config.standardize) for c in channels)
+    text_proj: nn.Module = linear_in(text_width, width, config.standardize)
+    if config.fusion == "mlp":
+        text_proj = nn.Sequential(text_proj, mlp_tail(width, config.embed_dim, config.head_dropout))
+    temperature = nn.Parameter(torch.tensor(math.log(config.initial_temperature))) if config.learn_temperature else None
+    return scale_proj, fusion, text_proj, temperature
+
+
+class Heads(HeadOutputs, nn.Module):
+    """A further member of a head ensemble (``model.head_ensemble``)."""
+
+    def __init__(self, config: ModelConfig, channels: list[int], text_width: int) -> None:
+        super().__init__()
+        self.scale_proj, self.fusion, self.text_proj, self.log_temperature = head_modules(config, channels, text_width)
 
 
 def _joined(units: list[torch.Tensor]) -> torch.Tensor:
@@ -104,7 +119,7 @@ class MSAOutput:
     members: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = field(default_factory=list)
 
 
-class MSA(nn.Module):
+class MSA(HeadOutputs, nn.Module):
     """Image and text towers whose L2-normalised embeddings are compared by cosine; MSCMAT for training.
 
     At test time MSA is a dual encoder (``encode_image`` / ``encode_text``); MSCMAT scores pairs in ``forward``
@@ -140,14 +155,13 @@ class MSA(nn.Module):
             raise ValueError(f"model.head_ensemble {config.head_ensemble}: expected at least 1")
         if config.head_ensemble > 1 and config.mscmat:
             raise ValueError("model.head_ensemble > 1 and model.mscmat do not combine: MSCMAT's terms have one head")
-        first = Heads(config, self.backbone.channels, self.text.width)
-        # the first member's modules keep the names a single-head MSA has, so every checkpoint loads either way
-        self.scale_proj, self.fusion, self.text_proj = first.scale_proj, first.fusion, first.text_proj
-        self.log_temperature = first.log_temperature
+        # the first set of heads lives on MSA itself, under the names every single-head checkpoint uses
+        self.scale_proj, self.fusion, self.text_proj, self.log_temperature = head_modules(
+            config, self.backbone.channels, self.text.width
+        )
         self.extra_heads = nn.ModuleList(
             Heads(config, self.backbone.channels, self.text.width) for _ in range(config.head_ensemble - 1)
         )
-        self.heads: list[Heads] = [first, *self.extra_heads]
         self.mscmat: MSCMAT | None = None
         if config.mscmat:
             if isinstance(self.text, JoinedTextEncoder):
@@ -160,11 +174,14 @@ class MSA(nn.Module):
                 mask_padding=config.mscmat_mask_padding,
             )
 
+    def _members(self) -> list[HeadOutputs]:
+        return [self, *(member for member in self.extra_heads if isinstance(member, Heads))]
+
     def _fuse(self, scales: list[torch.Tensor]) -> torch.Tensor:
-        return _joined([head.image(scales) for head in self.heads])
+        return _joined([head.embed_image(scales) for head in self._members()])
 
     def _project_text(self, pooled: torch.Tensor) -> torch.Tensor:
-        return _joined([head.text(pooled) for head in self.heads])
+        return _joined([head.embed_text(pooled) for head in self._members()])
 
     def encode_image_from_prefix(self, feature_map: torch.Tensor, frozen_scales: torch.Tensor) -> torch.Tensor:
         """:meth:`encode_image` from the frozen stages' cached outputs (see ``rsitr.features``)."""
@@ -204,7 +221,7 @@ class MSA(nn.Module):
             pooled, tokens = self.text(input_ids, attention_mask)
         else:
             raise ValueError("forward needs input_ids or text_states")
-        members = [(head.image(scales), head.text(pooled), head.temperature()) for head in self.heads]
+        members = [(head.embed_image(scales), head.embed_text(pooled), head.temperature()) for head in self._members()]
         scores: list[torch.Tensor] = []
         if self.mscmat is not None:
             score = self.mscmat.pairwise_reference if self.use_pairwise_reference else self.mscmat
