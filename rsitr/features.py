@@ -30,6 +30,8 @@ from rsitr.models.text import load_tokenizer, text_layer_count
 log = logging.getLogger("rsitr.features")
 CACHE_FORMAT = 1
 CACHE_META = "cache.json"
+# block size while building a cache (each block's rows are written as soon as it is done): a few hundred tiles
+CACHE_BLOCK_BYTES = 4 * 1024 * 1024
 # what the cached values depend on, besides the data
 PREFIX_FIELDS = (
     "image_backbone",
@@ -166,6 +168,12 @@ def build_cache(config: Config, data: str, storage_path: str) -> str:
     # one model copy per two CPUs; each keeps a fraction of a CPU free for the reads that feed it
     actors = max(1, cpus // 2)
     log.info("building the frozen-prefix cache %s with %d actor(s)", root, actors)
+    # Small blocks keep rows flowing: a whole 64 MB shard through heavy frozen towers on a few cores outlasts
+    # Ray Data's no-progress timeout (30 min), which then aborts the build. A dataset keeps the context it was
+    # created with, so the smaller block size applies to this build only.
+    context = ray.data.DataContext.get_current()
+    default_block_size = context.target_max_block_size
+    context.target_max_block_size = CACHE_BLOCK_BYTES
     rows = read_shards(data, ["image_id", "split", "label", "image", "captions"]).map_batches(
         FrozenPrefix,
         fn_constructor_kwargs={
@@ -179,7 +187,10 @@ def build_cache(config: Config, data: str, storage_path: str) -> str:
         num_cpus=max(DATA_TASK_CPUS, min(1.0, cpus / actors - DATA_TASK_CPUS)),
     )
     path, filesystem = storage.arrow_filesystem(storage.join(root, "rows"))
-    rows.write_parquet(path, filesystem=filesystem)
+    try:
+        rows.write_parquet(path, filesystem=filesystem)
+    finally:
+        context.target_max_block_size = default_block_size
     storage.write_json_atomic(
         storage.join(root, CACHE_META),
         {"format": CACHE_FORMAT, "data": data, "rows": int(manifest["rows"]), "model": config.to_dict()["model"]},
