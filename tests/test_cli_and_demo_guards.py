@@ -57,3 +57,12 @@ def test_cli_user_errors_exit_2_with_one_line(capsys: pytest.CaptureFixture[str]
     assert "does not exist" in capsys.readouterr().err
     assert cli_main(["eval", "--checkpoint", str(tmp_path), "--data", str(tmp_path)]) == 2
     assert "not a checkpoint" in capsys.readouterr().err
+
+
+def test_the_cli_starts_without_torch_or_ray() -> None:
+    # `rsitr --help` and one-line user errors must not wait seconds for torch and Ray to import
+    probe = (
+        "import sys, rsitr.cli; rsitr.cli.build_parser(); print(sorted({'torch', 'ray', 'lancedb'} & set(sys.modules)))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
