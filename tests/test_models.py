@@ -224,6 +224,12 @@ def test_joined_towers_stay_frozen_and_a_single_head_keeps_its_checkpoint_names(
         build_model(load_config("demo", [*joined_image, "model.freeze_image_stages=3"]).model)
     with pytest.raises(ValueError, match="freeze_text_layers to at least 6"):
         build_model(load_config("demo", ["model.text_model=all-MiniLM-L6-v2+all-MiniLM-L6-v2"]).model)
+    for lopsided in (
+        ["model.image_backbone=efficientnet_lite0+", *joined_image[1:]],
+        ["model.text_model=+all-MiniLM-L6-v2"],
+    ):
+        with pytest.raises(ValueError, match="a model name is missing"):
+            build_model(load_config("demo", lopsided).model)
     with pytest.raises(ValueError, match="head_ensemble"):
         build_model(
             load_config("msa-lite0-minilm-mscmat", ["model.head_ensemble=2", "model.image_pretrained=false"]).model

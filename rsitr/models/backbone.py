@@ -302,8 +302,21 @@ class MultiScaleBackbone(nn.Module):
         return self._pool(features, 0) + self._head(features[-1])
 
 
-# "a+b": image towers joined feature-wise (their scales side by side); see JoinedBackbone
+# "a+b": towers joined feature-wise (image scales or caption vectors side by side); see JoinedBackbone and
+# rsitr.models.text.JoinedTextEncoder
 JOIN = "+"
+
+
+def tower_names(name: str) -> list[str]:
+    """The models a tower name stands for: one, or several joined by ``+``.
+
+    Raises:
+        ValueError: an empty name on either side of a ``+``.
+    """
+    names = [part.strip() for part in name.split(JOIN)]
+    if not all(names):
+        raise ValueError(f"tower name {name!r}: a model name is missing beside a {JOIN!r}")
+    return names
 
 
 class JoinedBackbone(nn.Module):
@@ -315,9 +328,7 @@ class JoinedBackbone(nn.Module):
 
     def __init__(self, name: str, frozen_stages: int, **options: Any) -> None:
         super().__init__()
-        self.parts = [
-            MultiScaleBackbone(part.strip(), frozen_stages=frozen_stages, **options) for part in name.split(JOIN)
-        ]
+        self.parts = [MultiScaleBackbone(part, frozen_stages=frozen_stages, **options) for part in tower_names(name)]
         self.towers = nn.ModuleList(self.parts)  # registers the parts' weights
         thawed = [t for t in self.parts if t.frozen_stages < len(t.stage_modules) or len(t.gswin)]
         if thawed:

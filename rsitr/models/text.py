@@ -19,12 +19,10 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from rsitr.models.backbone import WeightsError
+from rsitr.models.backbone import JOIN, WeightsError, tower_names
 from rsitr.models.packaged_text import MPNET_NAMES, packaged_mpnet
 
 PACKAGED = {"all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"}
-# "a+b": towers joined feature-wise (their pooled vectors concatenated); see JoinedTextEncoder
-JOIN = "+"
 
 
 # Architectures that can be built with no hub at all: (config, a packaged folder with the same tokenizer).
@@ -45,11 +43,6 @@ def resolve_text_model(name: str) -> str:
     if name in MPNET_NAMES:
         return packaged_mpnet()
     return str(Path(name).resolve()) if Path(name).exists() else name
-
-
-def tower_names(name: str) -> list[str]:
-    """The models a text model name stands for: one, or several joined by ``+``."""
-    return [part.strip() for part in name.split(JOIN)]
 
 
 class JoinedTokenizer:
