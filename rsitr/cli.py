@@ -115,7 +115,7 @@ def _index_update(args: argparse.Namespace) -> None:
 
 
 def _search(args: argparse.Namespace) -> None:
-    from rsitr.search import SearchError, SearchFilter, describe, parse_bbox, parse_date, search
+    from rsitr.search import SearchError, describe, parse_filter, search
 
     if (args.query is None) == (args.image is None):
         raise SearchError("give either a text query (text → tiles) or --image FILE (image → captions)")
@@ -130,11 +130,7 @@ def _search(args: argparse.Namespace) -> None:
             print(f"{hit['rank']:3d}  {hit['score']:.3f}  {hit['caption']}  ({hit['image_id']})")
         return
 
-    where = SearchFilter(
-        bbox=parse_bbox(args.bbox) if args.bbox else None,
-        after=parse_date(args.after, "--after") if args.after else None,
-        before=parse_date(args.before, "--before") if args.before else None,
-    )
+    where = parse_filter(args.bbox, args.after, args.before)
     hits = search(args.query, args.index, args.k, args.checkpoint, where, args.rerank)
     if args.html:
         from rsitr.index import open_index
@@ -247,7 +243,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--html", default=None, help="also write a result sheet (thumbnails, scores, footprint map)")
     p.set_defaults(func=_search)
+
+    v = sub.add_parser("serve", help="the search service: HTTP API and web page on Ray Serve")
+    v.add_argument("--index", required=True, help="the index to answer from (re-opened when a new version appears)")
+    v.add_argument("--checkpoint", default=None, help="default: the checkpoint the index records")
+    v.add_argument("--host", default="127.0.0.1", help="bind address; beyond loopback RSITR_API_TOKEN is required")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas, each with its own copy of the model")
+    v.set_defaults(func=_serve)
     return parser
+
+
+def _serve(args: argparse.Namespace) -> None:
+    import os
+    import signal
+    import threading
+
+    from rsitr.service import deployment
+
+    url = deployment.start(
+        args.index,
+        args.checkpoint,
+        args.host,
+        args.port,
+        args.replicas,
+        os.environ.get(deployment.TOKEN_VARIABLE),
+    )
+    print(f"rsitr search is serving {args.index} at {url} (API: {url}docs); Ctrl-C stops it", flush=True)
+    stopped = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopped.set())
+    try:
+        stopped.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        deployment.stop()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

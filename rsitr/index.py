@@ -272,6 +272,11 @@ def open_captions(uri: str, meta: dict[str, Any]) -> Any | None:
     return connect(storage.resolve(uri)).open_table(name) if name else None
 
 
+def sql_text(text: str) -> str:
+    """``text`` as a SQL string literal in a LanceDB filter (quotes doubled: no text escapes the literal)."""
+    return "'" + text.replace("'", "''") + "'"
+
+
 def describe(meta: dict[str, Any]) -> str:
     """One line about an index."""
     return json.dumps({k: meta[k] for k in ("rows", "kind", "model_version")})

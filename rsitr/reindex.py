@@ -95,10 +95,6 @@ def _open_table(db: Any, name: str) -> Any:
         return None
 
 
-def _sql(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
-
-
 def reindex_archive(
     archive: str, out: str, checkpoint: str, options: geotiff.TileOptions | None = None, workers: int | None = 1
 ) -> dict[str, Any]:
@@ -145,11 +141,11 @@ def reindex_archive(
                     "quarantined": 0, "index": out, "table": name, "nothing_new": True}  # fmt: skip
         for old_uri, new_uri in renamed:
             if table is not None:
-                table.update(where=f"source_uri = {_sql(old_uri)}", values={"source_uri": new_uri})
+                table.update(where=f"source_uri = {index.sql_text(old_uri)}", values={"source_uri": new_uri})
             by_hash[uri_of_hash[old_uri]]["uri"] = new_uri
         for spec in changed:
             if table is not None:
-                table.delete(f"source_uri = {_sql(spec)}")
+                table.delete(f"source_uri = {index.sql_text(spec)}")
             by_hash.pop(uri_of_hash[spec], None)
         added, quarantined = 0, 0
         if new:
@@ -162,7 +158,7 @@ def reindex_archive(
                 if table is None:
                     table = db.create_table(name, data=rows)
                 else:
-                    table.delete(f"batch = {_sql(batch)}")  # a half-published earlier attempt of this batch
+                    table.delete(f"batch = {index.sql_text(batch)}")  # a half-published earlier attempt of this batch
                     table.add(rows)
                 added = rows.num_rows
             reports = {scene["source"]: scene for scene in manifest.get("scenes", [])}

@@ -27,15 +27,20 @@ def read_thumbnails(data: str, image_ids: Iterable[str], size: int = 192) -> dic
         with fs.open(path, "rb") as handle:
             table = pq.read_table(handle, columns=["image_id", "image"], filters=[("image_id", "in", wanted)])
         for image_id, data_bytes in zip(table["image_id"].to_pylist(), table["image"].to_pylist(), strict=True):
-            with Image.open(io.BytesIO(data_bytes)) as img:
-                thumb = img.convert("RGB")
-                thumb.thumbnail((size, size))
-                sink = io.BytesIO()
-                thumb.save(sink, format="JPEG", quality=85)
-                found[image_id] = sink.getvalue()
+            found[image_id] = thumbnail(data_bytes, size)
         if len(found) == len(wanted):
             break
     return found
+
+
+def thumbnail(image: bytes, size: int = 192, image_format: str = "JPEG") -> bytes:
+    """An encoded image shrunk to fit ``size``×``size`` pixels, encoded as ``image_format`` (JPEG, PNG)."""
+    with Image.open(io.BytesIO(image)) as img:
+        thumb = img.convert("RGB")
+    thumb.thumbnail((size, size))
+    sink = io.BytesIO()
+    thumb.save(sink, format=image_format, **({"quality": 85} if image_format == "JPEG" else {}))
+    return sink.getvalue()
 
 
 def _footprint_map(hits: Sequence[dict[str, Any]]) -> str:

@@ -11,10 +11,12 @@ from typing import Any
 import numpy as np
 import shapely
 import torch
+from PIL import Image
 
 from rsitr import checkpoint as ckpt
+from rsitr.config import Config
 from rsitr.data.pipeline import decode_image, tokenize
-from rsitr.index import ANN, AnnSettings, ann_settings, open_captions, open_index
+from rsitr.index import ANN, AnnSettings, ann_settings, open_captions, open_index, sql_text
 from rsitr.io import storage
 from rsitr.models.msa import MSA
 from rsitr.rerank import rerank_topk
@@ -97,6 +99,23 @@ def parse_date(text: str, what: str) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
+def parse_filter(
+    bbox: str | None, after: str | None, before: str | None, names: tuple[str, str] = ("--after", "--before")
+) -> SearchFilter | None:
+    """The filter typed as text (``names``: what the two dates are called where they were typed), or None.
+
+    Raises:
+        SearchError: a bad bbox or date, or an empty time range.
+    """
+    if not (bbox or after or before):
+        return None
+    return SearchFilter(
+        bbox=parse_bbox(bbox) if bbox else None,
+        after=parse_date(after, names[0]) if after else None,
+        before=parse_date(before, names[1]) if before else None,
+    )
+
+
 @dataclass
 class Hit:
     """One retrieved tile."""
@@ -123,6 +142,11 @@ class CaptionHit:
     rerank_score: float | None = None
 
 
+# the most results, re-ranked candidates and id length one query may ask for (the CLI and the service alike)
+MAX_K = 1000
+MAX_RERANK = 1000
+MAX_ID_LENGTH = 512
+
 # reference vectors the re-rank compares a query with (a fixed sample of the other side's table beyond this)
 REFERENCE_LIMIT = 20_000
 
@@ -142,22 +166,30 @@ def nearest(
     return rows
 
 
+# a loaded checkpoint: model, config, state (see rsitr.checkpoint.load_checkpoint)
+Loaded = tuple[MSA, Config, dict[str, Any]]
+
+
 class Searcher:
     """An opened index and the model that matches it (loaded once, queried many times)."""
 
-    def __init__(self, index: str, checkpoint: str | None = None) -> None:
+    def __init__(self, index: str, checkpoint: str | None = None, loaded: Loaded | None = None) -> None:
+        """Open ``index`` with ``checkpoint`` (default: the one the index records); ``loaded``: that checkpoint
+        already loaded (a service re-opening a new index version keeps its model)."""
         self.index = index
         self.table, self.meta = open_index(index)
         source = checkpoint or self.meta.get("checkpoint")
         if not source:
             raise SearchError(f"index {index} records no checkpoint; pass --checkpoint")
-        model, config, state = ckpt.load_checkpoint(source)
+        self.checkpoint: str = source
+        model, config, state = loaded or ckpt.load_checkpoint(source)
         if state["model_version"] != self.meta["model_version"]:
             raise SearchError(
                 f"checkpoint {source} is model version {state['model_version']}, but index {index} was built "
                 f"with {self.meta['model_version']}; re-embed or pass the matching checkpoint"
             )
         self.model: MSA = model
+        self.state = state
         self.config = config
         self.ann = ann_settings(self.meta)
         self.captions = open_captions(index, self.meta)
@@ -184,19 +216,57 @@ class Searcher:
     def describe(self, image: str, k: int = 10, rerank: int = 0) -> list[CaptionHit]:
         """Top-``k`` captions of the index for an image file (PNG, JPEG, TIFF, …); with ``rerank``, re-ranked
         against the indexed tiles."""
+        return self.describe_vector(self._encode_image(_read_image(image), image), k, rerank)
+
+    @torch.no_grad()
+    def describe_vector(self, vector: torch.Tensor, k: int = 10, rerank: int = 0) -> list[CaptionHit]:
+        """Top-``k`` captions for an image embedding (see :meth:`encode_image_bytes`)."""
         _check_k(k, rerank)
         captions = self._caption_table()
-        try:
-            pixels = decode_image(storage.read_bytes(storage.resolve(image)), self.config.train.image_size)
-        except (OSError, ValueError) as err:
-            raise SearchError(f"image {image}: cannot be read as an image ({err})") from None
-        vector = self.model.encode_image(torch.as_tensor(pixels[None]))[0]
         rows = nearest(captions, vector.numpy(), max(k, rerank), ann=self.captions_ann)
         reranked = self._rerank(vector, rows, self.table, "tiles") if rerank else None
         return [
             CaptionHit(rank, 1.0 - float(row["_distance"]), row["caption"], row["image_id"], row["caption_id"], score)
             for rank, (row, score) in enumerate(_order(rows, reranked, k), start=1)
         ]
+
+    @torch.no_grad()
+    def encode_image_bytes(self, data: bytes, name: str = "upload") -> torch.Tensor:
+        """The embedding of an encoded image (PNG, JPEG, TIFF, …); ``name`` labels it in errors.
+
+        Raises:
+            SearchError: the bytes are not an image.
+        """
+        return self._encode_image(data, name)
+
+    def similar_tiles(
+        self,
+        vector: torch.Tensor | np.ndarray,
+        k: int = 10,
+        where: SearchFilter | None = None,
+        exclude: str | None = None,
+    ) -> list[Hit]:
+        """The ``k`` indexed tiles nearest an image embedding (image → tiles); ``exclude``: a tile id left out (the
+        tile a "more like this" starts from)."""
+        _check_k(k, 0)
+        vector = vector.numpy() if isinstance(vector, torch.Tensor) else np.asarray(vector, dtype=np.float32)
+        rows = [row for row in nearest(self.table, vector, k + 1, where, ann=self.ann) if row["image_id"] != exclude]
+        return [_hit(rank, row) for rank, row in enumerate(rows[:k], start=1)]
+
+    def tile(self, image_id: str) -> dict[str, Any] | None:
+        """The index row of one tile (its vector included), or None when ``image_id`` is not indexed."""
+        if not image_id or len(image_id) > MAX_ID_LENGTH:
+            return None
+        rows: list[dict[str, Any]] = self.table.search().where(f"image_id = {sql_text(image_id)}").limit(1).to_list()
+        return rows[0] if rows else None
+
+    def _encode_image(self, data: bytes, name: str) -> torch.Tensor:
+        try:
+            pixels = decode_image(data, self.config.train.image_size)
+        except (OSError, ValueError, Image.DecompressionBombError) as err:
+            raise SearchError(f"image {name}: cannot be read as an image ({err})") from None
+        vector: torch.Tensor = self.model.encode_image(torch.as_tensor(pixels[None]))[0]
+        return vector
 
     def _caption_table(self) -> Any:
         if self.captions is None:
@@ -225,9 +295,18 @@ class Searcher:
         return reranked
 
 
+def _read_image(uri: str) -> bytes:
+    try:
+        return storage.read_bytes(storage.resolve(uri))
+    except OSError as err:
+        raise SearchError(f"image {uri}: cannot be read ({err})") from None
+
+
 def _check_k(k: int, rerank: int) -> None:
-    if k < 1:
-        raise SearchError(f"k={k}: ask for at least one result")
+    if not 1 <= k <= MAX_K:
+        raise SearchError(f"k={k}: ask for between 1 and {MAX_K} results")
+    if rerank > MAX_RERANK:
+        raise SearchError(f"--rerank {rerank}: re-rank at most {MAX_RERANK} candidates")
     if rerank < 0:
         raise SearchError(f"--rerank {rerank}: give the number of candidates to re-rank (0: off)")
 
@@ -241,19 +320,21 @@ def _order(
     return [(rows[i], reranked[i]) for i in order[:k]]
 
 
-def _hit(rank: int, row: dict[str, Any], rerank_score: float | None = None) -> Hit:
+def tile_fields(row: dict[str, Any]) -> dict[str, Any]:
+    """What an index row says about its tile: id, source, window, footprint (WKT), acquisition time (ISO)."""
     geometry = row.get("geometry")
     acquired = row.get("acquired_at")
-    return Hit(
-        rank=rank,
-        score=1.0 - float(row["_distance"]),
-        image_id=row["image_id"],
-        source_uri=row.get("source_uri"),
-        window=row.get("window"),
-        footprint=shapely.from_wkb(geometry).wkt if geometry else None,
-        acquired_at=acquired.isoformat() if acquired is not None else None,
-        rerank_score=rerank_score,
-    )
+    return {
+        "image_id": row["image_id"],
+        "source_uri": row.get("source_uri"),
+        "window": row.get("window"),
+        "footprint": shapely.from_wkb(geometry).wkt if geometry else None,
+        "acquired_at": acquired.isoformat() if acquired is not None else None,
+    }
+
+
+def _hit(rank: int, row: dict[str, Any], rerank_score: float | None = None) -> Hit:
+    return Hit(rank=rank, score=1.0 - float(row["_distance"]), rerank_score=rerank_score, **tile_fields(row))
 
 
 def search(

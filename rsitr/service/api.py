@@ -1,0 +1,161 @@
+"""The search service's HTTP API and web page (FastAPI). Bad input gets a 4xx with ``{"error": "<one line>"}``, from
+the same checks the CLI applies (:mod:`rsitr.search`)."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from dataclasses import asdict
+from importlib import resources
+from typing import Any
+
+import swagger_ui_bundle
+from fastapi import FastAPI, File, Query, Request, Response, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException
+
+from rsitr.search import SearchError, parse_filter, tile_fields
+from rsitr.service.state import SearchService, TileNotFoundError
+
+MAX_UPLOAD_BYTES = 20 * 1024 * 1024
+# what answers without a token: the page and the API's description, which hold no data of the index
+PUBLIC_PATHS = ("/", "/docs", "/openapi.json")
+PUBLIC_PREFIXES = ("/static/", "/docs-assets/")
+CHALLENGE = {"WWW-Authenticate": "Bearer"}
+
+
+def token_digest(token: str) -> str:
+    """The SHA-256 of a bearer token: what a service keeps and compares, so the token itself is never stored."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def _validation_message(err: RequestValidationError) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(part) for part in first.get("loc", ())[1:]) or "request"
+    return f"{where}: {first.get('msg', 'invalid')}"
+
+
+def create_app(service: SearchService, required_token_digest: str | None = None) -> FastAPI:
+    """The API over ``service``; with ``required_token_digest`` every route but the page and the API description
+    requires ``Authorization: Bearer <token>`` whose SHA-256 is that digest."""
+    app = FastAPI(
+        title="rsitr search",
+        description="Text → tiles and image → captions/tiles over a remote-sensing index.",
+        docs_url=None,  # served below from the packaged Swagger UI: the page works with no internet
+    )
+    app.mount("/static", StaticFiles(directory=str(resources.files("rsitr.service") / "static")), name="static")
+    app.mount("/docs-assets", StaticFiles(directory=swagger_ui_bundle.swagger_ui_path), name="docs-assets")
+
+    @app.exception_handler(SearchError)
+    async def bad_query(_: Request, err: SearchError) -> JSONResponse:
+        return _error(400, str(err))
+
+    @app.exception_handler(TileNotFoundError)
+    async def unknown_tile(_: Request, err: TileNotFoundError) -> JSONResponse:
+        return _error(404, str(err))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_: Request, err: RequestValidationError) -> JSONResponse:
+        return _error(422, _validation_message(err))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, err: HTTPException) -> JSONResponse:
+        return _error(err.status_code, str(err.detail), getattr(err, "headers", None))
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next: Any) -> Response:
+        root = request.scope.get("root_path", "")  # a Serve route prefix, e.g. /search-app
+        path = request.url.path.removeprefix(root) or "/"
+        if required_token_digest and path not in PUBLIC_PATHS and not path.startswith(PUBLIC_PREFIXES):
+            scheme, _, presented = request.headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token_digest(presented), required_token_digest):
+                return _error(
+                    401, "a bearer token is required: Authorization: Bearer <token>", {"WWW-Authenticate": "Bearer"}
+                )
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > MAX_UPLOAD_BYTES:
+            return _error(413, f"upload of {int(length)} bytes is over the {MAX_UPLOAD_BYTES} byte limit")
+        response: Response = await call_next(request)
+        return response
+
+    @app.get("/", include_in_schema=False)
+    def page() -> HTMLResponse:
+        return HTMLResponse((resources.files("rsitr.service") / "static" / "index.html").read_text())
+
+    @app.get("/docs", include_in_schema=False)
+    def docs(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "")
+        return get_swagger_ui_html(
+            openapi_url=f"{root}/openapi.json",
+            title="rsitr search API",
+            swagger_js_url=f"{root}/docs-assets/swagger-ui-bundle.js",
+            swagger_css_url=f"{root}/docs-assets/swagger-ui.css",
+            swagger_favicon_url=f"{root}/docs-assets/favicon-32x32.png",
+        )
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, Any]:
+        """The index version, model version and row counts being served."""
+        return service.health()
+
+    @app.get("/search")
+    def search(
+        q: str = Query("", description="what to look for, e.g. 'storage tanks beside a river'"),
+        k: int = Query(10, description="how many tiles"),
+        bbox: str | None = Query(None, description="minlon,minlat,maxlon,maxlat (degrees)"),
+        after: str | None = Query(None, description="acquired at or after (ISO date)"),
+        before: str | None = Query(None, description="acquired before (ISO date)"),
+        rerank: int = Query(0, description="re-rank this many candidates against the captions (0: off)"),
+    ) -> dict[str, Any]:
+        """Text → tiles."""
+        searcher = service.searcher
+        hits = searcher.search(q, k, parse_filter(bbox, after, before, ("after", "before")), rerank)
+        return {"query": q, "index_version": searcher.meta.get("built_at"), "hits": [asdict(h) for h in hits]}
+
+    @app.post("/search/image")
+    def search_image(
+        file: UploadFile = File(..., description="an image tile (PNG, JPEG, TIFF, …)"),  # noqa: B008
+        k: int = Query(10, description="how many captions and tiles"),
+    ) -> dict[str, Any]:
+        """Image → captions of the index (when it has a caption table) and similar tiles."""
+        data = file.file.read(MAX_UPLOAD_BYTES + 1)
+        if len(data) > MAX_UPLOAD_BYTES:
+            raise HTTPException(413, f"upload {file.filename!r} is over the {MAX_UPLOAD_BYTES} byte limit")
+        searcher = service.searcher
+        vector = searcher.encode_image_bytes(data, repr(file.filename or "upload"))
+        captions = searcher.describe_vector(vector, k) if searcher.captions is not None else None
+        return {
+            "index_version": searcher.meta.get("built_at"),
+            "captions": [asdict(c) for c in captions] if captions is not None else None,
+            "tiles": [asdict(h) for h in searcher.similar_tiles(vector, k)],
+        }
+
+    @app.get("/tiles/{image_id:path}/thumbnail.png", response_class=Response)
+    def thumbnail(image_id: str) -> Response:
+        """A PNG thumbnail of an indexed tile."""
+        return Response(service.thumbnail(image_id), media_type="image/png", headers={"Cache-Control": "max-age=300"})
+
+    @app.get("/tiles/{image_id:path}/similar")
+    def similar(image_id: str, k: int = Query(10, description="how many tiles")) -> dict[str, Any]:
+        """More like this: the tiles nearest an indexed tile's embedding."""
+        searcher = service.searcher
+        row = service.tile(image_id, searcher)
+        return {
+            "image_id": image_id,
+            "index_version": searcher.meta.get("built_at"),
+            "hits": [asdict(h) for h in searcher.similar_tiles(row["vector"], k, exclude=image_id)],
+        }
+
+    @app.get("/tiles/{image_id:path}")
+    def tile(image_id: str) -> dict[str, Any]:
+        """An indexed tile's metadata: source, window, footprint, acquisition time."""
+        return tile_fields(service.tile(image_id))
+
+    return app

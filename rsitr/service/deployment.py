@@ -1,0 +1,125 @@
+"""The search service as a Ray Serve application: the cluster that trains and embeds also scales the replicas.
+
+Started by ``rsitr serve`` (:func:`start`), or on a cluster with ``serve run`` / ``serve deploy`` of
+``infra/serve.yaml``, whose ``import_path`` is :func:`build_app`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from typing import Any
+
+from ray import serve
+
+from rsitr.service.api import create_app, token_digest
+from rsitr.service.state import POLL_SECONDS, SearchService
+
+APP_NAME = "rsitr-search"
+TOKEN_VARIABLE = "RSITR_API_TOKEN"
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8000
+
+
+class ServiceConfigError(ValueError):
+    """A service that must not start as configured (e.g. reachable from other machines without a token)."""
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is reachable from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name other than localhost may resolve to any interface
+        return False
+
+
+def required_digest(host: str, token: str | None) -> str | None:
+    """The digest of the token a service on ``host`` requires (None: none required, loopback only).
+
+    Raises:
+        ServiceConfigError: bound beyond loopback with no token.
+    """
+    if token:
+        return token_digest(token)
+    if not is_loopback(host):
+        raise ServiceConfigError(
+            f"--host {host} makes the service reachable from other machines: set {TOKEN_VARIABLE} to the bearer "
+            "token clients must send, or bind 127.0.0.1"
+        )
+    return None
+
+
+@serve.deployment(max_ongoing_requests=32)
+@serve.ingress()
+class SearchDeployment:
+    """One replica: the index and its model, opened once, answering the API of :mod:`rsitr.service.api`."""
+
+    def __init__(self, index: str, checkpoint: str | None, digest: str | None, poll_seconds: float) -> None:
+        self.service = SearchService(index, checkpoint, poll_seconds)
+        self.digest = digest
+
+    def __serve_build_asgi_app__(self) -> Any:
+        return create_app(self.service, self.digest)
+
+
+def application(
+    index: str,
+    checkpoint: str | None = None,
+    digest: str | None = None,
+    replicas: int = 1,
+    poll_seconds: float = POLL_SECONDS,
+) -> Any:
+    """The bound Ray Serve application (only the token's digest travels to the replicas)."""
+    if replicas < 1:
+        raise ServiceConfigError(f"--replicas {replicas}: at least one replica")
+    deployment: Any = SearchDeployment  # a Ray Serve Deployment once decorated (its type stubs say the class)
+    return deployment.options(num_replicas=replicas).bind(index, checkpoint, digest, poll_seconds)
+
+
+def build_app(args: dict[str, Any]) -> Any:
+    """The application builder ``serve run`` / ``serve deploy`` call with the config's ``args`` (index, checkpoint,
+    replicas, poll_seconds). A token in ``RSITR_API_TOKEN`` where the builder runs is required of every client."""
+    token = os.environ.get(TOKEN_VARIABLE)
+    return application(
+        str(args["index"]),
+        args.get("checkpoint"),
+        token_digest(token) if token else None,
+        int(args.get("replicas", 1)),
+        float(args.get("poll_seconds", POLL_SECONDS)),
+    )
+
+
+def start(
+    index: str,
+    checkpoint: str | None = None,
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
+    replicas: int = 1,
+    token: str | None = None,
+    poll_seconds: float = POLL_SECONDS,
+) -> str:
+    """Run the service on this process's Ray (the configured cluster or a local one) and return its URL; it runs
+    until :func:`stop` or the end of the Ray session.
+
+    Raises:
+        ServiceConfigError: reachable beyond loopback without a token, or no replica asked for.
+    """
+    from rsitr.index import open_index
+    from rsitr.raysession import init_ray
+
+    digest = required_digest(host, token)
+    open_index(index)  # a missing index fails here, in one line, not in a replica's log
+    init_ray()
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(
+        application(index, checkpoint, digest, replicas, poll_seconds), name=APP_NAME, route_prefix="/", blocking=False
+    )
+    shown = f"[{host}]" if ":" in host else host
+    return f"http://{shown}:{port}/"
+
+
+def stop() -> None:
+    """Stop the service and Ray Serve."""
+    serve.shutdown()

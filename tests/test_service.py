@@ -1,0 +1,222 @@
+"""The search service: its API on a real Ray Serve app over a real small index, bad input, the token, a hot index
+swap under load, and the page in a real headless browser."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from PIL import Image
+
+from rsitr.cli import main as cli_main
+from rsitr.embed import embed_archive
+from rsitr.index import build_index
+from rsitr.search import Searcher
+
+QUERY = "a river crosses dense forest"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _wait_until(predicate: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def served_index(ray_local: None, demo_shards: Path, untrained_checkpoint: Path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("served-index")
+    summary = embed_archive(str(untrained_checkpoint), str(demo_shards), str(out), captions=True)
+    build_index(summary["embeddings"], str(out), summary["checkpoint"], captions=summary["captions"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def service(served_index: Path) -> Iterator[str]:
+    """The service on Ray Serve at a free port of 127.0.0.1 (polling the index every second)."""
+    from rsitr.service import deployment
+
+    url = deployment.start(str(served_index), port=_free_port(), poll_seconds=1.0)
+    yield url.rstrip("/")
+    deployment.stop()
+
+
+@pytest.fixture(scope="module")
+def client(service: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=service, timeout=60) as session:
+        yield session
+
+
+def test_health_names_the_index_and_model_versions(client: httpx.Client, served_index: Path) -> None:
+    health = client.get("/healthz").json()
+    searcher = Searcher(str(served_index))
+    assert health["rows"] == 432 and health["caption_rows"] == searcher.meta["caption_rows"] > 0
+    assert health["model_version"] == searcher.state["model_version"]
+    assert health["index_version"] == searcher.meta["built_at"]
+
+
+def test_text_search_answers_what_the_cli_answers(client: httpx.Client, served_index: Path) -> None:
+    body = client.get("/search", params={"q": QUERY, "k": 6, "bbox": "-180,-90,180,90"}).json()
+    expected = Searcher(str(served_index)).search(QUERY, k=6)
+    assert [h["image_id"] for h in body["hits"]] == [h.image_id for h in expected]
+    assert [h["score"] for h in body["hits"]] == pytest.approx([h.score for h in expected], abs=1e-5)
+    assert all(h["footprint"].startswith("POLYGON") and h["acquired_at"] for h in body["hits"])
+
+
+def test_a_tile_has_metadata_a_png_thumbnail_and_neighbours(client: httpx.Client, served_index: Path) -> None:
+    first = client.get("/search", params={"q": QUERY, "k": 1}).json()["hits"][0]
+    tile = client.get(f"/tiles/{first['image_id']}").json()
+    assert {key: tile[key] for key in ("image_id", "footprint", "acquired_at", "source_uri")} == {
+        key: first[key] for key in ("image_id", "footprint", "acquired_at", "source_uri")
+    }
+    thumbnail = client.get(f"/tiles/{first['image_id']}/thumbnail.png")
+    assert thumbnail.headers["content-type"] == "image/png"
+    with Image.open(io.BytesIO(thumbnail.content)) as image:
+        assert image.format == "PNG" and image.size == (128, 128)  # demo tiles are 128 px: shown as they are
+    similar = client.get(f"/tiles/{first['image_id']}/similar", params={"k": 5}).json()["hits"]
+    assert len(similar) == 5 and first["image_id"] not in [h["image_id"] for h in similar]
+    assert all(a["score"] >= b["score"] for a, b in zip(similar, similar[1:], strict=False))
+
+
+def test_an_uploaded_tile_finds_itself_and_captions(client: httpx.Client) -> None:
+    first = client.get("/search", params={"q": "dense forest", "k": 1}).json()["hits"][0]
+    png = client.get(f"/tiles/{first['image_id']}/thumbnail.png").content
+    body = client.post("/search/image", files={"file": ("tile.png", png, "image/png")}, params={"k": 3}).json()
+    assert body["tiles"][0]["image_id"] == first["image_id"]
+    assert body["tiles"][0]["score"] == pytest.approx(1.0, abs=1e-3)
+    assert len(body["captions"]) == 3 and all(c["caption"] for c in body["captions"])
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "kwargs", "status", "message"),
+    [
+        ("get", "/search", {"params": {"q": "  "}}, 400, "empty query"),
+        ("get", "/search", {"params": {"q": "forest", "k": 0}}, 400, "between 1 and 1000"),
+        ("get", "/search", {"params": {"q": "forest", "k": 5000}}, 400, "between 1 and 1000"),
+        ("get", "/search", {"params": {"q": "forest", "k": "ten"}}, 422, "k: "),
+        ("get", "/search", {"params": {"q": "forest", "bbox": "1,2,3"}}, 400, "expected four numbers"),
+        ("get", "/search", {"params": {"q": "forest", "bbox": "10,0,5,1"}}, 400, "min <= max"),
+        ("get", "/search", {"params": {"q": "forest", "after": "yesterday"}}, 400, "expected an ISO date"),
+        ("get", "/search", {"params": {"q": "f", "after": "2024-02-01", "before": "2024-01-01"}}, 400, "is not before"),
+        ("get", "/tiles/demo/no-such-tile", {}, 404, "no tile 'demo/no-such-tile'"),
+        ("get", "/tiles/..%2F..%2Fetc%2Fpasswd/thumbnail.png", {}, 404, "no tile '../../etc/passwd'"),
+        ("get", "/tiles/x' OR '1'='1/thumbnail.png", {}, 404, "no tile"),
+        ("post", "/search/image", {"files": {"file": ("notes.txt", b"not an image", "text/plain")}}, 400, "notes.txt"),
+        ("post", "/search/image", {"files": {"file": ("big.png", b"0" * (21 << 20), "image/png")}}, 413, "limit"),
+        ("post", "/search/image", {}, 422, "file: "),
+    ],
+)
+def test_bad_input_gets_a_4xx_with_a_one_line_reason(
+    client: httpx.Client, method: str, path: str, kwargs: dict[str, Any], status: int, message: str
+) -> None:
+    response = client.request(method.upper(), path, **kwargs)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert message in error and "\n" not in error
+
+
+def test_page_docs_and_their_assets_come_from_the_service(client: httpx.Client) -> None:
+    page = client.get("/").text
+    assert '<form id="search-form"' in page and "https://" not in page
+    docs = client.get("/docs").text
+    assert "/docs-assets/swagger-ui-bundle.js" in docs and "cdn." not in docs
+    assert client.get("/docs-assets/swagger-ui-bundle.js").status_code == 200
+    assert "/search" in client.get("/openapi.json").json()["paths"]
+
+
+def test_a_token_guards_every_route_that_reads_the_index(service: str, served_index: Path) -> None:
+    from ray import serve
+
+    from rsitr.service.deployment import application, required_digest
+
+    serve.run(
+        application(str(served_index), digest=required_digest("0.0.0.0", "s3cret"), poll_seconds=0),
+        name="guarded",
+        route_prefix="/guarded",
+    )
+    try:
+        with httpx.Client(base_url=f"{service}/guarded", timeout=60) as guarded:
+            assert guarded.get("/healthz").status_code == 401
+            wrong = guarded.get("/search", params={"q": QUERY}, headers={"Authorization": "Bearer nope"})
+            assert wrong.status_code == 401 and "s3cret" not in wrong.text
+            right = guarded.get("/search", params={"q": QUERY}, headers={"Authorization": "Bearer s3cret"})
+            assert right.status_code == 200 and right.json()["hits"]
+            assert guarded.get("/").status_code == 200  # the page itself holds nothing of the index
+    finally:
+        serve.delete("guarded")
+
+
+def test_serving_beyond_loopback_needs_a_token(capsys: pytest.CaptureFixture[str], monkeypatch) -> None:
+    monkeypatch.delenv("RSITR_API_TOKEN", raising=False)
+    assert cli_main(["serve", "--index", "nowhere", "--host", "0.0.0.0"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "RSITR_API_TOKEN" in error and "\n" not in error
+
+
+def test_a_new_index_version_is_served_without_a_failed_request(
+    client: httpx.Client, served_index: Path, untrained_checkpoint: Path
+) -> None:
+    before = client.get("/healthz").json()
+    errors: list[str] = []
+    answered = [0]
+    stop = threading.Event()
+
+    def hammer() -> None:
+        while not stop.is_set():
+            response = client.get("/search", params={"q": QUERY, "k": 5})
+            if response.status_code != 200:
+                errors.append(response.text)
+            answered[0] += 1
+
+    workers = [threading.Thread(target=hammer) for _ in range(3)]
+    for worker in workers:
+        worker.start()
+    try:
+        _wait_until(lambda: answered[0] >= 10, 120, "the first queries")
+        build_index(  # a re-index publishes a new version of the same index
+            str(served_index / "embeddings.parquet"), str(served_index), str(untrained_checkpoint)
+        )
+        _wait_until(lambda: client.get("/healthz").json()["index_version"] != before["index_version"], 120, "swap")
+        seen = answered[0]
+        _wait_until(lambda: answered[0] >= seen + 10, 120, "queries after the swap")
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join()
+    after = client.get("/healthz").json()
+    assert after["swaps"] >= 1 and after["caption_rows"] == 0  # the new version was built without captions
+    assert errors == []
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed (.ci/run installs it)")
+def test_the_page_searches_and_draws_results_in_a_real_browser(service: str, tmp_path: Path) -> None:
+    url = f"{service}/?q=dense+forest&k=8"
+    browser = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=20000"]
+    dom = subprocess.run([*browser, "--dump-dom", url], capture_output=True, text=True, timeout=180, check=True)
+    assert dom.stdout.count('class="hit') == 8
+    assert dom.stdout.count('class="footprint') >= 8
+    assert dom.stdout.count('src="blob:') == 8  # every thumbnail was fetched and shown
+    shot = tmp_path / "page.png"
+    subprocess.run(
+        [*browser, f"--screenshot={shot}", "--window-size=1280,900", url], capture_output=True, timeout=180, check=True
+    )
+    with Image.open(shot) as image:
+        assert image.size == (1280, 900)
