@@ -6,8 +6,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.rsitr-installed
 DATA ?=
 EPOCHS ?=
+INDEX ?= .rsitr/index/demo
+PORT ?= 8000
 
-.PHONY: demo test lint typecheck install clean
+.PHONY: demo serve test lint typecheck install clean
 
 install: $(STAMP)
 
@@ -23,6 +25,10 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(PY) -m pipelines.demo $(if $(DATA),--data $(DATA)) $(if $(EPOCHS),--epochs $(EPOCHS))
+
+# the search service (HTTP API + web page) over the index `make demo` built; Ctrl-C stops it
+serve: $(STAMP)
+	$(VENV)/bin/rsitr serve --index $(INDEX) --port $(PORT)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -ra

@@ -199,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"demo failed: {err}", file=sys.stderr)
         return 1
     print(f"demo finished in {time.monotonic() - started:.0f} s; outputs under {state}")
+    print("search it in a browser: `make serve`, then open http://127.0.0.1:8000/")
     return 0
 
 

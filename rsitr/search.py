@@ -4,6 +4,7 @@ caption embeddings to the encoded image), optionally re-ranked by similarity-mat
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -19,6 +20,7 @@ from rsitr.data.pipeline import decode_image, tokenize
 from rsitr.index import ANN, AnnSettings, ann_settings, open_captions, open_index, sql_text
 from rsitr.io import storage
 from rsitr.models.msa import MSA
+from rsitr.models.text import load_tokenizer
 from rsitr.rerank import rerank_topk
 
 
@@ -196,6 +198,8 @@ class Searcher:
         # a large caption table has the ANN index built with the default settings (looked up once, not per query)
         self.captions_ann = ANN if self.captions is not None and self.captions.list_indices() else None
         self._references: dict[str, torch.Tensor] = {}
+        self._tokenizer = load_tokenizer(config.model.text_model)  # loading it takes longer than a query
+        self._tokenizer_lock = threading.Lock()
 
     @torch.no_grad()
     def search(self, query: str, k: int = 10, where: SearchFilter | None = None, rerank: int = 0) -> list[Hit]:
@@ -204,13 +208,22 @@ class Searcher:
         if not query.strip():
             raise SearchError("empty query: type what to look for, e.g. 'a river crossing farmland'")
         _check_k(k, rerank)
-        tokens = tokenize([query], self.config.model.text_model, self.config.model.max_tokens)
-        vector = self.model.encode_text(
-            torch.as_tensor(tokens["input_ids"]), torch.as_tensor(tokens["attention_mask"])
-        )[0]
+        vector = self.encode_query(query)
         rows = nearest(self.table, vector.numpy(), max(k, rerank), where, ann=self.ann)
         reranked = self._rerank(vector, rows, self._caption_table(), "captions") if rerank else None
         return [_hit(rank, row, score) for rank, (row, score) in enumerate(_order(rows, reranked, k), start=1)]
+
+    @torch.no_grad()
+    def encode_query(self, query: str) -> torch.Tensor:
+        """The unit embedding of a text query."""
+        with self._tokenizer_lock:  # a fast tokenizer must not be entered by two threads at once
+            tokens = tokenize(
+                [query], self.config.model.text_model, self.config.model.max_tokens, self._tokenizer, "longest"
+            )
+        vector: torch.Tensor = self.model.encode_text(
+            torch.as_tensor(tokens["input_ids"]), torch.as_tensor(tokens["attention_mask"])
+        )[0]
+        return vector
 
     @torch.no_grad()
     def describe(self, image: str, k: int = 10, rerank: int = 0) -> list[CaptionHit]:

@@ -13,7 +13,7 @@ from rsitr import index as index_module
 from rsitr.checkpoint import CheckpointError, save_checkpoint
 from rsitr.cli import main as cli_main
 from rsitr.config import load_config
-from rsitr.data.pipeline import decode_image
+from rsitr.data.pipeline import decode_image, tokenize
 from rsitr.embed import embed_archive
 from rsitr.index import IndexNotFoundError, build_index, open_index
 from rsitr.io import shards
@@ -47,6 +47,18 @@ def test_search_returns_ranked_tiles_with_footprints(built_index: Path) -> None:
     assert all(shapely.from_wkt(h.footprint).is_valid for h in hits)
     table, _ = open_index(str(built_index))
     assert table.count_rows() == 432
+
+
+def test_a_query_padded_to_its_length_embeds_as_one_padded_to_max_tokens(built_index: Path) -> None:
+    searcher = Searcher(str(built_index))
+    query = "a river crosses dense forest"
+    full = tokenize([query], searcher.config.model.text_model, searcher.config.model.max_tokens)
+    assert int(full["attention_mask"].sum()) < full["attention_mask"].shape[1]  # the shortcut changes the input
+    with torch.no_grad():
+        expected = searcher.model.encode_text(
+            torch.as_tensor(full["input_ids"]), torch.as_tensor(full["attention_mask"])
+        )
+    torch.testing.assert_close(searcher.encode_query(query), expected[0], atol=1e-5, rtol=1e-4)
 
 
 def test_search_rejects_bad_input(built_index: Path, tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ import tomllib
 from pathlib import Path
 
 import jsonschema
+import pytest
 import ray
 import yaml
 
@@ -98,3 +99,22 @@ def test_prefect_cluster_pool_is_accepted_by_a_real_prefect_server(prefect_harne
             return (await client.read_work_pool("rsitr-cluster-test")).base_job_template
 
     assert asyncio.run(create_and_read()) == template
+
+
+def test_serve_config_is_a_valid_ray_serve_config_that_demands_a_token(monkeypatch) -> None:
+    from ray.serve.schema import ServeDeploySchema
+
+    from rsitr.service.deployment import ServiceConfigError, build_app, token_digest
+
+    config = ServeDeploySchema.model_validate(yaml.safe_load((INFRA / "serve.yaml").read_text()))
+    (app,) = config.applications
+    module, _, name = app.import_path.partition(":")
+    assert module == "rsitr.service.deployment" and name == "build_app"
+    assert app.args["host"] == config.http_options.host == "0.0.0.0"
+    monkeypatch.delenv("RSITR_API_TOKEN", raising=False)
+    with pytest.raises(ServiceConfigError, match="RSITR_API_TOKEN"):
+        build_app(app.args)
+    monkeypatch.setenv("RSITR_API_TOKEN", "t0ken")
+    bound = build_app(app.args)
+    init_args = bound._bound_deployment.init_args  # what travels to the replicas
+    assert init_args[2] == token_digest("t0ken") and "t0ken" not in repr(init_args)

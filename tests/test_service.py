@@ -4,9 +4,12 @@ swap under load, and the page in a real headless browser."""
 from __future__ import annotations
 
 import io
+import queue
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -169,6 +172,32 @@ def test_serving_beyond_loopback_needs_a_token(capsys: pytest.CaptureFixture[str
     assert cli_main(["serve", "--index", "nowhere", "--host", "0.0.0.0"]) == 2
     error = capsys.readouterr().err.strip()
     assert "RSITR_API_TOKEN" in error and "\n" not in error
+
+
+def test_rsitr_serve_prints_its_url_answers_and_stops_on_ctrl_c(served_index: Path) -> None:
+    port = _free_port()
+    command = [str(Path(sys.executable).with_name("rsitr")), "serve", "--index", str(served_index), "--port", str(port)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True).start()  # type: ignore[union-attr]
+    try:
+        deadline, url = time.monotonic() + 300, None
+        while url is None and time.monotonic() < deadline and process.poll() is None:
+            try:
+                line = lines.get(timeout=1)
+            except queue.Empty:
+                continue
+            if "rsitr search is serving" in line:
+                url = line.split(" at ")[1].split()[0]
+        assert url == f"http://127.0.0.1:{port}/", f"no URL printed; exit status {process.poll()}"
+        assert httpx.get(f"{url}healthz", timeout=60).json()["rows"] == 432
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=120) == 0
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{url}healthz", timeout=10)
+    finally:
+        if process.poll() is None:
+            process.kill()
 
 
 def test_a_new_index_version_is_served_without_a_failed_request(

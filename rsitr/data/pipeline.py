@@ -91,10 +91,13 @@ class TrainBatches:
         }
 
 
-def tokenize(texts: list[str], text_model: str, max_tokens: int) -> dict[str, np.ndarray]:
-    """Token ids and attention mask, padded to ``max_tokens``."""
-    tokens = load_tokenizer(text_model)(
-        texts, padding="max_length", truncation=True, max_length=max_tokens, return_tensors="np"
+def tokenize(
+    texts: list[str], text_model: str, max_tokens: int, tokenizer: Any = None, padding: str = "max_length"
+) -> dict[str, np.ndarray]:
+    """Token ids and attention mask, cut at ``max_tokens`` and padded to it (``padding="longest"``: only to the
+    longest text; the masked pooling gives the same vectors for less work); ``tokenizer``: ``text_model``'s, loaded."""
+    tokens = (tokenizer or load_tokenizer(text_model))(
+        texts, padding=padding, truncation=True, max_length=max_tokens, return_tensors="np"
     )
     return {
         "input_ids": tokens["input_ids"].astype(np.int64),

@@ -57,6 +57,10 @@ class SearchDeployment:
     """One replica: the index and its model, opened once, answering the API of :mod:`rsitr.service.api`."""
 
     def __init__(self, index: str, checkpoint: str | None, digest: str | None, poll_seconds: float) -> None:
+        import torch
+
+        # a replica holds one CPU; concurrent requests run in threads, one core's worth of torch threads between them
+        torch.set_num_threads(1)
         self.service = SearchService(index, checkpoint, poll_seconds)
         self.digest = digest
 
@@ -79,13 +83,17 @@ def application(
 
 
 def build_app(args: dict[str, Any]) -> Any:
-    """The application builder ``serve run`` / ``serve deploy`` call with the config's ``args`` (index, checkpoint,
-    replicas, poll_seconds). A token in ``RSITR_API_TOKEN`` where the builder runs is required of every client."""
-    token = os.environ.get(TOKEN_VARIABLE)
+    """The application builder ``serve run`` / ``serve deploy`` call with the config's ``args``: index, checkpoint,
+    replicas, poll_seconds, and host (the config's ``http_options.host``; taken as reachable from anywhere when
+    absent). A token in ``RSITR_API_TOKEN`` where the builder runs is then required of every client.
+
+    Raises:
+        ServiceConfigError: reachable beyond loopback without a token.
+    """
     return application(
         str(args["index"]),
         args.get("checkpoint"),
-        token_digest(token) if token else None,
+        required_digest(str(args.get("host", "0.0.0.0")), os.environ.get(TOKEN_VARIABLE)),
         int(args.get("replicas", 1)),
         float(args.get("poll_seconds", POLL_SECONDS)),
     )

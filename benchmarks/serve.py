@@ -1,0 +1,196 @@
+"""The search service under load: concurrent clients against ``rsitr serve`` (Ray Serve, 127.0.0.1) over a 10⁵-tile
+index, then the same load while a re-index publishes a new version of the index in the middle (hot swap).
+
+Each client sends ``GET /search`` back to back (a caption as the query, k=10; every other query with a 20° bbox)
+for ``--seconds``. Latency is measured at the client (HTTP included). The clients run in this process, on the same
+cores as the service: the figures are what one 2-core machine does for both.
+
+Prints a table, writes JSON, and ends with one JSON line: ``qps``, ``p99_ms``, ``errors``, ``errors_during_swap``.
+Usage: ``python benchmarks/serve.py [--quick] [--tiles 100000] [--clients 1 8 16] [--seconds 60]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import socket
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import lancedb
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from index import tiles_table  # noqa: E402  (benchmarks/index.py: the same synthetic tile rows)
+
+from rsitr import checkpoint as ckpt  # noqa: E402
+from rsitr.config import load_config  # noqa: E402
+from rsitr.index import index_rows, publish  # noqa: E402
+from rsitr.models.msa import build_model  # noqa: E402
+from rsitr.service import deployment  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+QUERIES = [
+    "storage tanks beside a river",
+    "many buildings and green trees are around a playground",
+    "a bridge crosses a wide river",
+    "several planes are parked at the airport",
+    "a large area of bare land",
+    "dense forest next to farmland",
+    "a church with a dome in the city center",
+    "a harbor with many boats",
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def build(work: Path, tiles: int, rng: np.random.Generator) -> tuple[str, str, int]:
+    """An untrained CPU-default checkpoint (the text tower's cost is the same as a trained one's) and an index of
+    ``tiles`` random unit vectors in its space; returns (index, checkpoint, dim)."""
+    torch.manual_seed(0)
+    config = load_config("msa-lite0-minilm")
+    ckpt.save_checkpoint(work / "checkpoint", build_model(config.model), None, config, epoch=0, metrics={})
+    _, _, state = ckpt.load_checkpoint(str(work / "checkpoint"))
+    dim = config.model.embed_dim
+    publish_version(work / "index", tiles, dim, state["model_version"], str(work / "checkpoint"), rng)
+    return str(work / "index"), str(work / "checkpoint"), dim
+
+
+def publish_version(
+    out: Path, tiles: int, dim: int, model_version: str, checkpoint: str, rng: np.random.Generator
+) -> None:
+    """Write (or overwrite) the index's table and publish it, as ``rsitr index build`` does."""
+    vectors = rng.normal(size=(tiles, dim)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    rows = index_rows(tiles_table(vectors, rng, model_version))
+    table = lancedb.connect(str(out)).create_table("tiles", data=rows, mode="overwrite")
+    publish(str(out), table, model_version, checkpoint, {})
+
+
+def load(url: str, clients: int, seconds: float, during: Any = None) -> dict[str, Any]:
+    """``clients`` threads querying back to back for ``seconds``; ``during``: called once half-way (in another
+    thread) and waited for before the load stops."""
+    latencies: list[float] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def client(number: int) -> None:
+        with httpx.Client(base_url=url, timeout=30) as session:
+            i = number
+            while not stop.is_set():
+                params: dict[str, Any] = {"q": QUERIES[i % len(QUERIES)], "k": 10}
+                if i % 2:
+                    params["bbox"] = "-10,-10,10,10"
+                started = time.perf_counter()
+                try:
+                    response = session.get("/search", params=params)
+                    failed = None if response.status_code == 200 else f"{response.status_code} {response.text[:200]}"
+                except httpx.HTTPError as err:
+                    failed = f"{type(err).__name__}: {err}"
+                elapsed = 1000 * (time.perf_counter() - started)
+                with lock:
+                    latencies.append(elapsed)
+                    if failed:
+                        errors.append(failed)
+                i += clients
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    swapper = None
+    if during is not None:
+        time.sleep(seconds / 2)
+        swapper = threading.Thread(target=during)
+        swapper.start()
+    remaining = seconds - (time.perf_counter() - started)
+    time.sleep(max(0.0, remaining))
+    if swapper is not None:
+        swapper.join()
+    stop.set()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - started
+    return {
+        "clients": clients,
+        "seconds": wall,
+        "requests": len(latencies),
+        "qps": len(latencies) / wall,
+        "p50_ms": float(np.percentile(latencies, 50)),
+        "p99_ms": float(np.percentile(latencies, 99)),
+        "errors": len(errors),
+        "first_errors": errors[:3],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="8 clients only (≈ 3 minutes with the index build)")
+    parser.add_argument("--tiles", type=int, default=100_000)
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 16])
+    parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve.json"))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    clients = [8] if args.quick else args.clients
+    rng = np.random.default_rng(0)
+    report: dict[str, Any] = {"tiles": args.tiles, "runs": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        started = time.perf_counter()
+        index, checkpoint, dim = build(work, args.tiles, rng)
+        report["index_build_s"] = time.perf_counter() - started
+        url = deployment.start(index, port=_free_port(), poll_seconds=2.0).rstrip("/")
+        try:
+            with httpx.Client(base_url=url, timeout=60) as session:
+                for query in QUERIES:  # warm the replica (first tokenizer and index reads)
+                    session.get("/search", params={"q": query})
+                before = session.get("/healthz").json()["index_version"]
+                for count in clients:
+                    report["runs"].append(load(url, count, args.seconds))
+                model_version = session.get("/healthz").json()["model_version"]
+
+                def swap() -> None:
+                    publish_version(work / "index", args.tiles, dim, model_version, checkpoint, rng)
+                    deadline = time.monotonic() + 120
+                    while session.get("/healthz").json()["index_version"] == before:
+                        if time.monotonic() > deadline:
+                            raise RuntimeError("the service did not switch to the new index version in 120 s")
+                        time.sleep(0.5)
+
+                report["swap"] = load(url, max(clients), args.seconds, during=swap)
+                report["swap"]["swapped"] = session.get("/healthz").json()["index_version"] != before
+        finally:
+            deployment.stop()
+    print(f"\nrsitr serve, {args.tiles} tiles, GET /search k=10 (half with a bbox), clients in-process, 2 cores")
+    print(f"{'clients':>8} {'qps':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}")
+    for run in [*report["runs"], {**report["swap"], "clients": f"{report['swap']['clients']}+swap"}]:
+        print(f"{run['clients']!s:>8} {run['qps']:8.1f} {run['p50_ms']:8.1f} {run['p99_ms']:8.1f} {run['errors']:7d}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    eight = next((run for run in report["runs"] if run["clients"] == 8), report["runs"][-1])
+    summary = {
+        "qps": round(eight["qps"], 1),
+        "p99_ms": round(eight["p99_ms"], 1),
+        "errors": sum(run["errors"] for run in report["runs"]),
+        "errors_during_swap": report["swap"]["errors"],
+        "swapped": report["swap"]["swapped"],
+    }
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
