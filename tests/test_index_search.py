@@ -7,6 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 import shapely
 import torch
+from contracts_doc import documented
 
 from rsitr import embed
 from rsitr import index as index_module
@@ -37,6 +38,12 @@ def test_embeddings_are_geoparquet_with_one_row_per_tile(built_index: Path) -> N
     assert table.schema.field("embedding").type.list_size == 256
     assert json.loads(table.schema.metadata[b"geo"])["columns"]["geometry"]["encoding"] == "WKB"
     assert len(set(table["model_version"].to_pylist())) == 1
+
+
+def test_embeddings_and_index_json_hold_what_docs_contracts_says(built_index: Path) -> None:
+    assert pq.read_schema(built_index / "embeddings.parquet").names == documented("Embeddings")
+    meta = json.loads((built_index / index_module.INDEX_META).read_text())
+    assert set(documented("Index")) <= set(meta)
 
 
 def test_search_returns_ranked_tiles_with_footprints(built_index: Path) -> None:
