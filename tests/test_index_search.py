@@ -118,7 +118,8 @@ def test_filters_return_only_tiles_inside_the_bbox_and_time_range(built_index: P
         (["--bbox", "10,50,20"], "four numbers"),
         (["--after", "yesterday"], "ISO date"),
         (["--after", "2024-05-01", "--before", "2024-04-01"], "is not before"),
-        (["-k", "0"], "at least one"),
+        (["-k", "0"], "between 1 and 1000"),
+        (["-k", "1001"], "between 1 and 1000"),
     ],
 )
 def test_bad_filters_get_one_line_errors(
