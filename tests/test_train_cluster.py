@@ -59,17 +59,26 @@ def test_a_killed_worker_is_restarted_and_training_resumes_from_the_checkpoint(
         "--name", "killed", "--epochs", "3", "train.num_workers=2",
     ]  # fmt: skip
     log = (tmp_path / "train.log").open("w")
-    trainer = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=PROJECT, env=_env())
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline and not list((runs / "killed").glob("checkpoint_*")):
-        assert trainer.poll() is None, (tmp_path / "train.log").read_text()[-3000:]
-        time.sleep(1)
-    time.sleep(5)  # into epoch 1
-    # this run's own workers, as its log names them (other Ray instances may run on the machine)
-    victims = set(re.findall(r"\(RayTrainWorker pid=(\d+)\)", (tmp_path / "train.log").read_text()))
-    assert victims, "no Ray Train worker of this run found in its log"
-    os.kill(int(sorted(victims)[0]), signal.SIGKILL)
-    assert trainer.wait(timeout=900) == 0, (tmp_path / "train.log").read_text()[-3000:]
+    # its own session: on a failure the trainer and the local Ray it started are stopped together
+    trainer = subprocess.Popen(
+        command, stdout=log, stderr=subprocess.STDOUT, cwd=PROJECT, env=_env(), start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and not list((runs / "killed").glob("checkpoint_*")):
+            assert trainer.poll() is None, (tmp_path / "train.log").read_text()[-3000:]
+            time.sleep(1)
+        time.sleep(5)  # into epoch 1
+        # this run's own live workers, as its log names them (other Ray instances may run on the machine)
+        named = re.findall(r"\(RayTrainWorker pid=(\d+)\)", (tmp_path / "train.log").read_text())
+        victims = sorted(int(pid) for pid in set(named) if Path(f"/proc/{pid}").exists())
+        assert victims, f"no live Ray Train worker of this run found in its log (named: {sorted(set(named))})"
+        os.kill(victims[0], signal.SIGKILL)
+        assert trainer.wait(timeout=900) == 0, (tmp_path / "train.log").read_text()[-3000:]
+    finally:
+        if trainer.poll() is None:
+            os.killpg(trainer.pid, signal.SIGKILL)
+            trainer.wait()
     log.close()
     output = (tmp_path / "train.log").read_text()
     assert "resuming at epoch 1" in output
