@@ -6,7 +6,7 @@ for ``--seconds``. Latency is measured at the client (HTTP included). The client
 cores as the service: the figures are what one 2-core machine does for both.
 
 Prints a table, writes JSON, and ends with one JSON line: ``qps``, ``p99_ms``, ``errors``, ``errors_during_swap``.
-Usage: ``python benchmarks/serve.py [--quick] [--tiles 100000] [--clients 1 8 16] [--seconds 60]``
+Usage: ``python benchmarks/serve.py [--quick] [--config PRESET] [--tiles 100000] [--clients 1 8 16] [--seconds 60]``
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from index import tiles_table  # noqa: E402  (benchmarks/index.py: the same synthetic tile rows)
 
 from rsitr import checkpoint as ckpt  # noqa: E402
-from rsitr.config import load_config  # noqa: E402
+from rsitr.config import DEFAULT_PRESET, load_config  # noqa: E402
 from rsitr.index import index_rows, publish  # noqa: E402
 from rsitr.models.msa import build_model  # noqa: E402
 from rsitr.service import deployment  # noqa: E402
@@ -56,14 +56,18 @@ def _free_port() -> int:
         return port
 
 
-def build(work: Path, tiles: int, rng: np.random.Generator) -> tuple[str, str, int]:
-    """An untrained CPU-default checkpoint (the text tower's cost is the same as a trained one's) and an index of
-    ``tiles`` random unit vectors in its space; returns (index, checkpoint, dim)."""
+def build(work: Path, tiles: int, rng: np.random.Generator, preset: str) -> tuple[str, str, int]:
+    """An untrained checkpoint of ``preset`` (its towers pretrained: a query costs what a trained one's does) and
+    an index of ``tiles`` random unit vectors in its space; returns (index, checkpoint, dim)."""
     torch.manual_seed(0)
-    config = load_config("msa-lite0-minilm")
-    ckpt.save_checkpoint(work / "checkpoint", build_model(config.model), None, config, epoch=0, metrics={})
+    config = load_config(preset)
+    model = build_model(config.model)
+    ckpt.save_checkpoint(work / "checkpoint", model, None, config, epoch=0, metrics={})
     _, _, state = ckpt.load_checkpoint(str(work / "checkpoint"))
-    dim = config.model.embed_dim
+    with torch.no_grad():  # an ensemble's embedding is wider than embed_dim
+        dim = int(
+            model.eval().encode_text(torch.ones(1, 4, dtype=torch.long), torch.ones(1, 4, dtype=torch.long)).shape[1]
+        )
     publish_version(work / "index", tiles, dim, state["model_version"], str(work / "checkpoint"), rng)
     return str(work / "index"), str(work / "checkpoint"), dim
 
@@ -138,6 +142,7 @@ def load(url: str, clients: int, seconds: float, during: Any = None) -> dict[str
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=DEFAULT_PRESET, help="the preset whose towers answer the queries")
     parser.add_argument("--quick", action="store_true", help="8 clients only (≈ 3 minutes with the index build)")
     parser.add_argument("--tiles", type=int, default=100_000)
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 16])
@@ -147,11 +152,11 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     clients = [8] if args.quick else args.clients
     rng = np.random.default_rng(0)
-    report: dict[str, Any] = {"tiles": args.tiles, "runs": []}
+    report: dict[str, Any] = {"config": args.config, "tiles": args.tiles, "runs": []}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         started = time.perf_counter()
-        index, checkpoint, dim = build(work, args.tiles, rng)
+        index, checkpoint, dim = build(work, args.tiles, rng, args.config)
         report["index_build_s"] = time.perf_counter() - started
         url = deployment.start(index, port=_free_port(), poll_seconds=2.0).rstrip("/")
         try:
@@ -175,7 +180,7 @@ def main() -> None:
                 report["swap"]["swapped"] = session.get("/healthz").json()["index_version"] != before
         finally:
             deployment.stop()
-    print(f"\nrsitr serve, {args.tiles} tiles, GET /search k=10 (half with a bbox), clients in-process, 2 cores")
+    print(f"\nrsitr serve ({args.config}), {args.tiles} tiles, GET /search k=10 (half with a bbox), clients in-process")
     print(f"{'clients':>8} {'qps':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}")
     for run in [*report["runs"], {**report["swap"], "clients": f"{report['swap']['clients']}+swap"}]:
         print(f"{run['clients']!s:>8} {run['qps']:8.1f} {run['p50_ms']:8.1f} {run['p99_ms']:8.1f} {run['errors']:7d}")

@@ -51,7 +51,11 @@ def required_digest(host: str, token: str | None) -> str | None:
     return None
 
 
-@serve.deployment(max_ongoing_requests=32)
+# no access log line per request: at tens of queries a second, forwarding them costs the cores the queries need
+QUIET_LOGS = {"enable_access_log": False}
+
+
+@serve.deployment(max_ongoing_requests=32, logging_config=QUIET_LOGS)
 @serve.ingress()
 class SearchDeployment:
     """One replica: the index and its model, opened once, answering the API of :mod:`rsitr.service.api`."""
@@ -120,7 +124,7 @@ def start(
     digest = required_digest(host, token)
     open_index(index)  # a missing index fails here, in one line, not in a replica's log
     init_ray()
-    serve.start(http_options={"host": host, "port": port})
+    serve.start(http_options={"host": host, "port": port}, logging_config=QUIET_LOGS)
     serve.run(
         application(index, checkpoint, digest, replicas, poll_seconds), name=APP_NAME, route_prefix="/", blocking=False
     )
