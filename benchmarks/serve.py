@@ -147,7 +147,7 @@ def main() -> None:
     parser.add_argument("--tiles", type=int, default=100_000)
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 16])
     parser.add_argument("--seconds", type=float, default=60.0)
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve.json"))
+    parser.add_argument("--out", default=None, help="default: benchmarks/results/serve-<config>.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     clients = [8] if args.quick else args.clients
@@ -184,8 +184,9 @@ def main() -> None:
     print(f"{'clients':>8} {'qps':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}")
     for run in [*report["runs"], {**report["swap"], "clients": f"{report['swap']['clients']}+swap"}]:
         print(f"{run['clients']!s:>8} {run['qps']:8.1f} {run['p50_ms']:8.1f} {run['p99_ms']:8.1f} {run['errors']:7d}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2))
+    out = Path(args.out or ROOT / "benchmarks" / "results" / f"serve-{args.config}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
     eight = next((run for run in report["runs"] if run["clients"] == 8), report["runs"][-1])
     summary = {
         "qps": round(eight["qps"], 1),
