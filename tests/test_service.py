@@ -174,6 +174,18 @@ def test_serving_beyond_loopback_needs_a_token(capsys: pytest.CaptureFixture[str
     assert "RSITR_API_TOKEN" in error and "\n" not in error
 
 
+def test_a_missing_index_or_checkpoint_stops_rsitr_serve_in_one_line(
+    served_index: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for argv, message in (
+        (["--index", str(tmp_path / "nowhere")], "no index"),
+        (["--index", str(served_index), "--checkpoint", str(tmp_path / "no-run")], "not a checkpoint"),
+    ):
+        assert cli_main(["serve", *argv]) == 2
+        error = capsys.readouterr().err.strip()
+        assert message in error and "\n" not in error
+
+
 def test_rsitr_serve_prints_its_url_answers_and_stops_on_ctrl_c(served_index: Path) -> None:
     port = _free_port()
     command = [str(Path(sys.executable).with_name("rsitr")), "serve", "--index", str(served_index), "--port", str(port)]

@@ -118,11 +118,17 @@ def start(
     Raises:
         ServiceConfigError: reachable beyond loopback without a token, or no replica asked for.
     """
+    from rsitr.checkpoint import resolve_checkpoint
     from rsitr.index import open_index
     from rsitr.raysession import init_ray
 
     digest = required_digest(host, token)
-    open_index(index)  # a missing index fails here, in one line, not in a replica's log
+    # a missing index or checkpoint fails here, in one line, not in a replica's log
+    _, meta = open_index(index)
+    source = checkpoint or meta.get("checkpoint")
+    if not source:
+        raise ServiceConfigError(f"index {index} records no checkpoint; pass --checkpoint")
+    resolve_checkpoint(source)
     init_ray()
     serve.start(http_options={"host": host, "port": port}, logging_config=QUIET_LOGS)
     serve.run(
