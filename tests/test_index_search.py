@@ -8,6 +8,7 @@ import pytest
 import shapely
 import torch
 from contracts_doc import documented
+from fixtures import demo_index
 
 from rsitr import embed
 from rsitr import index as index_module
@@ -26,10 +27,7 @@ PROJECT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def built_index(ray_local: None, demo_shards: Path, untrained_checkpoint: Path, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("index")
-    summary = embed_archive(str(untrained_checkpoint), str(demo_shards), str(out), captions=True)
-    build_index(summary["embeddings"], str(out), summary["checkpoint"], captions=summary["captions"])
-    return out
+    return demo_index(tmp_path_factory.mktemp("index"), demo_shards, untrained_checkpoint)
 
 
 def test_embeddings_are_geoparquet_with_one_row_per_tile(built_index: Path) -> None:

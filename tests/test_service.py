@@ -18,10 +18,10 @@ from typing import Any
 
 import httpx
 import pytest
+from fixtures import demo_index
 from PIL import Image
 
 from rsitr.cli import main as cli_main
-from rsitr.embed import embed_archive
 from rsitr.index import build_index
 from rsitr.search import Searcher
 
@@ -46,10 +46,7 @@ def _wait_until(predicate: Any, timeout: float, what: str) -> None:
 
 @pytest.fixture(scope="module")
 def served_index(ray_local: None, demo_shards: Path, untrained_checkpoint: Path, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("served-index")
-    summary = embed_archive(str(untrained_checkpoint), str(demo_shards), str(out), captions=True)
-    build_index(summary["embeddings"], str(out), summary["checkpoint"], captions=summary["captions"])
-    return out
+    return demo_index(tmp_path_factory.mktemp("served-index"), demo_shards, untrained_checkpoint)
 
 
 @pytest.fixture(scope="module")
