@@ -1,7 +1,7 @@
 """The checkpoint contract: a directory with safetensors weights, optimizer state, config, epoch and metrics.
 
 Nothing here unpickles arbitrary objects: weights are safetensors, optimizer state loads with
-``weights_only=True``, the rest is JSON.
+``weights_only=True`` (anything else is refused), the rest is JSON.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from rsitr.config import Config
 from rsitr.errors import CheckpointError
 from rsitr.io import storage
+from rsitr.io.tensors import load_tensors_only
 from rsitr.models.msa import MSA, build_model
 
 WEIGHTS = "model.safetensors"
@@ -109,7 +110,7 @@ def load_training_state(
     """Restore weights, optimizer and scheduler state in place for resuming; returns the saved state."""
     model.load_state_dict(load_file(str(folder / WEIGHTS)), strict=True)
     if (folder / OPTIMIZER).is_file():
-        optim_state = torch.load(folder / OPTIMIZER, map_location="cpu", weights_only=True)
+        optim_state = load_tensors_only(folder / OPTIMIZER)
         optimizer.load_state_dict(optim_state["optimizer"])
         if scheduler is not None and "scheduler" in optim_state:
             scheduler.load_state_dict(optim_state["scheduler"])

@@ -25,3 +25,7 @@ class IndexBusyError(RuntimeError):
 
 class EmbeddingsNotFoundError(FileNotFoundError):
     """No embeddings file (or ``rsitr embed --out`` folder holding one) at the given URI."""
+
+
+class UnsafeFileError(ValueError):
+    """A ``torch.save`` file (optimizer state, ``.pth`` weights) that holds more than tensors: it could run code."""

@@ -4,8 +4,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rsitr.checkpoint import WEIGHTS, load_checkpoint, save_checkpoint
+from rsitr.checkpoint import OPTIMIZER, WEIGHTS, load_checkpoint, load_training_state, save_checkpoint
 from rsitr.config import load_config
+from rsitr.errors import UnsafeFileError
 from rsitr.losses import total_loss
 from rsitr.models.backbone import IMAGENET_MEAN, IMAGENET_STD, MultiScaleBackbone, create_classifier
 from rsitr.models.gswin import GswinBlock
@@ -239,3 +240,30 @@ def test_joined_towers_stay_frozen_and_a_single_head_keeps_its_checkpoint_names(
     assert not any(n.startswith("extra_heads") for n in names)
     ensemble = build_model(load_config("demo", ["model.image_pretrained=false", "model.head_ensemble=2"]).model)
     assert {"scale_proj.0.weight", "extra_heads.0.scale_proj.0.weight"} <= set(ensemble.state_dict())
+
+
+class _RunsCode:
+    """What a crafted optimizer.pt carries: unpickling it would call ``Path.touch`` on the marker."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[object, ...]]:
+        return (Path.touch, (self.marker,))
+
+
+def test_a_checkpoint_whose_optimizer_file_carries_code_is_refused_and_nothing_runs(tmp_path: Path) -> None:
+    config = load_config("demo")
+    model = build_model(config.model)
+    optimizer = make_optimizer(model, config.train)
+    folder = tmp_path / "checkpoint"
+    save_checkpoint(folder, model, optimizer, config, epoch=0, metrics={})
+    assert load_training_state(folder, model, optimizer)["epoch"] == 0  # the genuine file loads
+    marker = tmp_path / "executed"
+    torch.save({"optimizer": _RunsCode(marker)}, folder / OPTIMIZER)
+    with pytest.raises(UnsafeFileError, match="optimizer.pt: refused, it holds objects other than tensors"):
+        load_training_state(folder, model, optimizer)
+    assert not marker.exists()
+    # the file would have run the code had it been loaded the unsafe way: the drill is real
+    torch.load(folder / OPTIMIZER, weights_only=False)
+    assert marker.exists()

@@ -9,6 +9,7 @@ import timm
 import torch
 from torch import nn
 
+from rsitr.io.tensors import load_tensors_only
 from rsitr.models.gswin import GswinBlock
 
 # MSA's backbone names → timm names. Everything else is passed to timm as given.
@@ -67,7 +68,7 @@ def _load_weights_file(path: str) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_tensors_only(path)
     return state.get("state_dict", state) if isinstance(state, dict) else state
 
 
