@@ -7,6 +7,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import lancedb
 import numpy as np
@@ -126,8 +127,17 @@ SERVE_NIGHTLY = textwrap.dedent(
     import json, sys
     import yaml
     from pipelines.index import index_archive
+    from prefect import serve
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig
     spec = next(d for d in yaml.safe_load(open("prefect.yaml"))["deployments"] if d["name"] == "nightly")
-    index_archive.serve(name="nightly", parameters=json.loads(sys.argv[1]), cron=spec["schedules"][0]["cron"])
+    serve(
+        index_archive.to_deployment(
+            name="nightly",
+            parameters=json.loads(sys.argv[1]),
+            cron=spec["schedules"][0]["cron"],
+            concurrency_limit=ConcurrencyLimitConfig(**spec["concurrency_limit"]),
+        )
+    )
     """
 )
 
@@ -161,6 +171,7 @@ def test_the_served_nightly_deployment_indexes_scenes_dropped_into_the_archive(
                     deployment = prefect.read_deployment_by_name("index-archive/nightly")
                     break
                 except Exception:  # not registered yet
+                    assert runner.poll() is None, (tmp_path / "runner.log").read_text()[-3000:]
                     assert time.monotonic() < deadline, "the nightly deployment did not register"
                     time.sleep(1)
             assert deployment.schedules and deployment.schedules[0].schedule.cron == "0 3 * * *"
@@ -173,6 +184,26 @@ def test_the_served_nightly_deployment_indexes_scenes_dropped_into_the_archive(
             found = {Path(h.source_uri or "").name for h in Searcher(str(out)).search("farmland", k=100)}
             indexed = {"harbour.tif"} | ({"fields.tif", "forest.tif"} if night else set())
             assert found == indexed and meta["rows"] == 4 * len(indexed)
+        _scene(archive, "town.tif", seed=7)
+        # two runs at once (a manual run beside the schedule's): the deployment's limit lets one through
+        runs = [run_deployment("index-archive/nightly", timeout=0) for _ in range(2)]
+        states = _final_states([run.id for run in runs], deadline_s=600)
+        assert sorted(states) == ["CANCELLED", "COMPLETED"], (tmp_path / "runner.log").read_text()[-3000:]
+        assert open_index(str(out))[1]["rows"] == 16  # the new scene indexed once
     finally:
         stop_process_group(runner)
         log.close()
+
+
+def _final_states(run_ids: list[Any], deadline_s: float) -> list[str]:
+    """The final state type of each flow run, waiting for every one of them to reach one."""
+    from prefect import get_client
+
+    deadline = time.monotonic() + deadline_s
+    with get_client(sync_client=True) as prefect:
+        while True:
+            states = [prefect.read_flow_run(run_id).state for run_id in run_ids]
+            if all(state is not None and state.is_final() for state in states):
+                return [state.type.value for state in states if state is not None]
+            assert time.monotonic() < deadline, f"flow runs still in {[s.type.value for s in states if s]}"
+            time.sleep(1)
