@@ -9,7 +9,7 @@ EPOCHS ?=
 INDEX ?= .rsitr/index/demo
 PORT ?= 8000
 
-.PHONY: demo serve test lint typecheck install clean
+.PHONY: demo serve test test-quick lint typecheck install clean
 
 install: $(STAMP)
 
@@ -32,6 +32,10 @@ serve: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -ra
+
+# the unit tier: every test that starts no Ray, Prefect, S3 server, service or browser (tests/conftest.py marks those)
+test-quick: $(STAMP)
+	$(PY) -m pytest -q -ra -m "not slow"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check rsitr pipelines tests benchmarks

@@ -14,6 +14,15 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.pop("RAY_ADDRESS", None)
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+# a test that uses one of these starts real services (Ray, Prefect, an S3 server) or trains: the slow tier
+SLOW_FIXTURES = {"ray_local", "ray_head", "s3_bucket", "prefect_harness", "demo_shards"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that needs a service as ``slow`` (``make test-quick`` runs the rest: the unit tier)."""
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or item.get_closest_marker("e2e"):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
