@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +82,41 @@ def resolve_checkpoint(uri: str) -> str:
             return str(storage.read_json(storage.join(uri, pointer))["best_checkpoint"])
     raise CheckpointError(
         f"{uri}: not a checkpoint ({WEIGHTS}), a finished training run ({RESULT}) or a runs folder ({LATEST})"
+    )
+
+
+@dataclass(frozen=True)
+class CheckpointMeta:
+    """What a checkpoint says about itself, read without building (or downloading) the model."""
+
+    uri: str
+    config: Config
+    epoch: int
+    model_version: str
+    metrics: dict[str, float]
+
+
+def read_meta(uri: str) -> CheckpointMeta:
+    """The config and version of a checkpoint or run folder (see :func:`resolve_checkpoint`); reads two small JSON
+    files, not the weights.
+
+    Raises:
+        CheckpointError: no checkpoint at ``uri``, or one without its config or state.
+    """
+    folder = resolve_checkpoint(uri)
+    documents = []
+    for name in (CONFIG, STATE):
+        path = storage.join(folder, name)
+        if not storage.exists(path):
+            raise CheckpointError(f"checkpoint {uri}: missing {name}")
+        documents.append(storage.read_json(path))
+    config, state = documents
+    return CheckpointMeta(
+        uri=folder,
+        config=Config.from_dict(config),
+        epoch=int(state["epoch"]),
+        model_version=str(state["model_version"]),
+        metrics=dict(state.get("metrics", {})),
     )
 
 

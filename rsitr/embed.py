@@ -197,7 +197,7 @@ def _embed_kind(
         ds = ray.data.read_parquet(uris, include_paths=True, num_cpus=DATA_TASK_CPUS, override_num_blocks=len(uris))
         embedder: type
         if kind == "images":
-            image_size = ckpt.load_checkpoint(checkpoint)[1].train.image_size
+            image_size = ckpt.read_meta(checkpoint).config.train.image_size
             ds = ds.select_columns(["image_id", "image", "path"]).map_batches(
                 decode_with_paths,  # type: ignore[arg-type]
                 fn_kwargs={"image_size": image_size},
@@ -259,10 +259,10 @@ def embed_archive(
     Returns:
         A summary: rows, model_version, checkpoint, the output URIs, and shards resumed from an earlier run.
     """
-    checkpoint = ckpt.resolve_checkpoint(checkpoint)
-    _, _, state = ckpt.load_checkpoint(checkpoint)
+    meta = ckpt.read_meta(checkpoint)
+    checkpoint = meta.uri
     data, out = storage.resolve(data), storage.resolve(out)
-    version = state["model_version"]
+    version = meta.model_version
     parts = storage.join(out, PARTS_DIR, version)
     init_ray()
     actors = actors or default_actors()

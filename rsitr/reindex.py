@@ -108,9 +108,8 @@ def reindex_archive(
         ingest.IngestError: no raster scene under ``archive``.
     """
     out = storage.resolve(out)
-    checkpoint = ckpt.resolve_checkpoint(checkpoint)
-    _, _, state = ckpt.load_checkpoint(checkpoint)
-    model_version = str(state["model_version"])
+    checkpoint_meta = ckpt.read_meta(checkpoint)
+    checkpoint, model_version = checkpoint_meta.uri, checkpoint_meta.model_version
     name = table_name(model_version)
     ledger_uri = storage.join(out, f"ledger-{name}.json")
     with index_lock(out):

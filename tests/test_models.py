@@ -1,12 +1,13 @@
+import json
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from rsitr.checkpoint import OPTIMIZER, WEIGHTS, load_checkpoint, load_training_state, save_checkpoint
+from rsitr.checkpoint import OPTIMIZER, WEIGHTS, load_checkpoint, load_training_state, read_meta, save_checkpoint
 from rsitr.config import load_config
-from rsitr.errors import UnsafeFileError
+from rsitr.errors import CheckpointError, UnsafeFileError
 from rsitr.losses import total_loss
 from rsitr.models.backbone import IMAGENET_MEAN, IMAGENET_STD, MultiScaleBackbone, create_classifier
 from rsitr.models.gswin import GswinBlock
@@ -267,3 +268,17 @@ def test_a_checkpoint_whose_optimizer_file_carries_code_is_refused_and_nothing_r
     # the file would have run the code had it been loaded the unsafe way: the drill is real
     torch.load(folder / OPTIMIZER, weights_only=False)
     assert marker.exists()
+
+
+def test_read_meta_gives_config_and_version_without_the_weights(tmp_path: Path) -> None:
+    config = load_config("demo")
+    version = save_checkpoint(tmp_path / "ckpt", build_model(config.model), None, config, 2, {"val_mR": 3.5})
+    (tmp_path / "ckpt" / WEIGHTS).unlink()  # read_meta must not need them; resolving needs a checkpoint, so a run
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "result.json").write_text(json.dumps({"best_checkpoint": str(tmp_path / "ckpt")}))
+    meta = read_meta(str(tmp_path / "run"))
+    assert (meta.uri, meta.config, meta.epoch, meta.model_version) == (str(tmp_path / "ckpt"), config, 2, version)
+    assert meta.metrics == {"val_mR": 3.5}
+    (tmp_path / "ckpt" / "config.json").unlink()
+    with pytest.raises(CheckpointError, match="missing config.json"):
+        read_meta(str(tmp_path / "run"))

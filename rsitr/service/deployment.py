@@ -118,7 +118,7 @@ def start(
     Raises:
         ServiceConfigError: reachable beyond loopback without a token, or no replica asked for.
     """
-    from rsitr.checkpoint import resolve_checkpoint
+    from rsitr.checkpoint import read_meta
     from rsitr.index import open_index
     from rsitr.raysession import init_ray
 
@@ -128,7 +128,7 @@ def start(
     source = checkpoint or meta.get("checkpoint")
     if not source:
         raise ServiceConfigError(f"index {index} records no checkpoint; pass --checkpoint")
-    resolve_checkpoint(source)
+    read_meta(source)
     init_ray()
     serve.start(http_options={"host": host, "port": port}, logging_config=QUIET_LOGS)
     serve.run(
