@@ -103,6 +103,9 @@ def seaweed_s3(workdir: Path, timeout: float = 60.0) -> Iterator[S3Server]:
         "-filer",
         "-s3",
         f"-s3.port={s3}",
+        # the gateway's side listeners default to fixed ports (Iceberg 8181, Lance 9101): a busy machine may hold them
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
         f"-s3.config={config}",
     ]
     log = (workdir / "weed.log").open("wb")
@@ -111,13 +114,20 @@ def seaweed_s3(workdir: Path, timeout: float = 60.0) -> Iterator[S3Server]:
         _wait_ready(server, process, timeout, workdir / "weed.log")
         yield server
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        _stop(process)
         log.close()
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    """Stop the server's process group (a server that already exited is only reaped)."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=5)
+    except ProcessLookupError:
+        process.wait()
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
 
 
 def _wait_ready(server: S3Server, process: subprocess.Popen[bytes], timeout: float, log: Path) -> None:
