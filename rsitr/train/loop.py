@@ -1,23 +1,12 @@
-"""Distributed MSA training with Ray Train; ``python -m rsitr.train`` is the Ray job entry point.
-
-Each worker reads its share of the training split from Ray Data (decoded and tokenised there), trains the
-model under DDP (gloo on CPU, NCCL on GPU) and reports every epoch. Rank 0 evaluates the full validation split,
-writes the checkpoint and logs; the best checkpoint by val mR is kept, and test is evaluated once at the end.
-"""
+"""The per-worker training loop (inside Ray Train): one step, one epoch, rank-0 evaluation and checkpoints."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import math
-import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -29,52 +18,14 @@ import torch
 import torch.distributed as dist
 
 from rsitr import checkpoint as ckpt
-from rsitr import features
-from rsitr.config import Config, TrainConfig, build_train_parser, load_config
-from rsitr.data.pipeline import eval_datasets, train_dataset
+from rsitr.config import Config
 from rsitr.evaluate import evaluate_model
-from rsitr.io import shards, storage
 from rsitr.losses import total_loss
 from rsitr.models.msa import MSA, build_model
-from rsitr.raysession import init_ray
+from rsitr.train.optim import make_optimizer, make_scheduler
 
 log = logging.getLogger("rsitr.train")
 HISTORY_KEYS = ("epoch", "train_loss", "val_mR", "samples_per_s", "data_wait_fraction")
-
-
-def make_optimizer(model: MSA, train: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW with a smaller learning rate for the pretrained towers than for the new heads."""
-    towers: list[torch.nn.Parameter] = []
-    heads: list[torch.nn.Parameter] = []
-    temperatures: list[torch.nn.Parameter] = []
-    for name, param in model.named_parameters():
-        if name.endswith("log_temperature"):
-            temperatures.append(param)
-        elif param.requires_grad:
-            (towers if name.startswith(("backbone.", "text.")) else heads).append(param)
-    groups: list[dict[str, Any]] = [{"params": heads, "lr": train.lr}]
-    if towers:
-        groups.append({"params": towers, "lr": train.backbone_lr})
-    if temperatures:  # decay would pull the temperature towards 1
-        groups.append({"params": temperatures, "lr": train.lr, "weight_decay": 0.0})
-    return torch.optim.AdamW(groups, weight_decay=train.weight_decay)
-
-
-def make_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int) -> Any:
-    """Linear warm-up over ``warmup_steps``, then cosine decay to zero at ``total_steps`` optimizer steps.
-
-    Contrastive heads collapse (every embedding the same point) when AdamW starts at full learning rate, so
-    the warm-up matters; one epoch is the default.
-    """
-    warmup = max(1, min(warmup_steps, total_steps // 2))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def gather_batch(local: torch.Tensor) -> torch.Tensor:
@@ -299,170 +250,3 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             elif rank == 0:
                 log.info("no val mR gain in %d epochs: stopping early after epoch %d", train_cfg.patience, epoch)
             break
-
-
-@dataclass
-class FitResult:
-    """Where a finished run put its outputs, and its metrics."""
-
-    run_dir: str
-    best_checkpoint: str
-    val: dict[str, float]
-    test: dict[str, float] | None
-    history: list[dict[str, float]]
-
-
-def training_datasets(config: Config, data: str, storage_path: str) -> dict[str, Any]:
-    """``train`` (shuffled, decoded, tokenised) and the val streams, from shards or from the frozen-prefix cache
-    (built first when ``train.cache_frozen`` and missing)."""
-    m, t = config.model, config.train
-    if t.cache_frozen:
-        cache = features.build_cache(config, data, storage_path)
-        train_rows = features.train_dataset(cache, m.max_tokens, t.shuffle)
-        val_images, val_captions = features.eval_datasets(cache, "val", m.max_tokens)
-    else:
-        train_rows = train_dataset(data, t.image_size, m.text_model, m.max_tokens, t.augment, t.shuffle)
-        val_images, val_captions = eval_datasets(data, "val", t.image_size, m.text_model, m.max_tokens)
-    return {"train": train_rows, "val_images": val_images, "val_captions": val_captions}
-
-
-def unique_run_name(config: Config) -> str:
-    """``<preset>-<UTC time>-<random>``: new runs never collide with (and so never resume) old ones."""
-    return f"{config.name}-{datetime.now(UTC):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
-
-
-def fit(
-    config: Config,
-    data: str,
-    storage_path: str = ".rsitr/runs",
-    name: str | None = None,
-    max_failures: int = 1,
-    evaluate_test: bool = True,
-) -> FitResult:
-    """Train on an ingested dataset with Ray Train; a run with an existing ``name`` resumes.
-
-    Raises:
-        shards.ShardsNotFoundError: ``data`` holds no ingested dataset.
-    """
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    data = storage.resolve(data)
-    manifest = shards.read_manifest(data)  # fail before starting anything when the data is not there
-    steps_per_epoch = manifest["splits"].get("train", {}).get("rows", 0) // config.train.batch_size
-    storage_path = storage.resolve(storage_path)
-    name = name or unique_run_name(config)
-    init_ray()
-    ray_path, ray_filesystem = storage.arrow_filesystem(storage_path)
-    t = config.train
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={
-            "config": config.to_dict(),
-            "steps_per_epoch": steps_per_epoch,
-            # TensorBoard events under a local run folder; with S3 storage the per-step log stays in the job log
-            "log_dir": None if storage.is_remote(storage_path) else storage.join(storage_path, name, "tensorboard"),
-        },
-        scaling_config=ScalingConfig(
-            num_workers=t.num_workers,
-            use_gpu=t.use_gpu,
-            resources_per_worker={"CPU": t.cpus_per_worker},
-            placement_strategy=t.placement_strategy,
-        ),
-        datasets=training_datasets(config, data, storage_path),
-        dataset_config=DataConfig(datasets_to_split=["train"]),
-        run_config=RunConfig(
-            name=name,
-            storage_path=ray_path,
-            storage_filesystem=ray_filesystem,
-            checkpoint_config=CheckpointConfig(
-                num_to_keep=1, checkpoint_score_attribute="val_mR", checkpoint_score_order="max"
-            ),
-            failure_config=FailureConfig(max_failures=max_failures),
-        ),
-    )
-    result = trainer.fit()
-    if result.error is not None:
-        raise result.error
-    best_ckpt, best_metrics = max(result.best_checkpoints or [], key=lambda pair: pair[1]["val_mR"])
-    run_dir = storage.join(storage_path, name)
-    history = _history(result.checkpoint)  # the latest checkpoint (Ray always keeps it)
-    best_path = f"s3://{best_ckpt.path}" if storage_path.startswith("s3://") else best_ckpt.path
-    test = evaluate_checkpoint(best_path, data, "test") if evaluate_test else None
-    out = FitResult(
-        run_dir=run_dir,
-        best_checkpoint=best_path,
-        val={k.removeprefix("val_"): v for k, v in best_metrics.items() if k.startswith("val_")},
-        test=test,
-        history=history,
-    )
-    storage.write_json_atomic(storage.join(run_dir, ckpt.RESULT), out.__dict__)
-    storage.write_json_atomic(storage.join(storage_path, ckpt.LATEST), {"run": name, **out.__dict__})
-    return out
-
-
-def _history(latest: ray.train.Checkpoint | None) -> list[dict[str, float]]:
-    """Per-epoch metrics, as the latest checkpoint recorded them (they survive restarts and resumes)."""
-    if latest is None:
-        return []
-    with latest.as_directory() as folder:
-        return list(json.loads((Path(folder) / ckpt.STATE).read_text()).get("history", []))
-
-
-def evaluate_checkpoint(
-    checkpoint: str, data: str, split: str = "test", rerank_k: int | None = None
-) -> dict[str, float]:
-    """Metrics of a checkpoint (or finished run) on one split of an ingested dataset (``rerank_k``: override the
-    run's ``train.rerank_k``)."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, config, _ = ckpt.load_checkpoint(checkpoint, map_location=device)
-    images, captions = eval_datasets(
-        storage.resolve(data), split, config.train.image_size, config.model.text_model, config.model.max_tokens
-    )
-    return evaluate_model(
-        model,
-        images.iter_batches(batch_size=config.train.eval_batch_size),
-        captions.iter_batches(batch_size=256),
-        device,
-        rerank_k=config.train.rerank_k if rerank_k is None else rerank_k,
-    )
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The arguments of ``python -m rsitr.train`` (the same as ``rsitr train``'s)."""
-    return build_train_parser(argparse.ArgumentParser(prog="python -m rsitr.train", description=__doc__))
-
-
-def run_from_args(args: argparse.Namespace) -> FitResult:
-    """Load the config with the CLI's overrides and call :func:`fit`."""
-    overrides = list(args.overrides)
-    if args.epochs is not None:
-        overrides.append(f"train.epochs={args.epochs}")
-    if args.max_minutes is not None:
-        overrides.append(f"train.max_minutes={args.max_minutes}")
-    if args.workers is not None:
-        overrides.append(f"train.num_workers={args.workers}")
-    config = load_config(args.config, overrides)
-    result = fit(config, args.data, args.storage, args.name)
-    print(
-        json.dumps(
-            {
-                "run_dir": result.run_dir,
-                "best_checkpoint": result.best_checkpoint,
-                "val": result.val,
-                "test": result.test,
-            },
-            indent=2,
-        )
-    )
-    return result
-
-
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    run_from_args(build_parser().parse_args(argv))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

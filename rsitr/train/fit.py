@@ -1,0 +1,152 @@
+"""A training run: its datasets, a unique name, the Ray Train trainer, the best checkpoint and its test metrics."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.data
+import ray.train
+import ray.train.torch
+import torch
+
+from rsitr import checkpoint as ckpt
+from rsitr import features
+from rsitr.config import Config
+from rsitr.data.pipeline import eval_datasets, train_dataset
+from rsitr.evaluate import evaluate_model
+from rsitr.io import shards, storage
+from rsitr.raysession import init_ray
+from rsitr.train.loop import train_loop
+
+
+@dataclass
+class FitResult:
+    """Where a finished run put its outputs, and its metrics."""
+
+    run_dir: str
+    best_checkpoint: str
+    val: dict[str, float]
+    test: dict[str, float] | None
+    history: list[dict[str, float]]
+
+
+def training_datasets(config: Config, data: str, storage_path: str) -> dict[str, Any]:
+    """``train`` (shuffled, decoded, tokenised) and the val streams, from shards or from the frozen-prefix cache
+    (built first when ``train.cache_frozen`` and missing)."""
+    m, t = config.model, config.train
+    if t.cache_frozen:
+        cache = features.build_cache(config, data, storage_path)
+        train_rows = features.train_dataset(cache, m.max_tokens, t.shuffle)
+        val_images, val_captions = features.eval_datasets(cache, "val", m.max_tokens)
+    else:
+        train_rows = train_dataset(data, t.image_size, m.text_model, m.max_tokens, t.augment, t.shuffle)
+        val_images, val_captions = eval_datasets(data, "val", t.image_size, m.text_model, m.max_tokens)
+    return {"train": train_rows, "val_images": val_images, "val_captions": val_captions}
+
+
+def unique_run_name(config: Config) -> str:
+    """``<preset>-<UTC time>-<random>``: new runs never collide with (and so never resume) old ones."""
+    return f"{config.name}-{datetime.now(UTC):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
+
+
+def fit(
+    config: Config,
+    data: str,
+    storage_path: str = ".rsitr/runs",
+    name: str | None = None,
+    max_failures: int = 1,
+    evaluate_test: bool = True,
+) -> FitResult:
+    """Train on an ingested dataset with Ray Train; a run with an existing ``name`` resumes.
+
+    Raises:
+        shards.ShardsNotFoundError: ``data`` holds no ingested dataset.
+    """
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    data = storage.resolve(data)
+    manifest = shards.read_manifest(data)  # fail before starting anything when the data is not there
+    steps_per_epoch = manifest["splits"].get("train", {}).get("rows", 0) // config.train.batch_size
+    storage_path = storage.resolve(storage_path)
+    name = name or unique_run_name(config)
+    init_ray()
+    ray_path, ray_filesystem = storage.arrow_filesystem(storage_path)
+    t = config.train
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={
+            "config": config.to_dict(),
+            "steps_per_epoch": steps_per_epoch,
+            # TensorBoard events under a local run folder; with S3 storage the per-step log stays in the job log
+            "log_dir": None if storage.is_remote(storage_path) else storage.join(storage_path, name, "tensorboard"),
+        },
+        scaling_config=ScalingConfig(
+            num_workers=t.num_workers,
+            use_gpu=t.use_gpu,
+            resources_per_worker={"CPU": t.cpus_per_worker},
+            placement_strategy=t.placement_strategy,
+        ),
+        datasets=training_datasets(config, data, storage_path),
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+        run_config=RunConfig(
+            name=name,
+            storage_path=ray_path,
+            storage_filesystem=ray_filesystem,
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=1, checkpoint_score_attribute="val_mR", checkpoint_score_order="max"
+            ),
+            failure_config=FailureConfig(max_failures=max_failures),
+        ),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    best_ckpt, best_metrics = max(result.best_checkpoints or [], key=lambda pair: pair[1]["val_mR"])
+    run_dir = storage.join(storage_path, name)
+    history = _history(result.checkpoint)  # the latest checkpoint (Ray always keeps it)
+    best_path = f"s3://{best_ckpt.path}" if storage_path.startswith("s3://") else best_ckpt.path
+    test = evaluate_checkpoint(best_path, data, "test") if evaluate_test else None
+    out = FitResult(
+        run_dir=run_dir,
+        best_checkpoint=best_path,
+        val={k.removeprefix("val_"): v for k, v in best_metrics.items() if k.startswith("val_")},
+        test=test,
+        history=history,
+    )
+    storage.write_json_atomic(storage.join(run_dir, ckpt.RESULT), out.__dict__)
+    storage.write_json_atomic(storage.join(storage_path, ckpt.LATEST), {"run": name, **out.__dict__})
+    return out
+
+
+def _history(latest: ray.train.Checkpoint | None) -> list[dict[str, float]]:
+    """Per-epoch metrics, as the latest checkpoint recorded them (they survive restarts and resumes)."""
+    if latest is None:
+        return []
+    with latest.as_directory() as folder:
+        return list(json.loads((Path(folder) / ckpt.STATE).read_text()).get("history", []))
+
+
+def evaluate_checkpoint(
+    checkpoint: str, data: str, split: str = "test", rerank_k: int | None = None
+) -> dict[str, float]:
+    """Metrics of a checkpoint (or finished run) on one split of an ingested dataset (``rerank_k``: override the
+    run's ``train.rerank_k``)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, config, _ = ckpt.load_checkpoint(checkpoint, map_location=device)
+    images, captions = eval_datasets(
+        storage.resolve(data), split, config.train.image_size, config.model.text_model, config.model.max_tokens
+    )
+    return evaluate_model(
+        model,
+        images.iter_batches(batch_size=config.train.eval_batch_size),
+        captions.iter_batches(batch_size=256),
+        device,
+        rerank_k=config.train.rerank_k if rerank_k is None else rerank_k,
+    )
