@@ -27,6 +27,7 @@ from rsitr.io.captions import CaptionCorpus, CaptionRecord, read_corpus
 
 log = logging.getLogger("rsitr.ingest")
 RASTER_SUFFIXES = (".tif", ".tiff", ".vrt", ".jp2", ".img")
+NO_TILE_REASON = "caption entry names no tile of these scenes"
 
 
 def expand_scenes(paths: list[str]) -> list[str]:
@@ -148,30 +149,10 @@ def ingest_scenes(
     corpus = read_corpus(captions) if captions else CaptionCorpus()
     root = shards.dataset_root(out, dataset)
     planned = execute_units([partial(_plan_or_reason, spec, options) for spec in specs], workers)
-    quarantined: list[dict[str, Any]] = []
-    units: list[tuple[geotiff.ScenePlan, list[tuple[int, int]]]] = []
-    per_unit = _tiles_per_unit(options, shard_mb)
-    scene_reports: list[dict[str, Any]] = []
-    for spec, plan in zip(specs, planned, strict=True):
-        if isinstance(plan, str):
-            quarantined.append({"input": spec, "reason": plan, "captions": 0})
-            log.warning("quarantined %s: %s", spec, plan)
-            continue
-        windows = plan.windows(options)
-        first_unit = len(units)
-        units.extend((plan, windows[i : i + per_unit]) for i in range(0, len(windows), per_unit))
-        scene_reports.append({**plan.summary(), "windows": len(windows), "units": [first_unit, len(units)]})
+    units, scene_reports, quarantined = _plan_units(specs, planned, options, _tiles_per_unit(options, shard_mb))
     records = corpus.records
-    used = {geotiff.tile_id(p.name, r, c) for p, w in units for r, c in w}
     quarantined.extend(entry_rejections(corpus))
-    quarantined.extend(
-        {
-            "input": name,
-            "reason": "caption entry names no tile of these scenes",
-            "captions": len(records[name].captions),
-        }
-        for name in sorted(set(records) - used)
-    )
+    quarantined.extend(_captions_without_tiles(records, units))
     parameters = {
         "kind": "scenes",
         "dataset": dataset,
@@ -204,6 +185,59 @@ def ingest_scenes(
         for index, (plan, windows) in enumerate(units)
     ]
     reports = execute_units(tasks, workers)
+    _summarise_scenes(scene_reports, reports, options)
+    extra = {"fingerprint": fingerprint, "parameters": parameters, "scenes": scene_reports, **caption_stats(corpus)}
+    return finish_ingest(root, reports, quarantined, len(quarantined) + sum(r.inputs for r in reports), extra, strict)
+
+
+def _records_for(
+    records: dict[str, CaptionRecord], plan: geotiff.ScenePlan, windows: list[tuple[int, int]]
+) -> dict[str, CaptionRecord]:
+    """Only the captions of these windows travel with a unit (keeps Ray task arguments small)."""
+    names = (geotiff.tile_id(plan.name, r, c) for r, c in windows)
+    return {name: records[name] for name in names if name in records}
+
+
+Units = list[tuple[geotiff.ScenePlan, list[tuple[int, int]]]]
+
+
+def _plan_units(
+    specs: list[str], planned: list[geotiff.ScenePlan | str], options: geotiff.TileOptions, per_unit: int
+) -> tuple[Units, list[dict[str, Any]], list[dict[str, Any]]]:
+    """Each readable scene's windows cut into units of ``per_unit`` tiles; a report per scene (with the range of
+    its units); the scenes that cannot be read, quarantined."""
+    units: Units = []
+    scene_reports: list[dict[str, Any]] = []
+    quarantined: list[dict[str, Any]] = []
+    for spec, plan in zip(specs, planned, strict=True):
+        if isinstance(plan, str):
+            quarantined.append({"input": spec, "reason": plan, "captions": 0})
+            log.warning("quarantined %s: %s", spec, plan)
+            continue
+        windows = plan.windows(options)
+        first_unit = len(units)
+        units.extend((plan, windows[i : i + per_unit]) for i in range(0, len(windows), per_unit))
+        scene_reports.append({**plan.summary(), "windows": len(windows), "units": [first_unit, len(units)]})
+    return units, scene_reports, quarantined
+
+
+def _captions_without_tiles(records: dict[str, CaptionRecord], units: Units) -> list[dict[str, Any]]:
+    """Caption entries that name no tile of the planned scenes, as quarantined inputs."""
+    used = {geotiff.tile_id(p.name, r, c) for p, w in units for r, c in w}
+    return [
+        {
+            "input": name,
+            "reason": "caption entry names no tile of these scenes",
+            "captions": len(records[name].captions),
+        }
+        for name in sorted(set(records) - used)
+    ]
+
+
+def _summarise_scenes(
+    scene_reports: list[dict[str, Any]], reports: list[UnitReport], options: geotiff.TileOptions
+) -> None:
+    """Fill each scene's report from its units' reports, and say why a scene gave no tiles or footprints."""
     for scene in scene_reports:
         parts = reports[scene["units"][0] : scene["units"][1]]
         scene.update(
@@ -219,13 +253,3 @@ def ingest_scenes(
                 scene["note"] += "; the scene is smaller than one tile and edge padding counts as nodata"
         if scene["without_footprint"]:
             scene["footprint_reason"] = "tile corners fall outside the projection's valid area (off the Earth's disk)"
-    extra = {"fingerprint": fingerprint, "parameters": parameters, "scenes": scene_reports, **caption_stats(corpus)}
-    return finish_ingest(root, reports, quarantined, len(quarantined) + sum(r.inputs for r in reports), extra, strict)
-
-
-def _records_for(
-    records: dict[str, CaptionRecord], plan: geotiff.ScenePlan, windows: list[tuple[int, int]]
-) -> dict[str, CaptionRecord]:
-    """Only the captions of these windows travel with a unit (keeps Ray task arguments small)."""
-    names = (geotiff.tile_id(plan.name, r, c) for r, c in windows)
-    return {name: records[name] for name in names if name in records}
