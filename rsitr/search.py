@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from rsitr import checkpoint as ckpt
+from rsitr.batching import MicroBatcher
 from rsitr.config import Config
 from rsitr.data.pipeline import decode_image, tokenize
 from rsitr.index import ANN, AnnSettings, ann_settings, open_captions, open_index, sql_text
@@ -200,6 +201,8 @@ class Searcher:
         self._references: dict[str, torch.Tensor] = {}
         self._tokenizer = load_tokenizer(config.model.text_model)  # loading it takes longer than a query
         self._tokenizer_lock = threading.Lock()
+        # concurrent queries (a service's request threads) share one text-tower pass
+        self._queries: MicroBatcher[str, torch.Tensor] = MicroBatcher(self.encode_queries)
 
     @torch.no_grad()
     def search(self, query: str, k: int = 10, where: SearchFilter | None = None, rerank: int = 0) -> list[Hit]:
@@ -213,17 +216,21 @@ class Searcher:
         reranked = self._rerank(vector, rows, self._caption_table(), "captions") if rerank else None
         return [_hit(rank, row, score) for rank, (row, score) in enumerate(_order(rows, reranked, k), start=1)]
 
-    @torch.no_grad()
     def encode_query(self, query: str) -> torch.Tensor:
-        """The unit embedding of a text query."""
+        """The unit embedding of a text query (encoded together with any other thread's waiting queries)."""
+        return self._queries(query)
+
+    @torch.no_grad()
+    def encode_queries(self, queries: list[str]) -> torch.Tensor:
+        """Unit embeddings of text queries, one per row, from one text-tower pass."""
         with self._tokenizer_lock:  # a fast tokenizer must not be entered by two threads at once
             tokens = tokenize(
-                [query], self.config.model.text_model, self.config.model.max_tokens, self._tokenizer, "longest"
+                queries, self.config.model.text_model, self.config.model.max_tokens, self._tokenizer, "longest"
             )
-        vector: torch.Tensor = self.model.encode_text(
+        vectors: torch.Tensor = self.model.encode_text(
             torch.as_tensor(tokens["input_ids"]), torch.as_tensor(tokens["attention_mask"])
-        )[0]
-        return vector
+        )
+        return vectors
 
     @torch.no_grad()
     def describe(self, image: str, k: int = 10, rerank: int = 0) -> list[CaptionHit]:

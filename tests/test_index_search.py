@@ -64,6 +64,11 @@ def test_a_query_padded_to_its_length_embeds_as_one_padded_to_max_tokens(built_i
             torch.as_tensor(full["input_ids"]), torch.as_tensor(full["attention_mask"])
         )
     torch.testing.assert_close(searcher.encode_query(query), expected[0], atol=1e-5, rtol=1e-4)
+    # in a batch beside a longer query (padded further) it embeds the same, and so does the longer one
+    longer = "many buildings and green trees are around a playground next to a road"
+    batched = searcher.encode_queries([query, longer])
+    torch.testing.assert_close(batched[0], expected[0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(batched[1], searcher.encode_queries([longer])[0], atol=1e-5, rtol=1e-4)
 
 
 def test_search_rejects_bad_input(built_index: Path, tmp_path: Path) -> None:

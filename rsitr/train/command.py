@@ -9,7 +9,6 @@ import logging
 from rsitr.config import build_train_parser, load_config
 from rsitr.train.fit import FitResult, fit
 
-
 DESCRIPTION = (
     "Train MSA with Ray Train (DDP; gloo on CPU, NCCL on GPU): rank 0 evaluates val each epoch and keeps the best "
     "checkpoint by val mR; test is evaluated once at the end."
