@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from rsitr import checkpoint as ckpt
-from rsitr.config import Config
+from rsitr.config import Config, TrainConfig
 from rsitr.evaluate import evaluate_model
 from rsitr.losses import total_loss
 from rsitr.models.msa import MSA, build_model
@@ -189,6 +189,19 @@ def run_epoch(
     }
 
 
+def _validate(model: MSA, train_cfg: TrainConfig, device: torch.device) -> dict[str, float]:
+    """Rank 0's val metrics, keyed ``val_*``, from the whole val split."""
+    images, captions = ray.train.get_dataset_shard("val_images"), ray.train.get_dataset_shard("val_captions")
+    val = evaluate_model(
+        model,
+        images.iter_batches(batch_size=train_cfg.eval_batch_size),
+        captions.iter_batches(batch_size=256),
+        device,
+        rerank_k=train_cfg.rerank_k,
+    )
+    return {f"val_{k}": v for k, v in val.items()}
+
+
 def train_loop(loop_config: dict[str, Any]) -> None:
     """The per-worker training loop (runs inside Ray Train)."""
     config = Config.from_dict(loop_config["config"])
@@ -222,18 +235,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         metrics: dict[str, float] = {"epoch": epoch, **run_epoch(step, batches, board, epoch, world)}
         out_of_time = bool(train_cfg.max_minutes) and time.monotonic() - started > 60 * train_cfg.max_minutes
         if rank == 0:
-            val_images, val_captions = (
-                ray.train.get_dataset_shard("val_images"),
-                ray.train.get_dataset_shard("val_captions"),
-            )
-            val = evaluate_model(
-                model,
-                val_images.iter_batches(batch_size=train_cfg.eval_batch_size),
-                val_captions.iter_batches(batch_size=256),
-                device,
-                rerank_k=train_cfg.rerank_k,
-            )
-            metrics.update({f"val_{k}": v for k, v in val.items()})
+            metrics.update(_validate(model, train_cfg, device))
             board.epoch(epoch, metrics)
             log.info("epoch %d %s", epoch, json.dumps({k: round(v, 4) for k, v in metrics.items()}))
             history.append({k: metrics[k] for k in HISTORY_KEYS})
