@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,6 @@ import yaml
 CONFIG_DIR = Path(__file__).parent / "configs"
 # the CPU default: the best val mR measured on RSICD within 3 h on 2 cores (README "Quality on RSICD")
 DEFAULT_PRESET = "msa-four-towers"
-STRING_TUPLES = {"image_taps"}
 
 
 class ConfigError(ValueError):
@@ -121,7 +121,7 @@ class TrainConfig:
 class Config:
     """A whole run: model, loss and training settings."""
 
-    name: str = "msa-lite0-minilm"
+    name: str = "custom"  # presets set their own; runs are named after it
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -145,16 +145,18 @@ def _build(kind: type, data: dict[str, Any], where: str) -> Any:
         raise ConfigError(f"{where or 'config'}: unknown keys {sorted(unknown)}; known: {sorted(fields)}")
     values: dict[str, Any] = {}
     defaults = kind()
+    hints = typing.get_type_hints(kind)
     for name, value in data.items():
         current = getattr(defaults, name)
         if dataclasses.is_dataclass(current):
             values[name] = _build(type(current), value, f"{where}{name}.")
         else:
-            values[name] = _coerce(current, value, f"{where}{name}")
+            values[name] = _coerce(current, value, f"{where}{name}", hints[name])
     return kind(**values)
 
 
-def _coerce(current: Any, value: Any, key: str) -> Any:
+def _coerce(current: Any, value: Any, key: str, hint: Any) -> Any:
+    """``value`` as the field's type: its default's type, and for tuples the element type of its hint."""
     try:
         if isinstance(current, bool):
             if isinstance(value, str):
@@ -167,8 +169,7 @@ def _coerce(current: Any, value: Any, key: str) -> Any:
                 items: list[Any] = [v for v in value.split(",") if v.strip()]
             else:
                 items = list(value) if isinstance(value, (list, tuple)) else [value]
-            # tuple fields hold stage numbers, except the module names of STRING_TUPLES
-            element: Any = str if key.rsplit(".", 1)[-1] in STRING_TUPLES else int
+            element: Any = typing.get_args(hint)[0]  # tuple[int, ...] → int
             return tuple(element(v.strip() if isinstance(v, str) else v) for v in items)
         if isinstance(current, (int, float, str)):
             return type(current)(value)

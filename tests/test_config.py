@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from rsitr.config import Config, ConfigError, available_presets, load_config
@@ -31,3 +33,11 @@ def test_bad_overrides_fail_clearly(overrides: list[str], message: str) -> None:
 def test_unknown_preset_names_the_presets() -> None:
     with pytest.raises(ConfigError, match="msa-lite0-minilm"):
         load_config("no-such-preset")
+
+
+def test_a_config_file_without_a_name_is_not_taken_for_a_preset(tmp_path: Path) -> None:
+    path = tmp_path / "mine.yaml"
+    path.write_text("train: {epochs: 2}\nmodel: {image_taps: [blocks.3]}\n")
+    config = load_config(str(path), ["model.image_stages=1,2"])
+    assert config.name not in available_presets() and config.train.epochs == 2
+    assert config.model.image_taps == ("blocks.3",) and config.model.image_stages == (1, 2)
