@@ -17,10 +17,10 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from datetime import UTC, datetime
 from pathlib import Path
 
 from pipelines.raycluster import ensure_port_free, local_ray_head, stop_process_group, wait_http
+from rsitr.config import unique_run_name
 from rsitr.locks import LockHeldError, pid_lock
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.data and not Path(args.data).is_dir():
             raise DemoError(f"DATA folder {args.data} does not exist")
         dataset = Path(args.data).name.lower() if args.data else "demo"
-        run_name = f"demo-{datetime.now(UTC):%Y%m%d-%H%M%S}"
+        run_name = unique_run_name("demo")
         with ExitStack() as stack:
             stack.enter_context(single_instance(state / "demo.lock"))
             port = int(os.environ.get("RSITR_PREFECT_PORT", "4217"))

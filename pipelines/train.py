@@ -13,7 +13,6 @@ import shlex
 import time
 import uuid
 from contextlib import ExitStack
-from datetime import UTC, datetime
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -22,7 +21,7 @@ from prefect.states import Cancelled, State
 
 from pipelines.raycluster import local_ray_head
 from rsitr.checkpoint import RESULT
-from rsitr.config import DEFAULT_PRESET
+from rsitr.config import DEFAULT_PRESET, unique_run_name
 from rsitr.io import shards, storage
 from rsitr.metrics import METRIC_KEYS
 
@@ -142,7 +141,7 @@ def train_msa(
     """
     require_dataset(data)
     data, storage_path = storage.resolve(data), storage.resolve(storage_path)
-    name = name or f"{config.rsplit('/', 1)[-1].removesuffix('.yaml')}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
+    name = name or unique_run_name(config.rsplit("/", 1)[-1].removesuffix(".yaml"))
     command = entrypoint(config, data, storage_path, name, epochs, max_minutes, overrides or [])
     job_id = f"train-msa-{name}-{uuid.uuid4().hex[:6]}"
     with ExitStack() as stack:

@@ -6,7 +6,9 @@ import argparse
 import dataclasses
 import json
 import typing
+import uuid
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -176,6 +178,12 @@ def _coerce(current: Any, value: Any, key: str, hint: Any) -> Any:
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{key}: cannot read {value!r} as {type(current).__name__}") from err
     return value
+
+
+def unique_run_name(prefix: str) -> str:
+    """``<prefix>-<UTC time>-<random>``: the one naming rule of the CLI, the flows and the Ray job, so a new run never
+    collides with (and so never resumes) an old one."""
+    return f"{prefix}-{datetime.now(UTC):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
 
 
 def available_presets() -> list[str]:

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from rsitr.config import Config, ConfigError, available_presets, load_config
+from rsitr.config import Config, ConfigError, available_presets, load_config, unique_run_name
 
 
 def test_presets_load_and_round_trip() -> None:
@@ -41,3 +41,8 @@ def test_a_config_file_without_a_name_is_not_taken_for_a_preset(tmp_path: Path) 
     config = load_config(str(path), ["model.image_stages=1,2"])
     assert config.name not in available_presets() and config.train.epochs == 2
     assert config.model.image_taps == ("blocks.3",) and config.model.image_stages == (1, 2)
+
+
+def test_run_names_start_with_the_prefix_and_never_repeat() -> None:
+    names = {unique_run_name("msa-four-towers") for _ in range(50)}
+    assert len(names) == 50 and all(n.startswith("msa-four-towers-20") for n in names)

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +16,7 @@ import torch
 from rsitr import checkpoint as ckpt
 from rsitr import features
 from rsitr.config import Config
+from rsitr.config import unique_run_name as new_run_name
 from rsitr.data.pipeline import eval_datasets, train_dataset
 from rsitr.evaluate import evaluate_model
 from rsitr.io import shards, storage
@@ -51,8 +50,8 @@ def training_datasets(config: Config, data: str, storage_path: str) -> dict[str,
 
 
 def unique_run_name(config: Config) -> str:
-    """``<preset>-<UTC time>-<random>``: new runs never collide with (and so never resume) old ones."""
-    return f"{config.name}-{datetime.now(UTC):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
+    """A new run's name: :func:`rsitr.config.unique_run_name` after the config's name."""
+    return new_run_name(config.name)
 
 
 def fit(
