@@ -27,7 +27,6 @@ from rsitr.io.captions import CaptionCorpus, CaptionRecord, read_corpus
 
 log = logging.getLogger("rsitr.ingest")
 RASTER_SUFFIXES = (".tif", ".tiff", ".vrt", ".jp2", ".img")
-NO_TILE_REASON = "caption entry names no tile of these scenes"
 
 
 def expand_scenes(paths: list[str]) -> list[str]:
