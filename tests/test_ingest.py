@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +18,16 @@ from fixtures import broken_corpus, gradient, jpeg_bytes, odd_scenes, write_geot
 from PIL import Image
 
 from rsitr.ingest import IngestError, ingest_corpus, ingest_folder, ingest_scenes
+from rsitr.ingest.runner import UnitReport, plan_fingerprint
 from rsitr.io import shards
-from rsitr.io.captions import CaptionFormatError, normalize_caption, read_corpus, seeded_split, split_from_name
+from rsitr.io.captions import (
+    CaptionFormatError,
+    Rejection,
+    normalize_caption,
+    read_corpus,
+    seeded_split,
+    split_from_name,
+)
 from rsitr.io.geotiff import TileOptions
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -300,3 +309,12 @@ def test_a_killed_ingest_resumes_to_the_same_result(tmp_path: Path) -> None:
     assert second["shards"] == first["shards"] and second["rows"] == count
     leftovers = [p for p in (tmp_path / "killed").rglob("*") if ".tmp-" in p.name]
     assert not leftovers
+
+
+def test_typed_rejections_fingerprint_as_the_dicts_earlier_plans_held() -> None:
+    # an ingest planned before rejections were typed must still be recognised as the same plan (and resume)
+    typed = plan_fingerprint([{"kind": "corpus"}, [Rejection("a.jpg", "empty image file", 2)]])
+    plain = plan_fingerprint([{"kind": "corpus"}, [{"input": "a.jpg", "reason": "empty image file", "captions": 2}]])
+    assert typed == plain
+    record = asdict(UnitReport(quarantined=[Rejection("b.jpg", "truncated", 1)], inputs=3))
+    assert UnitReport.from_record(json.loads(json.dumps(record))).quarantined == [Rejection("b.jpg", "truncated", 1)]

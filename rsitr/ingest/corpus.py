@@ -34,7 +34,14 @@ from rsitr.ingest.runner import (
 )
 from rsitr.ingest.scenes import ingest_scenes
 from rsitr.io import geotiff, shards, storage
-from rsitr.io.captions import CaptionCorpus, CaptionRecord, read_corpus, read_split_table, seeded_split
+from rsitr.io.captions import (
+    CaptionCorpus,
+    CaptionRecord,
+    Rejection,
+    read_corpus,
+    read_split_table,
+    seeded_split,
+)
 
 log = logging.getLogger("rsitr.ingest")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
@@ -145,7 +152,7 @@ def _corpus_unit(dataset: str, items: list[_CorpusItem]) -> tuple[list[dict[str,
 
 def _match_images(
     corpus: CaptionCorpus, files: dict[str, int], images_uri: str, dataset: str
-) -> tuple[list[tuple[_CorpusItem, int]], list[dict[str, Any]]]:
+) -> tuple[list[tuple[_CorpusItem, int]], list[Rejection]]:
     """Pair caption entries with image files; everything that cannot pair is quarantined with its reason."""
     by_base: dict[str, list[str]] = {}
     for file_rel in files:
@@ -178,14 +185,14 @@ def _match_images(
         if rel is not None:
             named.add(rel)
         if reason is not None:
-            quarantined.append({"input": name, "reason": reason, "captions": len(record.captions)})
+            quarantined.append(Rejection(name, reason, len(record.captions)))
             continue
         assert rel is not None
         claimed[rel] = name
         ids[image_id] = rel
         items.append((_CorpusItem(rel, storage.join(images_uri, rel), image_id, record), files[rel]))
     for rel in sorted(set(files) - named):
-        quarantined.append({"input": rel, "reason": "image has no caption in the caption files", "captions": 0})
+        quarantined.append(Rejection(rel, "image has no caption in the caption files", 0))
     return items, quarantined
 
 

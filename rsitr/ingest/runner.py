@@ -13,13 +13,13 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
 from datetime import datetime
 from typing import Any, TypeVar
 
 from rsitr.errors import IngestError
 from rsitr.io import shards, storage
-from rsitr.io.captions import CaptionCorpus
+from rsitr.io.captions import CaptionCorpus, Rejection
 
 log = logging.getLogger("rsitr.ingest")
 PLAN_DIR = "_ingest"
@@ -33,11 +33,16 @@ class UnitReport:
 
     shard: dict[str, Any] | None = None
     splits: dict[str, dict[str, int]] = field(default_factory=dict)
-    quarantined: list[dict[str, Any]] = field(default_factory=list)
+    quarantined: list[Rejection] = field(default_factory=list)
     skipped: int = 0
     inputs: int = 0
     without_footprint: int = 0
     captions_skipped: int = 0
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> UnitReport:
+        """The report a finished unit stored (``asdict`` of one)."""
+        return cls(**{**record, "quarantined": [Rejection(**q) for q in record.get("quarantined", [])]})
 
     def add_row(self, row: dict[str, Any]) -> None:
         """Count a row that will be written."""
@@ -47,7 +52,7 @@ class UnitReport:
 
     def quarantine(self, name: str, reason: str, captions: int = 0) -> None:
         """Record an input that is not written."""
-        self.quarantined.append({"input": name, "reason": reason, "captions": captions})
+        self.quarantined.append(Rejection(name, reason, captions))
         log.warning("quarantined %s: %s", name, reason)
 
 
@@ -67,7 +72,7 @@ def run_unit(root: str, index: int, work: Callable[[], tuple[list[dict[str, Any]
     """Run one unit unless its completion record exists; write its shard, then its record."""
     record_uri = storage.join(root, PLAN_DIR, f"{unit_name(index)}.json")
     if storage.exists(record_uri):
-        return UnitReport(**storage.read_json(record_uri))
+        return UnitReport.from_record(storage.read_json(record_uri))
     rows, report = work()
     if rows:
         report.shard = shards.write_shard(root, unit_name(index), rows)
@@ -135,13 +140,18 @@ def prepare_output(root: str, fingerprint: str, overwrite: bool) -> dict[str, An
 
 def plan_fingerprint(plan: Any) -> str:
     """A hash of the plan: the same inputs and parameters give the same fingerprint."""
-    return hashlib.sha256(json.dumps(plan, sort_keys=True, default=str).encode()).hexdigest()
+    # records (a Rejection) hash as the dicts they were before they were typed, so fingerprints stay stable
+    return hashlib.sha256(json.dumps(plan, sort_keys=True, default=_plain).encode()).hexdigest()
+
+
+def _plain(value: Any) -> Any:
+    return asdict(value) if is_dataclass(value) and not isinstance(value, type) else str(value)
 
 
 def finish_ingest(
     root: str,
     reports: list[UnitReport],
-    quarantined: list[dict[str, Any]],
+    quarantined: list[Rejection],
     inputs_seen: int,
     extra: dict[str, Any],
     strict: bool,
@@ -160,8 +170,8 @@ def finish_ingest(
         "captions": sum(t["captions"] for t in splits.values()),
         "skipped": sum(report.skipped for report in reports),
         "splits": splits,
-        "quarantined": [{"input": q["input"], "reason": q["reason"]} for q in all_quarantined],
-        "captions_of_unwritten_inputs": sum(q.get("captions", 0) for q in all_quarantined)
+        "quarantined": [{"input": q.input, "reason": q.reason} for q in all_quarantined],
+        "captions_of_unwritten_inputs": sum(q.captions for q in all_quarantined)
         + sum(report.captions_skipped for report in reports),
         "shards": [report.shard for report in reports if report.shard],
         **extra,
@@ -202,6 +212,6 @@ def caption_stats(corpus: CaptionCorpus) -> dict[str, Any]:
     }
 
 
-def entry_rejections(corpus: CaptionCorpus) -> list[dict[str, Any]]:
+def entry_rejections(corpus: CaptionCorpus) -> list[Rejection]:
     """Caption entries rejected while reading (duplicates), as quarantined inputs with their captions."""
-    return [{"input": r.input, "reason": r.reason, "captions": r.captions} for r in corpus.duplicate_entries]
+    return list(corpus.duplicate_entries)

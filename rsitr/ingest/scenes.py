@@ -23,7 +23,7 @@ from rsitr.ingest.runner import (
     timestamp_of,
 )
 from rsitr.io import geotiff, shards, storage
-from rsitr.io.captions import CaptionCorpus, CaptionRecord, read_corpus
+from rsitr.io.captions import CaptionCorpus, CaptionRecord, Rejection, read_corpus
 
 log = logging.getLogger("rsitr.ingest")
 RASTER_SUFFIXES = (".tif", ".tiff", ".vrt", ".jp2", ".img")
@@ -202,15 +202,15 @@ Units = list[tuple[geotiff.ScenePlan, list[tuple[int, int]]]]
 
 def _plan_units(
     specs: list[str], planned: list[geotiff.ScenePlan | str], options: geotiff.TileOptions, per_unit: int
-) -> tuple[Units, list[dict[str, Any]], list[dict[str, Any]]]:
+) -> tuple[Units, list[dict[str, Any]], list[Rejection]]:
     """Each readable scene's windows cut into units of ``per_unit`` tiles; a report per scene (with the range of
     its units); the scenes that cannot be read, quarantined."""
     units: Units = []
     scene_reports: list[dict[str, Any]] = []
-    quarantined: list[dict[str, Any]] = []
+    quarantined: list[Rejection] = []
     for spec, plan in zip(specs, planned, strict=True):
         if isinstance(plan, str):
-            quarantined.append({"input": spec, "reason": plan, "captions": 0})
+            quarantined.append(Rejection(spec, plan, 0))
             log.warning("quarantined %s: %s", spec, plan)
             continue
         windows = plan.windows(options)
@@ -220,17 +220,11 @@ def _plan_units(
     return units, scene_reports, quarantined
 
 
-def _captions_without_tiles(records: dict[str, CaptionRecord], units: Units) -> list[dict[str, Any]]:
+def _captions_without_tiles(records: dict[str, CaptionRecord], units: Units) -> list[Rejection]:
     """Caption entries that name no tile of the planned scenes, as quarantined inputs."""
     used = {geotiff.tile_id(p.name, r, c) for p, w in units for r, c in w}
-    return [
-        {
-            "input": name,
-            "reason": "caption entry names no tile of these scenes",
-            "captions": len(records[name].captions),
-        }
-        for name in sorted(set(records) - used)
-    ]
+    reason = "caption entry names no tile of these scenes"
+    return [Rejection(name, reason, len(records[name].captions)) for name in sorted(set(records) - used)]
 
 
 def _summarise_scenes(
