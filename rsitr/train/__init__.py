@@ -6,7 +6,7 @@ writes the checkpoint and logs; the best checkpoint by val mR is kept, and test 
 """
 
 from rsitr.train.command import build_parser, main, run_from_args
-from rsitr.train.fit import FitResult, evaluate_checkpoint, fit, training_datasets, unique_run_name
+from rsitr.train.fit import FitResult, evaluate_checkpoint, fit, training_datasets
 from rsitr.train.loop import HISTORY_KEYS, StepLog, TrainStep, gather_batch, run_epoch, stale_for, train_loop
 from rsitr.train.optim import make_optimizer, make_scheduler
 
@@ -27,5 +27,4 @@ __all__ = [
     "stale_for",
     "train_loop",
     "training_datasets",
-    "unique_run_name",
 ]

@@ -15,8 +15,7 @@ import torch
 
 from rsitr import checkpoint as ckpt
 from rsitr import features
-from rsitr.config import Config
-from rsitr.config import unique_run_name as new_run_name
+from rsitr.config import Config, unique_run_name
 from rsitr.data.pipeline import eval_datasets, train_dataset
 from rsitr.evaluate import evaluate_model
 from rsitr.io import shards, storage
@@ -49,11 +48,6 @@ def training_datasets(config: Config, data: str, storage_path: str) -> dict[str,
     return {"train": train_rows, "val_images": val_images, "val_captions": val_captions}
 
 
-def unique_run_name(config: Config) -> str:
-    """A new run's name: :func:`rsitr.config.unique_run_name` after the config's name."""
-    return new_run_name(config.name)
-
-
 def fit(
     config: Config,
     data: str,
@@ -74,7 +68,7 @@ def fit(
     manifest = shards.read_manifest(data)  # fail before starting anything when the data is not there
     steps_per_epoch = manifest["splits"].get("train", {}).get("rows", 0) // config.train.batch_size
     storage_path = storage.resolve(storage_path)
-    name = name or unique_run_name(config)
+    name = name or unique_run_name(config.name)
     init_ray()
     ray_path, ray_filesystem = storage.arrow_filesystem(storage_path)
     t = config.train
