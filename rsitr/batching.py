@@ -70,9 +70,16 @@ class MicroBatcher(Generic[Item, Output]):
                 raise RuntimeError(f"encoder returned {len(outputs)} outputs for {len(batch)} inputs")
             for request, output in zip(batch, outputs, strict=True):
                 request.output = output
-        except Exception as err:  # every caller of the batch gets the error, none hangs
+        except BaseException as err:  # every caller of the batch gets the error, none hangs
             for request in batch:
                 request.error = err
+            if not isinstance(err, Exception):  # an interrupt still stops the leading thread, after the hand-off
+                raise
+        finally:
+            self._hand_off(batch)
+
+    def _hand_off(self, batch: list[_Request[Item, Output]]) -> None:
+        """Answer the batch's callers and wake the next leader (or mark the encoder idle)."""
         with self._lock:
             self.batches += 1
             if self._pending:
