@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from heads import Corpus, HeadsRecipe, train_heads, with_changes
 
-from rsitr.metrics import METRIC_KEYS
+from rsitr.evaluation.metrics import METRIC_KEYS
 
 # DESIGN.md's floor: frozen Lite0 (ImageNet statistics) + MiniLM, two-layer MLP heads; 20 epochs (val peaked
 # at epochs 9–21 of 30 in trial runs)

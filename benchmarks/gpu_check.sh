@@ -3,7 +3,7 @@
 #   1. msa-lite0-minilm-mscmat and msa-resnet50-bert (random init: no hub needed) each train a few hundred steps
 #      through Ray Train with mixed precision on the generated corpus; the loss must fall and stay finite;
 #      samples/s is printed.
-#   2. ~10k generated tiles are embedded by `rsitr.embed.embed_archive` and by the bare image tower on the same
+#   2. ~10k generated tiles are embedded by `rsitr.retrieval.embed.embed_archive` and by the bare image tower on the same
 #      tiles, decoded beforehand into GPU-sized batches; tiles/s of both and their ratio are printed.
 # Ends with one JSON line. Needs the project installed (`make install`); GPU_CHECK_SCALE=0.05 shrinks every size
 # (a dry run of the script itself, also on CPU with GPU_CHECK_ALLOW_CPU=1).
@@ -24,8 +24,8 @@ import torch
 
 from rsitr import checkpoint as ckpt
 from rsitr.config import load_config
-from rsitr.data.pipeline import decode_image
-from rsitr.embed import embed_archive
+from rsitr.data.preprocess import decode_image
+from rsitr.retrieval.embed import embed_archive
 from rsitr.ingest import ingest_folder
 from rsitr.io import shards
 from rsitr.synthetic import generate_demo_corpus

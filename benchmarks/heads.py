@@ -3,8 +3,8 @@
 The towers are frozen, so every row that only trains heads can run from ``tower_features.py``'s saved features in
 seconds per epoch instead of through Ray Train. The heads are the product's own (``rsitr.models.msa``: a
 standardised linear layer into ``hidden``, then LayerNorm, GELU, dropout, Linear; one per side), trained with the
-product's loss (``rsitr.losses``), schedule (``rsitr.train.make_scheduler``) and metrics (``rsitr.metrics``):
-one random caption per image per epoch, best epoch on val, test read once.
+product's loss (``rsitr.train.losses``), schedule (``rsitr.train.make_scheduler``) and metrics
+(``rsitr.evaluation.metrics``): one random caption per image per epoch, best epoch on val, test read once.
 """
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rsitr.losses import info_nce, intra_class_loss
-from rsitr.metrics import retrieval_metrics_from_embeddings
+from rsitr.evaluation.metrics import retrieval_metrics_from_embeddings
+from rsitr.evaluation.rerank import reranked_metrics
 from rsitr.models.msa import linear_in, mlp_tail
-from rsitr.rerank import reranked_metrics
 from rsitr.train import make_scheduler
+from rsitr.train.losses import info_nce, intra_class_loss
 
 
 @dataclass(frozen=True)

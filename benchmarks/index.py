@@ -1,13 +1,14 @@
 """Embedding throughput against the bare image tower, and index query latency / recall at 10⁵ and 10⁶ vectors.
 
-1. Embedding: ``rsitr.embed.embed_archive`` (Ray Data decode + an actor pool, GeoParquet out) on N RSICD images vs
-   the same model's ``encode_image`` over the same images pre-decoded in memory with all cores (the bound).
+1. Embedding: ``rsitr.retrieval.embed.embed_archive`` (Ray Data decode + an actor pool, GeoParquet out) on N
+   RSICD images vs the same model's ``encode_image`` over the same images pre-decoded in memory with all cores
+   (the bound).
 2. Search: real-shaped vectors — mixtures of the real RSICD image embeddings from step 1 plus small noise, so they
    keep the clusters and anisotropy real embeddings have — with footprints grouped in scenes around the globe,
-   built into the product's index (LanceDB; ANN above ``rsitr.index.ANN_THRESHOLD``) and queried one at a time
-   with real RSICD caption embeddings through ``rsitr.search.nearest``. Recall@10 is against exact search (numpy
-   over the same vectors and the same filter). With and without a bbox filter. ``--variants`` compares ANN
-   settings side by side on the same table ("product" is ``rsitr.index.ANN``).
+   built into the product's index (LanceDB; ANN above ``rsitr.retrieval.index.ANN_THRESHOLD``) and queried one at a
+   time with real RSICD caption embeddings through ``rsitr.retrieval.search.nearest``. Recall@10 is against exact
+   search (numpy over the same vectors and the same filter). With and without a bbox filter. ``--variants``
+   compares ANN settings side by side on the same table ("product" is ``rsitr.retrieval.index.ANN``).
 
 Prints a table and writes JSON. Usage: ``python benchmarks/index.py [--images 2048] [--sizes 100000 1000000]
 [--variants product ivf_pq32 …]`` (``--checkpoint``: a trained one; default an untrained CPU-default model — the
@@ -33,11 +34,13 @@ import pyarrow as pa
 import shapely
 import torch
 
-from rsitr import checkpoint as ckpt
 from rsitr.config import load_config
-from rsitr.data.pipeline import decode_image, tokenize
-from rsitr.embed import embed_archive
-from rsitr.index import (
+from rsitr.data.preprocess import decode_image, tokenize
+from rsitr.ingest import ingest_corpus
+from rsitr.io.captions import read_corpus
+from rsitr.models.msa import build_model
+from rsitr.retrieval.embed import embed_archive
+from rsitr.retrieval.index import (
     ANN,
     AnnSettings,
     add_filter_indices,
@@ -46,16 +49,14 @@ from rsitr.index import (
     publish,
     read_embeddings,
 )
-from rsitr.ingest import ingest_corpus
-from rsitr.io.captions import read_corpus
-from rsitr.models.msa import build_model
-from rsitr.raysession import init_ray
-from rsitr.search import SearchFilter, nearest
+from rsitr.retrieval.search import SearchFilter, nearest
+from rsitr.runtime.raysession import init_ray
+from rsitr.train import checkpoint as ckpt
 
 ROOT = Path(__file__).resolve().parents[1]
 RSICD = ROOT.parent / "shared" / "data" / "rsicd"
 log = logging.getLogger("benchmarks.index")
-# ANN settings compared with --variants (the product's are rsitr.index.ANN)
+# ANN settings compared with --variants (the product's are rsitr.retrieval.index.ANN)
 VARIANTS = {
     "product": ANN,
     "ivf_pq32": AnnSettings("IVF_PQ", sub_vectors=32, nprobes=24, refine_factor=10),  # the first product settings
@@ -129,7 +130,7 @@ def real_shaped(real: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarra
 
 
 def tiles_table(vectors: np.ndarray, rng: np.random.Generator, model_version: str) -> pa.Table:
-    """Embeddings rows as ``rsitr.embed`` writes them: 0.01° tiles in scenes of ~0.5° scattered over the land
+    """Embeddings rows as ``rsitr.retrieval.embed`` writes them: 0.01° tiles in scenes of ~0.5° scattered over the land
     latitudes, dated over two years, a scene's tiles side by side (ingest writes a scene's tiles together)."""
     n = len(vectors)
     scenes = max(1, n // 1000)

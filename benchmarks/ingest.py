@@ -122,7 +122,7 @@ def main() -> None:
 
     import ray
 
-    from rsitr.raysession import init_ray
+    from rsitr.runtime.raysession import init_ray
 
     init_ray()
     ray.get([ray.remote(lambda: 0).remote() for _ in range(4)])  # warm the workers before timing

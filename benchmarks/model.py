@@ -29,11 +29,11 @@ import numpy as np
 import torch
 
 from rsitr.config import Config, load_config
-from rsitr.losses import total_loss
-from rsitr.metrics import retrieval_metrics_from_embeddings
+from rsitr.evaluation.metrics import retrieval_metrics_from_embeddings
 from rsitr.models.msa import build_model
 from rsitr.models.text import load_tokenizer
 from rsitr.train import make_optimizer
+from rsitr.train.losses import total_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = {

@@ -25,9 +25,10 @@ from heads import Corpus
 from tower_features import extract
 
 from rsitr.config import DEFAULT_PRESET, load_config
+from rsitr.evaluation.evaluate import evaluate_checkpoint
+from rsitr.evaluation.metrics import METRIC_KEYS
 from rsitr.ingest import ingest_corpus
-from rsitr.metrics import METRIC_KEYS
-from rsitr.train import evaluate_checkpoint, fit
+from rsitr.train import fit
 
 ROOT = Path(__file__).resolve().parents[1]
 # Published RSICD test mR (see ../shared/data/README.md) and the floor measured here (DESIGN.md)

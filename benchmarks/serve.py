@@ -30,11 +30,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from index import tiles_table  # noqa: E402  (benchmarks/index.py: the same synthetic tile rows)
 
-from rsitr import checkpoint as ckpt  # noqa: E402
 from rsitr.config import DEFAULT_PRESET, load_config  # noqa: E402
-from rsitr.index import index_rows, publish  # noqa: E402
 from rsitr.models.msa import build_model  # noqa: E402
+from rsitr.retrieval.index import index_rows, publish  # noqa: E402
 from rsitr.service import deployment  # noqa: E402
+from rsitr.train import checkpoint as ckpt  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 QUERIES = [

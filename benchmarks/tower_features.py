@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from rsitr.data.pipeline import decode_image
+from rsitr.data.preprocess import decode_image
 from rsitr.io import shards
 from rsitr.models.backbone import MultiScaleBackbone
 from rsitr.models.text import TextEncoder, load_tokenizer

@@ -28,7 +28,7 @@ from ray.train.torch import TorchTrainer
 from rsitr.config import Config, load_config
 from rsitr.io import storage
 from rsitr.models.msa import build_model
-from rsitr.raysession import init_ray
+from rsitr.runtime.raysession import init_ray
 from rsitr.train import StepLog, TrainStep, make_optimizer, make_scheduler, run_epoch, training_datasets
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from pipelines.raycluster import ensure_port_free, local_ray_head, stop_process_group, wait_http
 from rsitr.config import unique_run_name
-from rsitr.locks import LockHeldError, pid_lock
+from rsitr.runtime.locks import LockHeldError, pid_lock
 
 PROJECT = Path(__file__).resolve().parent.parent
 QUERIES = [
@@ -121,8 +121,8 @@ def run_deployment(env: dict[str, str], name: str, params: dict[str, object], lo
 def report(run_dir: Path, index: Path) -> None:
     """Print the test metrics next to chance, then the top hits of a few queries."""
     from rsitr.cli import format_metrics
-    from rsitr.metrics import chance_metrics
-    from rsitr.search import Searcher
+    from rsitr.evaluation.metrics import chance_metrics
+    from rsitr.retrieval.search import Searcher
 
     result = json.loads((run_dir / "result.json").read_text())
     test = result["test"]

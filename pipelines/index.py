@@ -7,8 +7,8 @@ from typing import Any
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
-from rsitr import embed, index, reindex
 from rsitr.io import geotiff, storage
+from rsitr.retrieval import embed, index, reindex
 
 
 @task

@@ -20,10 +20,10 @@ from prefect.artifacts import create_image_artifact, create_table_artifact
 from prefect.states import Cancelled, State
 
 from pipelines.raycluster import local_ray_head
-from rsitr.checkpoint import RESULT
 from rsitr.config import DEFAULT_PRESET, unique_run_name
+from rsitr.evaluation.metrics import METRIC_KEYS
 from rsitr.io import shards, storage
-from rsitr.metrics import METRIC_KEYS
+from rsitr.train.checkpoint import RESULT
 
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 

@@ -77,7 +77,7 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from rsitr.train import evaluate_checkpoint
+    from rsitr.evaluation.evaluate import evaluate_checkpoint
 
     metrics = evaluate_checkpoint(args.checkpoint, args.data, args.split, args.rerank)
     if args.json:
@@ -95,27 +95,27 @@ def format_metrics(metrics: dict[str, float], title: str) -> str:
 
 
 def _embed(args: argparse.Namespace) -> None:
-    from rsitr.embed import embed_archive
+    from rsitr.retrieval.embed import embed_archive
 
     print(json.dumps(embed_archive(args.checkpoint, args.data, args.out, actors=args.actors, captions=args.captions)))
 
 
 def _index(args: argparse.Namespace) -> None:
-    from rsitr.index import build_index
+    from rsitr.retrieval.index import build_index
 
     print(json.dumps(build_index(args.embeddings, args.out, args.checkpoint, captions=args.captions)))
 
 
 def _index_update(args: argparse.Namespace) -> None:
     from rsitr.io.geotiff import TileOptions
-    from rsitr.reindex import reindex_archive
+    from rsitr.retrieval.reindex import reindex_archive
 
     summary = reindex_archive(args.archive, args.out, args.checkpoint, TileOptions(tile_size=args.tile_size))
     print(json.dumps(summary))
 
 
 def _search(args: argparse.Namespace) -> None:
-    from rsitr.search import SearchError, describe, parse_filter, search
+    from rsitr.retrieval.search import SearchError, describe, parse_filter, search
 
     if (args.query is None) == (args.image is None):
         raise SearchError("give either a text query (text → tiles) or --image FILE (image → captions)")
@@ -133,8 +133,8 @@ def _search(args: argparse.Namespace) -> None:
     where = parse_filter(args.bbox, args.after, args.before)
     hits = search(args.query, args.index, args.k, args.checkpoint, where, args.rerank)
     if args.html:
-        from rsitr.index import open_index
-        from rsitr.report import write_html
+        from rsitr.retrieval.index import open_index
+        from rsitr.retrieval.result_sheet import write_html
 
         _, meta = open_index(args.index)
         context = f"top {len(hits)} of {meta['rows']} tiles in {args.index} (model {meta['model_version']})"

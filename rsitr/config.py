@@ -115,7 +115,7 @@ class TrainConfig:
     # Ray placement of the train workers: PACK (fewest nodes) or SPREAD (one per node where possible)
     placement_strategy: str = "PACK"
     log_every_steps: int = 10
-    # compute the frozen stages/layers once per dataset (rsitr.features) and train the rest from that cache
+    # compute the frozen stages/layers once per dataset (rsitr.data.frozen_cache) and train the rest from that cache
     cache_frozen: bool = False
 
 

@@ -102,9 +102,9 @@ def untrained_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A checkpoint of the demo architecture with pretrained towers and untrained heads."""
     import torch
 
-    from rsitr.checkpoint import save_checkpoint
     from rsitr.config import load_config
     from rsitr.models.msa import build_model
+    from rsitr.train.checkpoint import save_checkpoint
 
     torch.manual_seed(0)
     config = load_config("demo")

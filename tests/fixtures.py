@@ -174,8 +174,8 @@ def kill_when(command: list[str], ready: Callable[[], bool], what: str, cwd: Pat
 
 def demo_index(out: Path, shards: Path, checkpoint: Path) -> Path:
     """A real index at ``out``: every tile of ``shards`` and their captions embedded by ``checkpoint`` (needs Ray)."""
-    from rsitr.embed import embed_archive
-    from rsitr.index import build_index
+    from rsitr.retrieval.embed import embed_archive
+    from rsitr.retrieval.index import build_index
 
     summary = embed_archive(str(checkpoint), str(shards), str(out), captions=True)
     build_index(summary["embeddings"], str(out), summary["checkpoint"], captions=summary["captions"])

@@ -4,7 +4,7 @@ from collections.abc import Callable
 
 import pytest
 
-from rsitr.batching import MicroBatcher
+from rsitr.retrieval.batching import MicroBatcher
 
 
 def _pending(batcher: MicroBatcher[int, int]) -> int:

@@ -7,12 +7,13 @@ import pytest
 import torch
 
 from rsitr.config import ConfigError, LossConfig, load_config
-from rsitr.data.pipeline import tokenize
-from rsitr.features import CACHE_META, build_cache, check_cacheable
+from rsitr.data.frozen_cache import CACHE_META, build_cache, check_cacheable
+from rsitr.data.preprocess import tokenize
+from rsitr.evaluation.evaluate import evaluate_checkpoint
 from rsitr.io import shards
-from rsitr.losses import total_loss
 from rsitr.models.msa import build_model
-from rsitr.train import evaluate_checkpoint, fit
+from rsitr.train import fit
+from rsitr.train.losses import total_loss
 
 
 @pytest.mark.parametrize(
@@ -88,7 +89,7 @@ def test_a_run_trains_from_the_cache_and_its_checkpoint_embeds_raw_pixels_alike(
 
 
 def test_a_fully_frozen_text_tower_caches_one_pooled_vector_per_caption(demo_shards: Path) -> None:
-    from rsitr.features import FrozenPrefix, _eval_captions
+    from rsitr.data.frozen_cache import FrozenPrefix, _eval_captions
 
     overrides = ["model.freeze_text_layers=6", "model.image_pretrained=false", "model.fusion=mlp"]
     config = load_config("demo", overrides)

@@ -11,8 +11,8 @@ from PIL import Image
 from pipelines.index import index_archive
 from pipelines.ingest import ingest_archive_flow, ingest_corpus_flow, ingest_flow
 from pipelines.train import MissingDataError, train_msa
-from rsitr.metrics import chance_metrics
-from rsitr.search import Searcher
+from rsitr.evaluation.metrics import chance_metrics
+from rsitr.retrieval.search import Searcher
 
 PROJECT = Path(__file__).resolve().parents[1]
 

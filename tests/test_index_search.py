@@ -10,17 +10,17 @@ import torch
 from contracts_doc import documented
 from fixtures import demo_index
 
-from rsitr import embed
-from rsitr import index as index_module
-from rsitr.checkpoint import CheckpointError, save_checkpoint
 from rsitr.cli import main as cli_main
 from rsitr.config import load_config
-from rsitr.data.pipeline import decode_image, tokenize
-from rsitr.embed import embed_archive
-from rsitr.index import IndexNotFoundError, build_index, open_index
+from rsitr.data.preprocess import decode_image, tokenize
 from rsitr.io import shards
 from rsitr.models.msa import build_model
-from rsitr.search import Searcher, SearchError, SearchFilter
+from rsitr.retrieval import embed
+from rsitr.retrieval import index as index_module
+from rsitr.retrieval.embed import embed_archive
+from rsitr.retrieval.index import IndexNotFoundError, build_index, open_index
+from rsitr.retrieval.search import Searcher, SearchError, SearchFilter
+from rsitr.train.checkpoint import CheckpointError, save_checkpoint
 
 PROJECT = Path(__file__).resolve().parents[1]
 
@@ -192,7 +192,7 @@ def test_rerank_scores_follow_the_smr_formula(built_index: Path) -> None:
 
 
 def searcher_tokens(searcher: Searcher, text: str) -> dict[str, np.ndarray]:
-    from rsitr.data.pipeline import tokenize
+    from rsitr.data.preprocess import tokenize
 
     return tokenize([text], searcher.config.model.text_model, searcher.config.model.max_tokens)
 

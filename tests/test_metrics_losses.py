@@ -3,9 +3,9 @@ import math
 import numpy as np
 import torch
 
-from rsitr.losses import csmmc_loss, info_nce, intra_class_loss, mscma_loss, triplet_loss
-from rsitr.metrics import chance_metrics, retrieval_metrics, retrieval_metrics_from_embeddings
-from rsitr.rerank import rerank_matrix, rerank_topk, reranked_metrics
+from rsitr.evaluation.metrics import chance_metrics, retrieval_metrics, retrieval_metrics_from_embeddings
+from rsitr.evaluation.rerank import rerank_matrix, rerank_topk, reranked_metrics
+from rsitr.train.losses import csmmc_loss, info_nce, intra_class_loss, mscma_loss, triplet_loss
 
 
 def _brute_force(sim: np.ndarray, caption_image: np.ndarray) -> dict[str, float]:

@@ -5,16 +5,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rsitr.checkpoint import OPTIMIZER, WEIGHTS, load_checkpoint, load_training_state, read_meta, save_checkpoint
 from rsitr.config import load_config
 from rsitr.errors import CheckpointError, UnsafeFileError
-from rsitr.losses import total_loss
 from rsitr.models.backbone import IMAGENET_MEAN, IMAGENET_STD, MultiScaleBackbone, create_classifier
 from rsitr.models.gswin import GswinBlock
 from rsitr.models.msa import build_model
 from rsitr.models.mscmat import MSCMAT
 from rsitr.models.text import load_tokenizer
 from rsitr.train import make_optimizer
+from rsitr.train.checkpoint import OPTIMIZER, WEIGHTS, load_checkpoint, load_training_state, read_meta, save_checkpoint
+from rsitr.train.losses import total_loss
 
 
 def _batch(n: int = 4, size: int = 64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

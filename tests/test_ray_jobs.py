@@ -15,7 +15,7 @@ import pytest
 from ray.job_submission import JobStatus, JobSubmissionClient
 
 from pipelines.raycluster import _ray_executable, local_ray_head, stop_process_group
-from rsitr.checkpoint import RESULT
+from rsitr.train.checkpoint import RESULT
 
 PROJECT = Path(__file__).resolve().parents[1]
 

@@ -16,12 +16,12 @@ import torch
 
 from pipelines.index import index_archive
 from pipelines.raycluster import stop_process_group
-from rsitr.checkpoint import save_checkpoint
 from rsitr.config import load_config
-from rsitr.index import open_index
 from rsitr.models.msa import build_model
-from rsitr.reindex import IndexBusyError, index_lock, reindex_archive
-from rsitr.search import Searcher
+from rsitr.retrieval.index import open_index
+from rsitr.retrieval.reindex import IndexBusyError, index_lock, reindex_archive
+from rsitr.retrieval.search import Searcher
+from rsitr.train.checkpoint import save_checkpoint
 from tests.fixtures import kill_when, write_geotiff
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -78,7 +78,7 @@ INTERRUPTIBLE = textwrap.dedent(
     """
     import sys
     from rsitr.io.geotiff import TileOptions
-    from rsitr.reindex import reindex_archive
+    from rsitr.retrieval.reindex import reindex_archive
     reindex_archive(sys.argv[1], sys.argv[2], sys.argv[3], TileOptions(tile_size=128))
     """
 )

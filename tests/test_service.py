@@ -22,8 +22,8 @@ from fixtures import demo_index
 from PIL import Image
 
 from rsitr.cli import main as cli_main
-from rsitr.index import build_index
-from rsitr.search import Searcher
+from rsitr.retrieval.index import build_index
+from rsitr.retrieval.search import Searcher
 
 QUERY = "a river crosses dense forest"
 

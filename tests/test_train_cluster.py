@@ -10,7 +10,7 @@ import textwrap
 import time
 from pathlib import Path
 
-from rsitr.checkpoint import RESULT
+from rsitr.train.checkpoint import RESULT
 
 PROJECT = Path(__file__).resolve().parents[1]
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load as load_safetensors
 
-from rsitr.checkpoint import RESULT, STATE, WEIGHTS, load_checkpoint
 from rsitr.io import storage
+from rsitr.train.checkpoint import RESULT, STATE, WEIGHTS, load_checkpoint
 
 PROJECT = Path(__file__).resolve().parents[1]
 

@@ -89,7 +89,7 @@ def execute_units(tasks: Sequence[Callable[[], Result]], workers: int | None) ->
         return [task() for task in tasks]
     import ray
 
-    from rsitr.raysession import init_ray
+    from rsitr.runtime.raysession import init_ray
 
     init_ray()
     limit = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))

@@ -184,7 +184,7 @@ class MSA(HeadOutputs, nn.Module):
         return _joined([head.embed_text(pooled) for head in self._members()])
 
     def encode_image_from_prefix(self, feature_map: torch.Tensor, frozen_scales: torch.Tensor) -> torch.Tensor:
-        """:meth:`encode_image` from the frozen stages' cached outputs (see ``rsitr.features``)."""
+        """:meth:`encode_image` from the frozen stages' cached outputs (see ``rsitr.data.frozen_cache``)."""
         return self._fuse(self.backbone.from_prefix(frozen_scales, feature_map))
 
     def encode_text_from_prefix(self, states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

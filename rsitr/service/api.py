@@ -1,5 +1,5 @@
 """The search service's HTTP API and web page (FastAPI). Bad input gets a 4xx with ``{"error": "<one line>"}``, from
-the same checks the CLI applies (:mod:`rsitr.search`)."""
+the same checks the CLI applies (:mod:`rsitr.retrieval.search`)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
-from rsitr.search import SearchError, parse_filter, tile_fields
+from rsitr.retrieval.search import SearchError, parse_filter, tile_fields
 from rsitr.service.state import SearchService, TileNotFoundError
 
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024

@@ -10,11 +10,11 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from rsitr import checkpoint as ckpt
-from rsitr import report
-from rsitr.index import INDEX_META
 from rsitr.io import shards, storage
-from rsitr.search import Loaded, Searcher, SearchError
+from rsitr.retrieval import result_sheet
+from rsitr.retrieval.index import INDEX_META
+from rsitr.retrieval.search import Loaded, Searcher, SearchError
+from rsitr.train import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +174,7 @@ class SearchService:
             raise TileNotFoundError(f"tile {image_id!r}: its shards under {root} cannot be read ({err})") from None
         if data is None:
             raise TileNotFoundError(f"tile {image_id!r}: not in the shards under {root}")
-        png = report.thumbnail(data, size, "PNG")
+        png = result_sheet.thumbnail(data, size, "PNG")
         with self._lock:
             self._thumbnails[key] = png
             while len(self._thumbnails) > THUMBNAILS_KEPT:

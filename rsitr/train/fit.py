@@ -11,15 +11,14 @@ import ray
 import ray.data
 import ray.train
 import ray.train.torch
-import torch
 
-from rsitr import checkpoint as ckpt
-from rsitr import features
 from rsitr.config import Config, unique_run_name
-from rsitr.data.pipeline import eval_datasets, train_dataset
-from rsitr.evaluate import evaluate_model
+from rsitr.data import frozen_cache
+from rsitr.data.streams import eval_datasets, train_dataset
+from rsitr.evaluation.evaluate import evaluate_checkpoint
 from rsitr.io import shards, storage
-from rsitr.raysession import init_ray
+from rsitr.runtime.raysession import init_ray
+from rsitr.train import checkpoint as ckpt
 from rsitr.train.loop import train_loop
 
 
@@ -39,9 +38,9 @@ def training_datasets(config: Config, data: str, storage_path: str) -> dict[str,
     (built first when ``train.cache_frozen`` and missing)."""
     m, t = config.model, config.train
     if t.cache_frozen:
-        cache = features.build_cache(config, data, storage_path)
-        train_rows = features.train_dataset(cache, m.max_tokens, t.shuffle)
-        val_images, val_captions = features.eval_datasets(cache, "val", m.max_tokens)
+        cache = frozen_cache.build_cache(config, data, storage_path)
+        train_rows = frozen_cache.train_dataset(cache, m.max_tokens, t.shuffle)
+        val_images, val_captions = frozen_cache.eval_datasets(cache, "val", m.max_tokens)
     else:
         train_rows = train_dataset(data, t.image_size, m.text_model, m.max_tokens, t.augment, t.shuffle)
         val_images, val_captions = eval_datasets(data, "val", t.image_size, m.text_model, m.max_tokens)
@@ -124,22 +123,3 @@ def _history(latest: ray.train.Checkpoint | None) -> list[dict[str, float]]:
         return []
     with latest.as_directory() as folder:
         return list(json.loads((Path(folder) / ckpt.STATE).read_text()).get("history", []))
-
-
-def evaluate_checkpoint(
-    checkpoint: str, data: str, split: str = "test", rerank_k: int | None = None
-) -> dict[str, float]:
-    """Metrics of a checkpoint (or finished run) on one split of an ingested dataset (``rerank_k``: override the
-    run's ``train.rerank_k``)."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, config, _ = ckpt.load_checkpoint(checkpoint, map_location=device)
-    images, captions = eval_datasets(
-        storage.resolve(data), split, config.train.image_size, config.model.text_model, config.model.max_tokens
-    )
-    return evaluate_model(
-        model,
-        images.iter_batches(batch_size=config.train.eval_batch_size),
-        captions.iter_batches(batch_size=256),
-        device,
-        rerank_k=config.train.rerank_k if rerank_k is None else rerank_k,
-    )

@@ -17,11 +17,11 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from rsitr import checkpoint as ckpt
 from rsitr.config import Config, TrainConfig
-from rsitr.evaluate import evaluate_model
-from rsitr.losses import total_loss
+from rsitr.evaluation.evaluate import evaluate_model
 from rsitr.models.msa import MSA, build_model
+from rsitr.train import checkpoint as ckpt
+from rsitr.train.losses import total_loss
 from rsitr.train.optim import make_optimizer, make_scheduler
 
 log = logging.getLogger("rsitr.train")
@@ -118,7 +118,7 @@ def _agree(flag: bool) -> bool:
 
 
 def _forward(ddp: Any, batch: dict[str, torch.Tensor]) -> Any:
-    """The model on a batch of pixels and tokens, or of frozen-prefix cache rows (:mod:`rsitr.features`)."""
+    """The model on a batch of pixels and tokens, or of frozen-prefix cache rows (:mod:`rsitr.data.frozen_cache`)."""
     if "frozen_scales" in batch:
         return ddp(
             batch["feature_map"],

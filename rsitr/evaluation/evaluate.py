@@ -1,4 +1,4 @@
-"""Evaluation: encode each image once and each caption once, then chunked R@K (see :mod:`rsitr.metrics`)."""
+"""Evaluation: encode each image once and each caption once, then chunked R@K (see :mod:`rsitr.evaluation.metrics`)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from rsitr.metrics import retrieval_metrics_from_embeddings
+from rsitr.evaluation.metrics import retrieval_metrics_from_embeddings
+from rsitr.evaluation.rerank import reranked_metrics
 from rsitr.models.msa import MSA
-from rsitr.rerank import reranked_metrics
 
 
 @torch.no_grad()
@@ -21,7 +21,7 @@ def embed_images(model: MSA, batches: Iterable[dict[str, Any]], device: torch.de
     vectors = []
     for batch in batches:
         ids.extend(str(i) for i in batch["image_id"])
-        if "frozen_scales" in batch:  # rows of a frozen-prefix cache (rsitr.features)
+        if "frozen_scales" in batch:  # rows of a frozen-prefix cache (rsitr.data.frozen_cache)
             vector = model.encode_image_from_prefix(
                 torch.as_tensor(batch["feature_map"]).to(device), torch.as_tensor(batch["frozen_scales"]).to(device)
             )
@@ -58,7 +58,7 @@ def evaluate_model(
     rerank_k: int = 0,
 ) -> dict[str, float]:
     """R@1/5/10 both ways and mR of ``model`` on one split; with ``rerank_k``, after re-ranking each query's top
-    ``rerank_k`` (:mod:`rsitr.rerank`), the plain mR kept as ``mR_plain``.
+    ``rerank_k`` (:mod:`rsitr.evaluation.rerank`), the plain mR kept as ``mR_plain``.
 
     Raises:
         ValueError: a caption belongs to an image that is not in the image stream, or the split is empty.
@@ -84,3 +84,27 @@ def evaluate_model(
         metrics["mR_plain"] = plain
     metrics.update({"images": float(len(image_ids)), "captions": float(len(owners))})
     return metrics
+
+
+def evaluate_checkpoint(
+    checkpoint: str, data: str, split: str = "test", rerank_k: int | None = None
+) -> dict[str, float]:
+    """Metrics of a checkpoint (or finished run) on one split of an ingested dataset (``rerank_k``: override the
+    run's ``train.rerank_k``)."""
+    # Ray Data and checkpoint loading only here: importing the evaluation math stays light
+    from rsitr.data.streams import eval_datasets
+    from rsitr.io import storage
+    from rsitr.train import checkpoint as ckpt
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, config, _ = ckpt.load_checkpoint(checkpoint, map_location=device)
+    images, captions = eval_datasets(
+        storage.resolve(data), split, config.train.image_size, config.model.text_model, config.model.max_tokens
+    )
+    return evaluate_model(
+        model,
+        images.iter_batches(batch_size=config.train.eval_batch_size),
+        captions.iter_batches(batch_size=256),
+        device,
+        rerank_k=config.train.rerank_k if rerank_k is None else rerank_k,
+    )

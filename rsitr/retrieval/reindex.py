@@ -20,13 +20,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from rsitr import checkpoint as ckpt
-from rsitr import embed, index, ingest
+from rsitr import ingest
 from rsitr.errors import IndexBusyError
 from rsitr.io import geotiff, shards, storage
-from rsitr.locks import LockHeldError, pid_lock
+from rsitr.retrieval import embed, index
+from rsitr.runtime.locks import LockHeldError, pid_lock
+from rsitr.train import checkpoint as ckpt
 
-log = logging.getLogger("rsitr.reindex")
+log = logging.getLogger("rsitr.retrieval.reindex")
 LOCK_NAME = ".reindex.lock"
 
 

@@ -74,7 +74,7 @@ def build_index(
     return publish(out, lance_table, version, checkpoint, extra)
 
 
-# what `rsitr embed --out FOLDER` writes (rsitr.embed; named here so the index needs no torch)
+# what `rsitr embed --out FOLDER` writes (rsitr.retrieval.embed; named here so the index needs no torch)
 EMBEDDINGS_FILE = "embeddings.parquet"
 CAPTIONS_FILE = "captions.parquet"
 
@@ -103,7 +103,7 @@ def locate_embeddings(embeddings: str, captions: str | None = None) -> tuple[str
 
 
 def read_embeddings(uri: str) -> pa.Table:
-    """An embeddings GeoParquet file (see :mod:`rsitr.embed`)."""
+    """An embeddings GeoParquet file (see :mod:`rsitr.retrieval.embed`)."""
     fs, path = storage.filesystem(uri)
     with fs.open(path, "rb") as handle:
         try:

@@ -17,7 +17,7 @@ import math
 import numpy as np
 import torch
 
-from rsitr.metrics import METRIC_KEYS, retrieval_metrics
+from rsitr.evaluation.metrics import METRIC_KEYS, retrieval_metrics
 
 DECAY = 0.05
 REVERSE_WEIGHT = 0.7

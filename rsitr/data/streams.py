@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import io
-import zlib
-from typing import Any
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray.data
-from PIL import Image
 
+from rsitr.data.preprocess import augment_rs, decode_image, decode_images, label_id, tokenize
 from rsitr.io import shards
 from rsitr.models.text import load_tokenizer
 
@@ -40,34 +36,13 @@ def read_split(root: str, split: str, columns: list[str]) -> ray.data.Dataset:
     return ds.filter(expr=f"split == '{split}'")
 
 
-def decode_image(data: bytes, size: int) -> np.ndarray:
-    """Encoded bytes → (size, size, 3) uint8 RGB."""
-    with Image.open(io.BytesIO(data)) as img:
-        rgb = img.convert("RGB")
-        if rgb.size != (size, size):
-            rgb = rgb.resize((size, size), Image.Resampling.BICUBIC)
-        return np.asarray(rgb, dtype=np.uint8)
-
-
-def augment_rs(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Remote-sensing augmentation: one of the 8 dihedral transforms (90° rotations × flip)."""
-    image = np.rot90(image, k=int(rng.integers(4)))
-    if rng.integers(2):
-        image = image[:, ::-1]
-    return np.ascontiguousarray(image)
-
-
-def label_id(label: str | None) -> int:
-    """A stable non-negative class id for a shard ``label`` (CRC-32), −1 when there is none."""
-    return zlib.crc32(label.encode()) & 0x7FFFFFFF if label else -1
-
-
 class TrainBatches:
     """Shard rows → ``image`` (uint8 NHWC), ``input_ids``, ``attention_mask``, ``label``: one random caption per
     image."""
 
     def __init__(self, image_size: int, text_model: str, max_tokens: int, augment: bool, seed: int = 0) -> None:
         self.image_size = image_size
+        self.text_model = text_model
         self.tokenizer = load_tokenizer(text_model)
         self.max_tokens = max_tokens
         self.augment = augment
@@ -80,43 +55,18 @@ class TrainBatches:
             image = decode_image(data, self.image_size)
             images.append(augment_rs(image, self.rng) if self.augment else image)
             texts.append(captions[int(self.rng.integers(len(captions)))])
-        tokens = self.tokenizer(
-            texts, padding="max_length", truncation=True, max_length=self.max_tokens, return_tensors="np"
-        )
         return {
             "image": np.stack(images),
-            "input_ids": tokens["input_ids"].astype(np.int64),
-            "attention_mask": tokens["attention_mask"].astype(np.int64),
+            **tokenize(texts, self.text_model, self.max_tokens, self.tokenizer),
             "label": np.asarray([label_id(x) for x in batch["label"].to_pylist()], dtype=np.int64),
         }
-
-
-def tokenize(
-    texts: list[str], text_model: str, max_tokens: int, tokenizer: Any = None, padding: str = "max_length"
-) -> dict[str, np.ndarray]:
-    """Token ids and attention mask, cut at ``max_tokens`` and padded to it (``padding="longest"``: only to the
-    longest text; the masked pooling gives the same vectors for less work); ``tokenizer``: ``text_model``'s, loaded."""
-    tokens = (tokenizer or load_tokenizer(text_model))(
-        texts, padding=padding, truncation=True, max_length=max_tokens, return_tensors="np"
-    )
-    return {
-        "input_ids": tokens["input_ids"].astype(np.int64),
-        "attention_mask": tokens["attention_mask"].astype(np.int64),
-    }
-
-
-def decode_images(batch: pa.Table, image_size: int) -> dict[str, Any]:
-    """Shard rows → ``image_id`` and ``image`` (uint8 NHWC), no augmentation."""
-    return {
-        "image_id": np.asarray(batch["image_id"].to_pylist(), dtype=object),
-        "image": np.stack([decode_image(d, image_size) for d in batch["image"].to_pylist()]),
-    }
 
 
 class CaptionTokens:
     """Shard rows → one row per caption: ``image_id``, ``input_ids``, ``attention_mask``."""
 
     def __init__(self, text_model: str, max_tokens: int) -> None:
+        self.text_model = text_model
         self.tokenizer = load_tokenizer(text_model)
         self.max_tokens = max_tokens
 
@@ -124,14 +74,7 @@ class CaptionTokens:
         flat = pc.list_flatten(batch["captions"]).to_pylist()
         owners = pc.list_parent_indices(batch["captions"]).to_numpy()
         image_ids = np.asarray(batch["image_id"].to_pylist(), dtype=object)[owners]
-        tokens = self.tokenizer(
-            flat, padding="max_length", truncation=True, max_length=self.max_tokens, return_tensors="np"
-        )
-        return {
-            "image_id": image_ids,
-            "input_ids": tokens["input_ids"].astype(np.int64),
-            "attention_mask": tokens["attention_mask"].astype(np.int64),
-        }
+        return {"image_id": image_ids, **tokenize(flat, self.text_model, self.max_tokens, self.tokenizer)}
 
 
 SHUFFLES = ("full", "blocks", "none")

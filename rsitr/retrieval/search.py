@@ -14,15 +14,15 @@ import shapely
 import torch
 from PIL import Image
 
-from rsitr import checkpoint as ckpt
-from rsitr.batching import MicroBatcher
 from rsitr.config import Config
-from rsitr.data.pipeline import decode_image, tokenize
-from rsitr.index import ANN, AnnSettings, ann_settings, open_captions, open_index, sql_text
+from rsitr.data.preprocess import decode_image, tokenize
+from rsitr.evaluation.rerank import rerank_topk
 from rsitr.io import storage
 from rsitr.models.msa import MSA
 from rsitr.models.text import load_tokenizer
-from rsitr.rerank import rerank_topk
+from rsitr.retrieval.batching import MicroBatcher
+from rsitr.retrieval.index import ANN, AnnSettings, ann_settings, open_captions, open_index, sql_text
+from rsitr.train import checkpoint as ckpt
 
 
 class SearchError(ValueError):
@@ -169,7 +169,7 @@ def nearest(
     return rows
 
 
-# a loaded checkpoint: model, config, state (see rsitr.checkpoint.load_checkpoint)
+# a loaded checkpoint: model, config, state (see rsitr.train.checkpoint.load_checkpoint)
 Loaded = tuple[MSA, Config, dict[str, Any]]
 
 
@@ -207,7 +207,7 @@ class Searcher:
     @torch.no_grad()
     def search(self, query: str, k: int = 10, where: SearchFilter | None = None, rerank: int = 0) -> list[Hit]:
         """Top-``k`` tiles for ``query`` among those that pass ``where``; with ``rerank``, the top ``rerank``
-        re-ranked against the index's captions (:mod:`rsitr.rerank`) before the first ``k`` are kept."""
+        re-ranked against the index's captions (:mod:`rsitr.evaluation.rerank`) before the first ``k`` are kept."""
         if not query.strip():
             raise SearchError("empty query: type what to look for, e.g. 'a river crossing farmland'")
         _check_k(k, rerank)

@@ -23,12 +23,13 @@ import ray
 import ray.data
 import torch
 
-from rsitr import checkpoint as ckpt
-from rsitr.data.pipeline import DATA_TASK_CPUS, decode_images, tokenize
-from rsitr.index import CAPTIONS_FILE, EMBEDDINGS_FILE
+from rsitr.data.preprocess import decode_images, tokenize
+from rsitr.data.streams import DATA_TASK_CPUS
 from rsitr.io import shards, storage
 from rsitr.models.msa import MSA
-from rsitr.raysession import init_ray
+from rsitr.retrieval.index import CAPTIONS_FILE, EMBEDDINGS_FILE
+from rsitr.runtime.raysession import init_ray
+from rsitr.train import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
 PARTS_DIR = "_parts"

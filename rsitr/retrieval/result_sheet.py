@@ -73,7 +73,7 @@ def _footprint_map(hits: Sequence[dict[str, Any]]) -> str:
 
 
 def render_html(query: str, hits: Sequence[dict[str, Any]], thumbnails: dict[str, bytes], context: str = "") -> str:
-    """The result sheet for ``hits`` (as :func:`rsitr.search.search` returns them)."""
+    """The result sheet for ``hits`` (as :func:`rsitr.retrieval.search.search` returns them)."""
     cards = []
     for hit in hits:
         thumb = thumbnails.get(hit["image_id"])

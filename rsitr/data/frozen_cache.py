@@ -23,11 +23,12 @@ import ray.data
 import torch
 
 from rsitr.config import Config, ConfigError, ModelConfig
-from rsitr.data.pipeline import DATA_TASK_CPUS, decode_image, label_id, read_shards, shuffled
+from rsitr.data.preprocess import decode_image, label_id
+from rsitr.data.streams import DATA_TASK_CPUS, read_shards, shuffled
 from rsitr.io import shards, storage
 from rsitr.models.text import load_tokenizer, text_layer_count
 
-log = logging.getLogger("rsitr.features")
+log = logging.getLogger("rsitr.data.frozen_cache")
 CACHE_FORMAT = 1
 CACHE_META = "cache.json"
 # block size while building a cache (each block's rows are written as soon as it is done): a few hundred tiles
@@ -244,7 +245,7 @@ class CachedTrainBatches:
 
 
 def train_dataset(root: str, max_tokens: int, shuffle: str = "full") -> ray.data.Dataset:
-    """The training split of a cache, shuffled each epoch like :func:`rsitr.data.pipeline.train_dataset`.
+    """The training split of a cache, shuffled each epoch like :func:`rsitr.data.streams.train_dataset`.
 
     Raises:
         ValueError: an unknown ``shuffle``.

@@ -1,0 +1,1 @@
+"""From a checkpoint to answers: batch-embed archives, build and version the index, re-index, search, result sheets."""
