@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import shapely
-from fixtures import broken_corpus, gradient, jpeg_bytes, odd_scenes, write_geotiff
+from generators.data import broken_corpus, gradient, jpeg_bytes, odd_scenes, write_geotiff
 from PIL import Image
 
 from rsitr.ingest import IngestError, ingest_corpus, ingest_folder, ingest_scenes
@@ -30,7 +30,7 @@ from rsitr.io.captions import (
 )
 from rsitr.io.geotiff import TileOptions
 
-PROJECT = Path(__file__).resolve().parents[1]
+PROJECT = Path(__file__).resolve().parents[2]
 
 
 def _rows(root: Path) -> list[dict]:

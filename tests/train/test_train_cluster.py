@@ -12,7 +12,7 @@ from pathlib import Path
 
 from rsitr.train.checkpoint import RESULT
 
-PROJECT = Path(__file__).resolve().parents[1]
+PROJECT = Path(__file__).resolve().parents[2]
 
 TWO_NODES = textwrap.dedent(
     """

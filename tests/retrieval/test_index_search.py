@@ -8,7 +8,7 @@ import pytest
 import shapely
 import torch
 from contracts_doc import documented
-from fixtures import demo_index
+from generators.data import demo_index
 
 from rsitr.cli import main as cli_main
 from rsitr.config import load_config
@@ -22,7 +22,7 @@ from rsitr.retrieval.index import IndexNotFoundError, build_index, open_index
 from rsitr.retrieval.search import Searcher, SearchError, SearchFilter
 from rsitr.train.checkpoint import CheckpointError, save_checkpoint
 
-PROJECT = Path(__file__).resolve().parents[1]
+PROJECT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from ray.job_submission import JobStatus, JobSubmissionClient
 from pipelines.raycluster import _ray_executable, local_ray_head, stop_process_group
 from rsitr.train.checkpoint import RESULT
 
-PROJECT = Path(__file__).resolve().parents[1]
+PROJECT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

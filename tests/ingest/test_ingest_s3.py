@@ -4,7 +4,7 @@ import hashlib
 from pathlib import Path
 
 from conftest import shared
-from fixtures import broken_corpus
+from generators.data import broken_corpus
 
 from rsitr.ingest import ingest_corpus, ingest_scenes
 from rsitr.io import shards, storage

@@ -13,6 +13,7 @@ import lancedb
 import numpy as np
 import pytest
 import torch
+from generators.data import kill_when, write_geotiff
 
 from pipelines.index import index_archive
 from pipelines.raycluster import stop_process_group
@@ -22,9 +23,8 @@ from rsitr.retrieval.index import open_index
 from rsitr.retrieval.reindex import IndexBusyError, index_lock, reindex_archive
 from rsitr.retrieval.search import Searcher
 from rsitr.train.checkpoint import save_checkpoint
-from tests.fixtures import kill_when, write_geotiff
 
-PROJECT = Path(__file__).resolve().parents[1]
+PROJECT = Path(__file__).resolve().parents[2]
 
 
 def _scene(folder: Path, name: str, seed: int) -> Path:

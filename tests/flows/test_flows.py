@@ -5,7 +5,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
-from fixtures import broken_corpus, odd_scenes
+from generators.data import broken_corpus, odd_scenes
 from PIL import Image
 
 from pipelines.index import index_archive
@@ -14,7 +14,7 @@ from pipelines.train import MissingDataError, train_msa
 from rsitr.evaluation.metrics import chance_metrics
 from rsitr.retrieval.search import Searcher
 
-PROJECT = Path(__file__).resolve().parents[1]
+PROJECT = Path(__file__).resolve().parents[2]
 
 
 def test_prefect_yaml_declares_the_deployments() -> None:

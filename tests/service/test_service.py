@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 import pytest
-from fixtures import demo_index
+from generators.data import demo_index
 from PIL import Image
 
 from rsitr.cli import main as cli_main

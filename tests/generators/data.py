@@ -1,7 +1,7 @@
 """Generators of small real inputs for the broken and edge cases the shared data does not cover.
 
 Each writes genuine files (GeoTIFFs through GDAL, images through Pillow); run as a script to write them all to a
-folder for a look: ``python tests/fixtures.py /tmp/fixtures``.
+folder for a look: ``python tests/generators/data.py /tmp/fixtures``.
 """
 
 from __future__ import annotations

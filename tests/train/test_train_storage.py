@@ -11,7 +11,7 @@ from safetensors.torch import load as load_safetensors
 from rsitr.io import storage
 from rsitr.train.checkpoint import RESULT, STATE, WEIGHTS, load_checkpoint
 
-PROJECT = Path(__file__).resolve().parents[1]
+PROJECT = Path(__file__).resolve().parents[2]
 
 
 def _train(demo_shards: Path, storage_uri: str, epochs: int) -> subprocess.CompletedProcess[str]:
