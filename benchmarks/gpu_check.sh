@@ -55,7 +55,7 @@ runs = {
 }
 for preset, extra in runs.items():
     overrides = [*extra, "train.batch_size=32", f"train.epochs={max(2, round(10 * scale))}", "train.num_workers=1",
-                 f"train.use_gpu={str(cuda).lower()}", "train.image_size=128", "train.cpus_per_worker=2"]
+                 f"train.use_gpu={str(cuda).lower()}", "model.image_size=128", "train.cpus_per_worker=2"]
     config = load_config(preset, overrides)
     t0 = time.monotonic()
     result = fit(config, train_data, str(work / "runs"), name=preset, evaluate_test=False)
@@ -80,7 +80,7 @@ product_s = time.monotonic() - t0
 model, config, _ = ckpt.load_checkpoint(checkpoint, map_location="cuda" if cuda else "cpu")
 model.eval()
 device = torch.device("cuda" if cuda else "cpu")
-tiles = [decode_image(b, config.train.image_size) for uri in shards.shard_uris(embed_data)
+tiles = [decode_image(b, config.model.image_size) for uri in shards.shard_uris(embed_data)
          for b in pq.read_table(uri, columns=["image"])["image"].to_pylist()]
 batches = [torch.as_tensor(np.stack(tiles[i : i + 256])) for i in range(0, len(tiles), 256)]
 with torch.no_grad(), torch.autocast(device.type, enabled=cuda):

@@ -97,7 +97,7 @@ def embedding_throughput(checkpoint: str, images: list[Path], work: Path) -> tup
     model, config, _ = ckpt.load_checkpoint(checkpoint)
     model.eval()
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    decoded = np.stack([decode_image(p.read_bytes(), config.train.image_size) for p in images])
+    decoded = np.stack([decode_image(p.read_bytes(), config.model.image_size) for p in images])
     with torch.no_grad():
         model.encode_image(torch.as_tensor(decoded[:8]))  # warm-up
         started = time.perf_counter()

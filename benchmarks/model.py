@@ -45,7 +45,7 @@ BATCH = 32
 
 def _batch(config: Config, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
-    size = config.train.image_size
+    size = config.model.image_size
     images = torch.randint(0, 256, (BATCH, size, size, 3), dtype=torch.uint8, generator=gen)
     length = config.model.max_tokens
     ids = torch.randint(1000, 20000, (BATCH, length), generator=gen)

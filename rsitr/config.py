@@ -29,6 +29,8 @@ class ModelConfig:
 
     image_backbone: str = "efficientnet_lite0"
     image_pretrained: bool = True
+    # the side images are resized to, in training and inference alike (a property of the trained model)
+    image_size: int = 224
     image_stages: tuple[int, ...] = (1, 2, 3, 4)
     freeze_image_stages: int = 3
     text_model: str = "all-MiniLM-L6-v2"
@@ -96,7 +98,6 @@ class TrainConfig:
     lr: float = 1e-4
     backbone_lr: float = 1e-5
     weight_decay: float = 0.1
-    image_size: int = 224
     augment: bool = False
     num_workers: int = 2
     cpus_per_worker: float = 0.5
@@ -110,7 +111,7 @@ class TrainConfig:
     rerank_k: int = 0
     # contrast each worker's batch against every worker's (the global batch) rather than its own slice only
     gather_negatives: bool = True
-    # row order each epoch: full (global shuffle), blocks (block order only) or none; see data.pipeline
+    # row order each epoch: full (global shuffle), blocks (block order only) or none; see rsitr.data.streams
     shuffle: str = "full"
     # Ray placement of the train workers: PACK (fewest nodes) or SPREAD (one per node where possible)
     placement_strategy: str = "PACK"
@@ -134,8 +135,22 @@ class Config:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Config:
-        """Build from a nested mapping, rejecting unknown keys."""
-        return _build(cls, data, "")
+        """Build from a nested mapping, rejecting unknown keys (``train.image_size``, where checkpoints written
+        before it moved to ``model.image_size`` keep it, is read as the latter)."""
+        return _build(cls, _moved_image_size(data), "")
+
+
+def _moved_image_size(data: dict[str, Any]) -> dict[str, Any]:
+    train, model = data.get("train"), data.get("model")
+    if not isinstance(train, dict) or "image_size" not in train:
+        return data
+    if isinstance(model, dict) and "image_size" in model:
+        raise ConfigError(
+            f"train.image_size={train['image_size']!r}: the image size is model.image_size now "
+            f"(set here to {model['image_size']!r}); set that one"
+        )
+    train = dict(train)
+    return {**data, "train": train, "model": {**(model or {}), "image_size": train.pop("image_size")}}
 
 
 def _build(kind: type, data: dict[str, Any], where: str) -> Any:

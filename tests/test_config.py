@@ -46,3 +46,12 @@ def test_a_config_file_without_a_name_is_not_taken_for_a_preset(tmp_path: Path) 
 def test_run_names_start_with_the_prefix_and_never_repeat() -> None:
     names = {unique_run_name("msa-four-towers") for _ in range(50)}
     assert len(names) == 50 and all(n.startswith("msa-four-towers-20") for n in names)
+
+
+def test_image_size_belongs_to_the_model_and_old_checkpoints_still_read() -> None:
+    assert load_config("msa-four-towers").model.image_size == 260
+    old = load_config("demo").to_dict()  # a checkpoint's config.json from before the move
+    old["train"]["image_size"] = old["model"].pop("image_size") + 32
+    assert Config.from_dict(old).model.image_size == load_config("demo").model.image_size + 32
+    with pytest.raises(ConfigError, match="model.image_size"):
+        load_config("demo", ["train.image_size=256"])  # the preset sets model.image_size: which one wins is unclear

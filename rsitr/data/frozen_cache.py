@@ -83,7 +83,7 @@ def cache_key(config: Config, manifest: dict[str, Any]) -> str:
     material = {
         "format": CACHE_FORMAT,
         "model": {k: model[k] for k in PREFIX_FIELDS},
-        "image_size": config.train.image_size,
+        "image_size": config.model.image_size,
         "manifest": manifest,
     }
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:16]
@@ -179,7 +179,7 @@ def build_cache(config: Config, data: str, storage_path: str) -> str:
         FrozenPrefix,
         fn_constructor_kwargs={
             "model_config": config.to_dict()["model"],
-            "image_size": config.train.image_size,
+            "image_size": config.model.image_size,
             "threads": max(1, cpus // actors),
         },
         batch_format="pyarrow",

@@ -99,7 +99,7 @@ def evaluate_checkpoint(
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, config, _ = ckpt.load_checkpoint(checkpoint, map_location=device)
     images, captions = eval_datasets(
-        storage.resolve(data), split, config.train.image_size, config.model.text_model, config.model.max_tokens
+        storage.resolve(data), split, config.model.image_size, config.model.text_model, config.model.max_tokens
     )
     return evaluate_model(
         model,

@@ -14,25 +14,21 @@ from __future__ import annotations
 import hashlib
 import io
 import math
-import re
 import warnings
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
 import rasterio
 from PIL import Image
-from rasterio._err import CPLE_BaseError  # GDAL's error base; rasterio exports no public alias
 from rasterio.enums import Resampling
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
-from rasterio.warp import transform as warp_transform
 from rasterio.windows import Window
-from shapely.geometry import Polygon
 
 from rsitr.io import storage
+from rsitr.io.georef import acquisition_time, footprint, georeference
 
 BAND_PRESETS: dict[str, tuple[int, ...]] = {
     "rgb": (1, 2, 3),
@@ -43,8 +39,6 @@ BAND_PRESETS: dict[str, tuple[int, ...]] = {
     "naip": (1, 2, 3),
 }
 EDGE_MODES = ("pad", "drop")
-_SEMI_MAJOR = re.compile(r'(?:SPHEROID|ELLIPSOID)\["[^"]*",\s*([0-9.eE+-]+)')
-_EARTH_SEMI_MAJOR_M = (6.3e6, 6.4e6)
 _STRETCH_PX = 1024
 
 
@@ -209,36 +203,6 @@ def _select_bands(requested: tuple[int, ...] | str | None, total: int, spec: str
     return list(requested) * 3 if len(requested) == 1 else list(requested)
 
 
-def georeference(ds: rasterio.DatasetReader) -> tuple[str | None, str | None]:
-    """The scene's CRS (``EPSG:n`` or WKT) and, when footprints cannot be computed, why not."""
-    if ds.crs is None:
-        if ds.gcps[0]:
-            return None, "GCPs only, no map projection (rectify the scene to get footprints)"
-        return None, "no CRS"
-    epsg = ds.crs.to_epsg()
-    crs = f"EPSG:{epsg}" if epsg else ds.crs.to_wkt()
-    if ds.transform.is_identity:
-        return crs, "no geotransform"
-    match = _SEMI_MAJOR.search(ds.crs.to_wkt())
-    if match and not _EARTH_SEMI_MAJOR_M[0] < float(match.group(1)) < _EARTH_SEMI_MAJOR_M[1]:
-        return crs, f"not an Earth CRS (ellipsoid semi-major axis {float(match.group(1)):.0f} m)"
-    return crs, None
-
-
-def acquisition_time(ds: rasterio.DatasetReader) -> datetime | None:
-    """``TIFFTAG_DATETIME`` (or ``ACQUISITION_TIME``) of the scene as UTC, when present and well-formed."""
-    tags = ds.tags()
-    raw = tags.get("TIFFTAG_DATETIME") or tags.get("ACQUISITION_TIME")
-    if not raw:
-        return None
-    for fmt in ("%Y:%m:%d %H:%M:%S", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H:%M:%SZ", "%Y-%m-%d"):
-        try:
-            return datetime.strptime(raw.strip(), fmt).replace(tzinfo=UTC)
-        except ValueError:
-            continue
-    return None
-
-
 def plan_scene(spec: str, options: TileOptions) -> ScenePlan:
     """Read a scene's header (and a decimated view for the stretch) and plan its tiles.
 
@@ -310,25 +274,6 @@ def _to_uint8(data: np.ndarray, low: list[float], high: list[float]) -> np.ndarr
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
-def _footprint(ds: rasterio.DatasetReader, window: Window) -> tuple[bytes | None, list[float]]:
-    """Bounds in the source CRS and the EPSG:4326 footprint (edges densified; ``None`` if not representable)."""
-    left, bottom, right, top = rasterio.windows.bounds(window, ds.transform)
-    steps = np.linspace(0.0, 1.0, 9)[:-1]
-    xs = np.concatenate(
-        [left + (right - left) * steps, np.full(8, right), right - (right - left) * steps, np.full(8, left)]
-    )
-    ys = np.concatenate(
-        [np.full(8, top), top - (top - bottom) * steps, np.full(8, bottom), bottom + (top - bottom) * steps]
-    )
-    try:
-        lons, lats = warp_transform(ds.crs, "EPSG:4326", xs.tolist(), ys.tolist())
-    except CPLE_BaseError:  # corners off the Earth's disk (geostationary views) or outside the projection
-        return None, [left, bottom, right, top]
-    if not (np.all(np.isfinite(lons)) and np.all(np.isfinite(lats))):
-        return None, [left, bottom, right, top]
-    return Polygon(zip(lons, lats, strict=True)).wkb, [left, bottom, right, top]
-
-
 def read_tiles(plan: ScenePlan, options: TileOptions, windows: list[tuple[int, int]]) -> Iterator[TileResult]:
     """Read the given windows of a planned scene into PNG tiles.
 
@@ -351,8 +296,8 @@ def read_tiles(plan: ScenePlan, options: TileOptions, windows: list[tuple[int, i
                 result.failed = f"unreadable window {window_dict}: {err}"
                 yield result
                 continue
-            if isinstance(tile, float):
-                result.skipped = f"nodata fraction {tile:.2f} > {options.max_nodata}"
+            if isinstance(tile, TooMuchNodata):
+                result.skipped = f"nodata fraction {tile.fraction:.2f} > {options.max_nodata}"
                 yield result
                 continue
             encoded = io.BytesIO()
@@ -360,10 +305,17 @@ def read_tiles(plan: ScenePlan, options: TileOptions, windows: list[tuple[int, i
             result.png = encoded.getvalue()
             result.pixels_sha256 = hashlib.sha256(tile.data).hexdigest()
             if plan.crs is not None and plan.georef_reason != "no geotransform":
-                geometry, bounds = _footprint(first, Window(col_off, row_off, size, size))
+                geometry, bounds = footprint(first, Window(col_off, row_off, size, size))
                 result.bounds = bounds
                 result.geometry = geometry if plan.georef_reason is None else None
             yield result
+
+
+@dataclass(frozen=True)
+class TooMuchNodata:
+    """A window left out: its nodata fraction is over ``TileOptions.max_nodata``."""
+
+    fraction: float
 
 
 def _read_tile(
@@ -374,8 +326,8 @@ def _read_tile(
     out: int,
     plan: ScenePlan,
     max_nodata: float,
-) -> np.ndarray | float:
-    """One window as a padded (out, out, 3) uint8 tile, or its nodata fraction when that is over ``max_nodata``.
+) -> np.ndarray | TooMuchNodata:
+    """One window as a padded (out, out, 3) uint8 tile, or :class:`TooMuchNodata` when it is over ``max_nodata``.
 
     The masks are read first, so windows that will be skipped never have their bands read (floats excepted: their
     NaNs count as nodata, which takes the data).
@@ -386,12 +338,12 @@ def _read_tile(
         valid &= datasets[index].dataset_mask(window=window, out_shape=shape) > 0
     floating = np.dtype(plan.dtype).kind == "f"
     if not floating and 1.0 - valid.sum() / out**2 > max_nodata:
-        return 1.0 - float(valid.sum()) / out**2
+        return TooMuchNodata(1.0 - float(valid.sum()) / out**2)
     bands = np.stack([datasets[i].read(b, window=window, out_shape=shape, resampling=resampling) for i, b in sources])
     if floating:
         valid &= np.all(np.isfinite(bands), axis=0)
         if 1.0 - valid.sum() / out**2 > max_nodata:
-            return 1.0 - float(valid.sum()) / out**2
+            return TooMuchNodata(1.0 - float(valid.sum()) / out**2)
     identity = plan.dtype == "uint8" and plan.stretch_low == [0.0] * 3 and plan.stretch_high == [255.0] * 3
     pixels = bands if identity else _to_uint8(bands, plan.stretch_low, plan.stretch_high)
     tile = np.zeros((out, out, 3), dtype=np.uint8)

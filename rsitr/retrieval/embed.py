@@ -198,7 +198,7 @@ def _embed_kind(
         ds = ray.data.read_parquet(uris, include_paths=True, num_cpus=DATA_TASK_CPUS, override_num_blocks=len(uris))
         embedder: type
         if kind == "images":
-            image_size = ckpt.read_meta(checkpoint).config.train.image_size
+            image_size = ckpt.read_meta(checkpoint).config.model.image_size
             ds = ds.select_columns(["image_id", "image", "path"]).map_batches(
                 decode_with_paths,  # type: ignore[arg-type]
                 fn_kwargs={"image_size": image_size},

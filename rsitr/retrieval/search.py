@@ -282,7 +282,7 @@ class Searcher:
 
     def _encode_image(self, data: bytes, name: str) -> torch.Tensor:
         try:
-            pixels = decode_image(data, self.config.train.image_size)
+            pixels = decode_image(data, self.config.model.image_size)
         except (OSError, ValueError, Image.DecompressionBombError) as err:
             raise SearchError(f"image {name}: cannot be read as an image ({err})") from None
         vector: torch.Tensor = self.model.encode_image(torch.as_tensor(pixels[None]))[0]

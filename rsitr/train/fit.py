@@ -42,8 +42,8 @@ def training_datasets(config: Config, data: str, storage_path: str) -> dict[str,
         train_rows = frozen_cache.train_dataset(cache, m.max_tokens, t.shuffle)
         val_images, val_captions = frozen_cache.eval_datasets(cache, "val", m.max_tokens)
     else:
-        train_rows = train_dataset(data, t.image_size, m.text_model, m.max_tokens, t.augment, t.shuffle)
-        val_images, val_captions = eval_datasets(data, "val", t.image_size, m.text_model, m.max_tokens)
+        train_rows = train_dataset(data, m.image_size, m.text_model, m.max_tokens, t.augment, t.shuffle)
+        val_images, val_captions = eval_datasets(data, "val", m.image_size, m.text_model, m.max_tokens)
     return {"train": train_rows, "val_images": val_images, "val_captions": val_captions}
 
 

@@ -156,7 +156,7 @@ def test_captions_are_embedded_and_searchable_from_an_image(
     assert [h.rank for h in hits] == [1, 2, 3, 4, 5]
     assert all(h.caption_id.startswith(f"{h.image_id}#") for h in hits)
     with torch.no_grad():  # the caption table is small, so the search is exact: compare with brute force
-        pixels = decode_image(image.read_bytes(), searcher.config.train.image_size)
+        pixels = decode_image(image.read_bytes(), searcher.config.model.image_size)
         query = searcher.model.encode_image(torch.as_tensor(pixels[None]))[0].numpy()
     scores = np.stack(captions["embedding"].to_numpy(zero_copy_only=False)) @ query
     # the demo repeats caption texts across tiles, so ids tie: compare the scores
