@@ -18,10 +18,11 @@ def test_shard_columns_are_the_shard_schema() -> None:
     assert documented("Shard") == shards.SHARD_SCHEMA.names
 
 
-def test_manifest_keys_are_written_by_a_real_ingest(demo_shards: Path) -> None:
+def test_manifest_keys_are_the_typed_manifest_and_written_by_a_real_ingest(demo_shards: Path) -> None:
+    assert set(documented("Manifest")) == shards.Manifest.__required_keys__
     manifest = json.loads((demo_shards / shards.MANIFEST_NAME).read_text())
-    assert set(documented("Manifest")) <= set(manifest)
-    assert set(manifest["shards"][0]) == {"path", "rows", "bytes", "sha256"}
+    assert shards.Manifest.__required_keys__ <= set(manifest) <= set(shards.Manifest.__annotations__)
+    assert set(manifest["shards"][0]) == set(shards.ShardEntry.__annotations__)
 
 
 def test_checkpoint_files_are_what_save_checkpoint_writes(untrained_checkpoint: Path) -> None:

@@ -77,7 +77,7 @@ def text_fully_frozen(config: ModelConfig) -> bool:
     return layers is not None and config.freeze_text_layers >= layers and not config.mscmat
 
 
-def cache_key(config: Config, manifest: dict[str, Any]) -> str:
+def cache_key(config: Config, manifest: shards.Manifest) -> str:
     """A digest of the data's manifest and every setting the cached values depend on."""
     model = config.to_dict()["model"]
     material = {

@@ -21,6 +21,7 @@ from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rsitr.errors import IngestError
 from rsitr.ingest.runner import (
     DEFAULT_SHARD_MB,
+    ManifestDetails,
     UnitReport,
     caption_stats,
     entry_rejections,
@@ -201,7 +202,7 @@ def _assign_splits(
     table: dict[str, tuple[str, str | None]],
     default_split: str | None,
     seed: int,
-) -> dict[str, Any]:
+) -> ManifestDetails:
     """Split per image: split table, else the corpus (entry, then caption-file name), else ``default_split``, else
     the seeded split. Labels come from the table when the corpus has none."""
     sources: Counter[str] = Counter()
@@ -253,7 +254,7 @@ def ingest_corpus(
     strict: bool = False,
     overwrite: bool = False,
     shard_mb: int = DEFAULT_SHARD_MB,
-) -> dict[str, Any]:
+) -> shards.Manifest:
     """An image folder (local or ``s3://``) plus caption files → shards; JPEG/PNG bytes are kept as they are.
 
     Inputs are the images named by the captions and the image files in the folder (each counted once), plus
@@ -299,14 +300,10 @@ def ingest_corpus(
         [partial(run_unit, root, index, partial(_corpus_unit, dataset, unit)) for index, unit in enumerate(units)],
         workers,
     )
-    extra = {
-        "fingerprint": fingerprint,
-        "parameters": parameters,
-        **split_stats,
-        **caption_stats(corpus),
-    }
     seen = len(quarantined) + sum(r.inputs for r in reports)
-    return finish_ingest(root, reports, quarantined, seen, extra, strict)
+    return finish_ingest(
+        root, reports, quarantined, seen, (fingerprint, parameters), caption_stats(corpus), strict, split_stats
+    )
 
 
 def find_captions(folder: Path) -> Path:
@@ -324,7 +321,9 @@ def find_captions(folder: Path) -> Path:
     raise IngestError(f"{folder}: no caption file (captions.json or captions/*.json|*.csv)")
 
 
-def ingest_folder(folder: str, dataset: str, out: str, tile_size: int = 128, workers: int | None = 1) -> dict[str, Any]:
+def ingest_folder(
+    folder: str, dataset: str, out: str, tile_size: int = 128, workers: int | None = 1
+) -> shards.Manifest:
     """Ingest a corpus folder by its layout: ``scenes/*.tif`` + captions (tiled), or ``images/`` + captions.
 
     Raises:

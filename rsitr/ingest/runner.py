@@ -15,7 +15,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, is_dataclass
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any, TypedDict, TypeVar
 
 from rsitr.errors import IngestError
 from rsitr.io import shards, storage
@@ -31,7 +31,7 @@ Result = TypeVar("Result")
 class UnitReport:
     """What one unit of an ingest wrote and rejected; stored as ``_ingest/<shard>.json`` when it finishes."""
 
-    shard: dict[str, Any] | None = None
+    shard: shards.ShardEntry | None = None
     splits: dict[str, dict[str, int]] = field(default_factory=dict)
     quarantined: list[Rejection] = field(default_factory=list)
     skipped: int = 0
@@ -111,7 +111,7 @@ def _call(task: Callable[[], Result]) -> Result:
     return task()
 
 
-def prepare_output(root: str, fingerprint: str, overwrite: bool) -> dict[str, Any] | None:
+def prepare_output(root: str, fingerprint: str, overwrite: bool) -> shards.Manifest | None:
     """Claim ``root`` for this plan; the finished manifest when this exact plan already completed there.
 
     Raises:
@@ -129,7 +129,7 @@ def prepare_output(root: str, fingerprint: str, overwrite: bool) -> dict[str, An
         for part in (PLAN_DIR, shards.SHARD_DIR, shards.MANIFEST_NAME):
             storage.remove_tree(storage.join(root, part))
     if existing == fingerprint and storage.exists(storage.join(root, shards.MANIFEST_NAME)):
-        manifest: dict[str, Any] = storage.read_json(storage.join(root, shards.MANIFEST_NAME))
+        manifest = shards.read_manifest(root)
         if manifest.get("fingerprint") == fingerprint:
             return manifest
     if existing == fingerprint and (removed := storage.remove_temporaries(root)):
@@ -153,18 +153,24 @@ def finish_ingest(
     reports: list[UnitReport],
     quarantined: list[Rejection],
     inputs_seen: int,
-    extra: dict[str, Any],
+    identity: tuple[str, dict[str, Any]],
+    caption_side: shards.CaptionStats,
     strict: bool,
-) -> dict[str, Any]:
-    """Aggregate the unit reports into the manifest, write it, and enforce ``strict`` / "something usable"."""
-    splits: dict[str, dict[str, int]] = {}
+    details: ManifestDetails | None = None,
+) -> shards.Manifest:
+    """Aggregate the unit reports into the manifest, write it, and enforce ``strict`` / "something usable".
+
+    ``identity`` is the plan's fingerprint and parameters; ``details`` what one kind of ingest adds.
+    """
+    splits: dict[str, shards.SplitCounts] = {}
     for report in reports:
         for split, tally in report.splits.items():
             total = splits.setdefault(split, {"rows": 0, "captions": 0})
             total["rows"] += tally["rows"]
             total["captions"] += tally["captions"]
     all_quarantined = quarantined + [q for report in reports for q in report.quarantined]
-    manifest = {
+    fingerprint, parameters = identity
+    manifest: shards.Manifest = {
         "inputs_seen": inputs_seen,
         "rows": sum(t["rows"] for t in splits.values()),
         "captions": sum(t["captions"] for t in splits.values()),
@@ -174,7 +180,10 @@ def finish_ingest(
         "captions_of_unwritten_inputs": sum(q.captions for q in all_quarantined)
         + sum(report.captions_skipped for report in reports),
         "shards": [report.shard for report in reports if report.shard],
-        **extra,
+        "fingerprint": fingerprint,
+        "parameters": parameters,
+        **caption_side,
+        **(details or {}),
     }
     shards.write_manifest(root, manifest)
     log.info(
@@ -203,7 +212,15 @@ def timestamp_of(iso: str | None) -> datetime | None:
     return datetime.fromisoformat(iso) if iso else None
 
 
-def caption_stats(corpus: CaptionCorpus) -> dict[str, Any]:
+class ManifestDetails(TypedDict, total=False):
+    """The manifest keys only one kind of ingest writes (see :class:`rsitr.io.shards.Manifest`)."""
+
+    scenes: list[dict[str, Any]]
+    split_sources: dict[str, int]
+    split_conflicts_with_table: int
+
+
+def caption_stats(corpus: CaptionCorpus) -> shards.CaptionStats:
     """The manifest's caption counts and rejections."""
     return {
         "captions_seen": corpus.captions_seen,

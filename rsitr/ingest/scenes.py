@@ -129,7 +129,7 @@ def ingest_scenes(
     strict: bool = False,
     overwrite: bool = False,
     shard_mb: int = DEFAULT_SHARD_MB,
-) -> dict[str, Any]:
+) -> shards.Manifest:
     """Tile raster scenes into shards; with caption files (keyed by tile id) the tiles become a training corpus.
 
     Inputs are tile windows, plus one per scene that cannot be read. Windows over ``max_nodata`` are skipped.
@@ -185,8 +185,11 @@ def ingest_scenes(
     ]
     reports = execute_units(tasks, workers)
     _summarise_scenes(scene_reports, reports, options)
-    extra = {"fingerprint": fingerprint, "parameters": parameters, "scenes": scene_reports, **caption_stats(corpus)}
-    return finish_ingest(root, reports, quarantined, len(quarantined) + sum(r.inputs for r in reports), extra, strict)
+    seen = len(quarantined) + sum(r.inputs for r in reports)
+    identity = (fingerprint, parameters)
+    return finish_ingest(
+        root, reports, quarantined, seen, identity, caption_stats(corpus), strict, {"scenes": scene_reports}
+    )
 
 
 def _records_for(

@@ -1,12 +1,11 @@
 """The shard contract: Parquet files of one row per image, a manifest beside them, GeoParquet metadata."""
 
-from __future__ import annotations
-
+# no `from __future__ import annotations` here: TypedDict reads NotRequired from evaluated annotations (3.11)
 import hashlib
 import io
 import json
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NotRequired, TypedDict, cast
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -49,6 +48,57 @@ MANIFEST_NAME = "manifest.json"
 SHARD_DIR = "shards"
 
 
+class ShardEntry(TypedDict):
+    """One shard in the manifest."""
+
+    path: str  # relative to the dataset root
+    rows: int
+    bytes: int
+    sha256: str
+
+
+class SplitCounts(TypedDict):
+    rows: int
+    captions: int
+
+
+class RejectedInput(TypedDict):
+    """A quarantined input or a rejected caption, as the manifest lists it."""
+
+    input: str
+    reason: str
+
+
+class CaptionStats(TypedDict):
+    """The manifest's caption-side counts, from the caption corpus as read."""
+
+    captions_seen: int
+    captions_rejected: list[RejectedInput]
+    caption_formats: dict[str, str]  # caption file → the format it was read as
+
+
+class Manifest(TypedDict):
+    """``manifest.json``: the contract docs/contracts.md ("Manifest") describes; the required keys are its table."""
+
+    shards: list[ShardEntry]
+    rows: int
+    splits: dict[str, SplitCounts]
+    inputs_seen: int
+    quarantined: list[RejectedInput]
+    skipped: int
+    captions: int
+    captions_seen: int
+    captions_rejected: list[RejectedInput]
+    caption_formats: dict[str, str]
+    captions_of_unwritten_inputs: int
+    fingerprint: str
+    parameters: dict[str, Any]
+    # scene ingests: one summary per scene; corpus ingests: where each row's split came from
+    scenes: NotRequired[list[dict[str, Any]]]
+    split_sources: NotRequired[dict[str, int]]
+    split_conflicts_with_table: NotRequired[int]
+
+
 def geo_metadata(column: str = "geometry") -> dict[bytes, bytes]:
     """GeoParquet 1.1 file metadata for a WKB footprint column in OGC:CRS84 (lon/lat)."""
     meta = {
@@ -64,7 +114,7 @@ def dataset_root(out: str, dataset: str) -> str:
     return storage.join(storage.resolve(out), dataset)
 
 
-def write_shard(root: str, name: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
+def write_shard(root: str, name: str, rows: list[dict[str, Any]]) -> ShardEntry:
     """Write rows as ``<root>/shards/<name>`` atomically; the same rows always give the same bytes.
 
     Returns:
@@ -87,7 +137,7 @@ class ManifestMismatchError(RuntimeError):
     """The counts of an ingest do not reconcile; the manifest is not written."""
 
 
-def write_manifest(root: str, manifest: dict[str, Any]) -> dict[str, Any]:
+def write_manifest(root: str, manifest: Manifest) -> Manifest:
     """Check that a finished ingest's counts reconcile, then write ``manifest.json`` atomically.
 
     Inputs seen = rows + quarantined + skipped, and captions seen = captions written + captions rejected
@@ -115,7 +165,7 @@ class ShardsNotFoundError(FileNotFoundError):
     """No ingested dataset (manifest + shards) at the given URI."""
 
 
-def read_manifest(root: str) -> dict[str, Any]:
+def read_manifest(root: str) -> Manifest:
     """The manifest of the dataset at ``root``.
 
     Raises:
@@ -126,8 +176,7 @@ def read_manifest(root: str) -> dict[str, Any]:
         raise ShardsNotFoundError(
             f"no ingested dataset at {root} (missing {MANIFEST_NAME}); run `rsitr ingest …` to create it"
         )
-    manifest: dict[str, Any] = storage.read_json(uri)
-    return manifest
+    return cast(Manifest, storage.read_json(uri))
 
 
 def shard_uris(root: str) -> list[str]:

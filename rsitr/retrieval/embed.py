@@ -107,15 +107,15 @@ def default_actors() -> int:
     return max(1, min(cpus, os.cpu_count() or 1) if len(ray.nodes()) == 1 else cpus // 2)
 
 
-def _part_uri(parts: str, kind: str, shard: dict[str, Any]) -> str:
+def _part_uri(parts: str, kind: str, shard: shards.ShardEntry) -> str:
     # the shard's checksum in the name: a re-ingested shard with other bytes is never taken for a finished one
     stem = posixpath.basename(shard["path"]).removesuffix(".parquet")
     return storage.join(parts, f"{kind}-{stem}-{shard['sha256'][:16]}.parquet")
 
 
-def _expected_keys(data: str, shard: dict[str, Any], kind: str) -> int:
+def _expected_keys(data: str, shard: shards.ShardEntry, kind: str) -> int:
     if kind == "images":
-        return int(shard["rows"])
+        return shard["rows"]
     fs, path = storage.filesystem(storage.join(data, shard["path"]))
     with fs.open(path, "rb") as handle:
         captions = pq.read_table(handle, columns=["captions"])["captions"]

@@ -201,7 +201,7 @@ def _ingest_and_embed(
     checkpoint: str,
     options: geotiff.TileOptions | None,
     workers: int | None,
-) -> tuple[Any, dict[str, Any]]:
+) -> tuple[Any, shards.Manifest]:
     """Tile and embed one batch of scenes; ``(index rows or None when every tile was rejected, manifest)``."""
     batches = storage.join(out, "batches")
     root = shards.dataset_root(batches, batch)

@@ -65,7 +65,8 @@ def fit(
 
     data = storage.resolve(data)
     manifest = shards.read_manifest(data)  # fail before starting anything when the data is not there
-    steps_per_epoch = manifest["splits"].get("train", {}).get("rows", 0) // config.train.batch_size
+    train_split = manifest["splits"].get("train")
+    steps_per_epoch = (train_split["rows"] if train_split else 0) // config.train.batch_size
     storage_path = storage.resolve(storage_path)
     name = name or unique_run_name(config.name)
     init_ray()
