@@ -31,7 +31,7 @@ serve: $(STAMP)
 	$(VENV)/bin/rsitr serve --index $(INDEX) --port $(PORT)
 
 test: $(STAMP)
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra --durations=25
 
 # the unit tier: every test that starts no Ray, Prefect, S3 server, service or browser (tests/conftest.py marks those)
 test-quick: $(STAMP)

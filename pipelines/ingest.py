@@ -108,25 +108,11 @@ def ingest_archive_flow(
     scenes: list[str],
     dataset: str = "archive",
     out: str = ".rsitr/data",
-    tile_size: int = geotiff.SCENE_TILE_SIZE,
-    out_size: int | None = None,
-    overlap: int = 0,
-    bands: str | None = None,
-    max_nodata: float = 0.5,
-    edge: str = "pad",
-    require_georef: bool = False,
+    options: geotiff.TileOptions | None = None,
     workers: int | None = None,
     strict: bool = False,
 ) -> dict[str, Any]:
-    """Tile raster scenes (paths, globs, folders or ``s3://`` URIs) into the archive dataset ``dataset``."""
-    options = geotiff.TileOptions(
-        tile_size=tile_size,
-        out_size=out_size,
-        overlap=overlap,
-        bands=geotiff.parse_bands(bands),
-        max_nodata=max_nodata,
-        edge=edge,
-        require_georef=require_georef,
-    )
+    """Tile raster scenes (paths, globs, folders or ``s3://`` URIs) into the archive dataset ``dataset``;
+    ``options`` as ``rsitr ingest scenes`` takes them (a deployment passes e.g. ``{tile_size: 256, bands: rgb}``)."""
     manifest = ingest.ingest_scenes(scenes, dataset, out, options, workers=workers, strict=strict)
     return _publish(dataset, out, manifest)

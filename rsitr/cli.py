@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
 from collections.abc import Sequence
 
 from rsitr.config import ConfigError, build_train_parser
-from rsitr.errors import CheckpointError, EmbeddingsNotFoundError, IndexBusyError, IndexNotFoundError, IngestError
+from rsitr.errors import (
+    CheckpointError,
+    EmbeddingsNotFoundError,
+    IndexBusyError,
+    IndexNotFoundError,
+    IngestError,
+    StorageUnreachableError,
+)
 from rsitr.io.captions import FORMATS, CaptionFormatError
-from rsitr.io.geotiff import BAND_PRESETS, SCENE_TILE_SIZE
+from rsitr.io.geotiff import BAND_PRESETS, EDGE_MODES, SCENE_TILE_SIZE, TileOptions
 from rsitr.io.shards import ShardsNotFoundError
 
 # Errors that carry a message meant for the user: printed on one line, exit status 2.
@@ -24,6 +32,7 @@ USER_ERRORS = (
     CheckpointError,
     IndexBusyError,
     EmbeddingsNotFoundError,
+    StorageUnreachableError,
     ValueError,
 )
 
@@ -40,14 +49,9 @@ def _ingest(args: argparse.Namespace) -> None:
 
     common = {"workers": args.workers, "strict": args.strict, "overwrite": args.overwrite, "shard_mb": args.shard_mb}
     if args.kind == "scenes":
+        names = [f.name for f in dataclasses.fields(geotiff.TileOptions)]
         options = geotiff.TileOptions(
-            tile_size=args.tile_size,
-            out_size=args.out_size,
-            overlap=args.overlap,
-            bands=geotiff.parse_bands(args.bands),
-            max_nodata=args.max_nodata,
-            edge=args.edge,
-            require_georef=args.require_georef,
+            **{name: getattr(args, name) for name in names} | {"bands": geotiff.parse_bands(args.bands)}
         )
         manifest = ingest.ingest_scenes(
             args.paths, args.dataset, args.out, options, args.captions, split=args.split or "none", **common
@@ -107,7 +111,6 @@ def _index(args: argparse.Namespace) -> None:
 
 
 def _index_update(args: argparse.Namespace) -> None:
-    from rsitr.io.geotiff import TileOptions
     from rsitr.retrieval.reindex import reindex_archive
 
     summary = reindex_archive(args.archive, args.out, args.checkpoint, TileOptions(tile_size=args.tile_size))
@@ -165,12 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
     kinds = p.add_subparsers(dest="kind", required=True)
     k = kinds.add_parser("scenes", help="tile raster scenes (paths, globs, folders, s3:// URIs; a,b,c = band files)")
     k.add_argument("paths", nargs="+")
-    k.add_argument("--tile-size", type=int, default=SCENE_TILE_SIZE, help="window side in source pixels")
-    k.add_argument("--out-size", type=int, default=None, help="stored tile side (default: tile size)")
-    k.add_argument("--overlap", type=int, default=0)
+    tiles = TileOptions()  # the defaults live in the dataclass; flows take the dataclass itself
+    k.add_argument("--tile-size", type=int, default=tiles.tile_size, help="window side in source pixels")
+    k.add_argument("--out-size", type=int, default=tiles.out_size, help="stored tile side (default: tile size)")
+    k.add_argument("--overlap", type=int, default=tiles.overlap)
     k.add_argument("--bands", default=None, help=f"R,G,B band numbers or a preset ({', '.join(BAND_PRESETS)})")
-    k.add_argument("--max-nodata", type=float, default=0.5)
-    k.add_argument("--edge", choices=["pad", "drop"], default="pad", help="partial windows at the right/bottom")
+    k.add_argument("--max-nodata", type=float, default=tiles.max_nodata)
+    k.add_argument("--edge", choices=EDGE_MODES, default=tiles.edge, help="partial windows at the right/bottom")
     k.add_argument("--require-georef", action="store_true", help="reject scenes without a usable Earth CRS")
     k.add_argument("--captions", action="append", default=None, help="caption file keyed by tile id (repeatable)")
     k.add_argument("--split", default=None, choices=["train", "val", "test", "none"])

@@ -27,5 +27,10 @@ class EmbeddingsNotFoundError(FileNotFoundError):
     """No embeddings file (or ``rsitr embed --out`` folder holding one) at the given URI."""
 
 
+class StorageUnreachableError(ConnectionError):
+    """The object store did not answer (after the client's own retries). Writes publish whole objects only, so
+    nothing partial is left behind: running the same command again, once the store is back, resumes."""
+
+
 class UnsafeFileError(ValueError):
     """A ``torch.save`` file (optimizer state, ``.pth`` weights) that holds more than tensors: it could run code."""

@@ -15,7 +15,7 @@ os.environ.pop("RAY_ADDRESS", None)
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 # a test that uses one of these starts real services (Ray, Prefect, an S3 server) or trains: the slow tier
-SLOW_FIXTURES = {"ray_local", "ray_head", "s3_bucket", "prefect_harness", "demo_shards"}
+SLOW_FIXTURES = {"ray_local", "ray_head", "s3_bucket", "own_s3", "prefect_harness", "demo_shards"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

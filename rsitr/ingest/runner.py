@@ -69,10 +69,14 @@ def unit_name(index: int) -> str:
 
 
 def run_unit(root: str, index: int, work: Callable[[], tuple[list[dict[str, Any]], UnitReport]]) -> UnitReport:
-    """Run one unit unless its completion record exists; write its shard, then its record."""
+    """Run one unit unless its completion record exists (and its shard, whole); write its shard, then its record."""
     record_uri = storage.join(root, PLAN_DIR, f"{unit_name(index)}.json")
     if storage.exists(record_uri):
-        return UnitReport.from_record(storage.read_json(record_uri))
+        done = UnitReport.from_record(storage.read_json(record_uri))
+        if done.shard is None or storage.size(storage.join(root, done.shard["path"])) == done.shard["bytes"]:
+            return done
+        # e.g. an object store that crashed before the shard was durable, or a shard deleted by hand
+        log.warning("%s: its shard is gone or of another size; running the unit again", record_uri)
     rows, report = work()
     if rows:
         report.shard = shards.write_shard(root, unit_name(index), rows)

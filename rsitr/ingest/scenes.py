@@ -11,6 +11,7 @@ from typing import Any
 from rsitr.errors import IngestError
 from rsitr.ingest.runner import (
     DEFAULT_SHARD_MB,
+    ManifestDetails,
     UnitReport,
     caption_stats,
     entry_rejections,
@@ -152,43 +153,24 @@ def ingest_scenes(
     records = corpus.records
     quarantined.extend(entry_rejections(corpus))
     quarantined.extend(_captions_without_tiles(records, units))
-    parameters = {
-        "kind": "scenes",
-        "dataset": dataset,
-        "paths": paths,
-        "captions": captions,
-        "split": split,
-        "options": asdict(options),
-        "shard_mb": shard_mb,
-    }
+    parameters = {"kind": "scenes", "dataset": dataset, "paths": paths, "captions": captions, "split": split,
+                  "options": asdict(options), "shard_mb": shard_mb}  # fmt: skip
     fingerprint = plan_fingerprint([parameters, [(p.summary(), len(w)) for p, w in units], quarantined])
     done = prepare_output(root, fingerprint, overwrite)
     if done is not None:
         log.info("%s already holds this ingest; nothing to do", root)
         return done
-    tasks = [
-        partial(
-            run_unit,
-            root,
-            index,
-            partial(
-                _scene_unit,
-                dataset,
-                plan,
-                options,
-                windows,
-                _records_for(records, plan, windows) if captions else None,
-                split,
-            ),
-        )
-        for index, (plan, windows) in enumerate(units)
-    ]
+    tasks = []
+    for index, (plan, windows) in enumerate(units):
+        unit_records = _records_for(records, plan, windows) if captions else None
+        unit = partial(_scene_unit, dataset, plan, options, windows, unit_records, split)
+        tasks.append(partial(run_unit, root, index, unit))
     reports = execute_units(tasks, workers)
     _summarise_scenes(scene_reports, reports, options)
     seen = len(quarantined) + sum(r.inputs for r in reports)
-    identity = (fingerprint, parameters)
+    details: ManifestDetails = {"scenes": scene_reports}
     return finish_ingest(
-        root, reports, quarantined, seen, identity, caption_stats(corpus), strict, {"scenes": scene_reports}
+        root, reports, quarantined, seen, (fingerprint, parameters), caption_stats(corpus), strict, details
     )
 
 

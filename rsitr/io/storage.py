@@ -6,14 +6,83 @@ S3 endpoint and credentials come from the environment (``AWS_ENDPOINT_URL``, ``A
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import fsspec
 from fsspec import AbstractFileSystem
+
+from rsitr.errors import StorageUnreachableError
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _is_connection_failure(err: BaseException) -> bool:
+    import botocore.exceptions  # only once something failed: importing this module stays light
+
+    return isinstance(err, (botocore.exceptions.ConnectionError, botocore.exceptions.HTTPClientError))
+
+
+def _names_unreachable_store(
+    action: str,
+) -> Callable[[Callable[Concatenate[str, _P], _R]], Callable[Concatenate[str, _P], _R]]:
+    """A remote call whose object store stops answering raises :class:`StorageUnreachableError` naming the object
+    and the action, instead of a bare client error naming only the endpoint."""
+
+    def decorate(call: Callable[Concatenate[str, _P], _R]) -> Callable[Concatenate[str, _P], _R]:
+        @functools.wraps(call)
+        def guarded(uri: str, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+            try:
+                return call(uri, *args, **kwargs)
+            except Exception as err:
+                if not (is_remote(uri) and _is_connection_failure(err)):
+                    raise
+                raise _unreachable(action, uri, err) from err
+
+        return guarded
+
+    return decorate
+
+
+def _unreachable(action: str, uri: str, err: BaseException) -> StorageUnreachableError:
+    endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("S3_ENDPOINT_URL") or "S3"
+    return StorageUnreachableError(
+        f"{action} {uri}: the object store ({endpoint}) did not answer ({type(err).__name__}); nothing partial was "
+        "published (objects and index versions appear whole or not at all): run again once it is back"
+    )
+
+
+@contextmanager
+def unreachable_store_named(uri: str, action: str) -> Iterator[None]:
+    """For libraries that talk to the object store themselves (LanceDB): a failure while the store holding ``uri``
+    no longer answers becomes :class:`StorageUnreachableError` naming ``uri``; other failures pass unchanged."""
+    try:
+        yield
+    except StorageUnreachableError:
+        raise
+    except Exception as err:
+        if is_remote(uri) and not _answers(uri):
+            raise _unreachable(action, uri, err) from err
+        raise
+
+
+def _answers(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    fs.invalidate_cache()
+    try:
+        fs.exists(path)
+    except Exception as err:
+        if _is_connection_failure(err):
+            return False
+        raise
+    return True
 
 
 def is_remote(uri: str) -> bool:
@@ -63,12 +132,24 @@ def join(uri: str, *parts: str) -> str:
     return "/".join([uri.rstrip("/"), *(p.strip("/") for p in parts)])
 
 
+@_names_unreachable_store("looking for")
 def exists(uri: str) -> bool:
     """Whether a file or folder exists at ``uri``."""
     fs, path = filesystem(uri)
     return bool(fs.exists(path))
 
 
+@_names_unreachable_store("looking for")
+def size(uri: str) -> int | None:
+    """The size in bytes of the file at ``uri``; None when there is none."""
+    fs, path = filesystem(uri)
+    try:
+        return int(fs.size(path))
+    except FileNotFoundError:
+        return None
+
+
+@_names_unreachable_store("looking for")
 def is_dir(uri: str) -> bool:
     """Whether a folder (or, on S3, a non-empty prefix) exists at ``uri``."""
     fs, path = filesystem(uri)
@@ -91,6 +172,7 @@ def remove_temporaries(uri: str) -> int:
     return len(stale)
 
 
+@_names_unreachable_store("writing")
 def write_bytes_atomic(uri: str, data: bytes) -> None:
     """Write ``data`` so readers see either nothing or the whole file.
 
@@ -116,6 +198,7 @@ def write_json_atomic(uri: str, value: Any) -> None:
     write_bytes_atomic(uri, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode())
 
 
+@_names_unreachable_store("reading")
 def read_json(uri: str) -> Any:
     """Read a JSON document."""
     fs, path = filesystem(uri)
@@ -123,6 +206,7 @@ def read_json(uri: str) -> Any:
         return json.load(handle)
 
 
+@_names_unreachable_store("reading")
 def read_bytes(uri: str) -> bytes:
     """The whole content of a file."""
     if not is_remote(uri):
@@ -134,6 +218,7 @@ def read_bytes(uri: str) -> bytes:
     return data
 
 
+@_names_unreachable_store("listing")
 def list_files(uri: str) -> dict[str, int]:
     """Every file under a folder (recursively) as ``{path relative to the folder: size in bytes}``."""
     fs, path = filesystem(uri)
@@ -142,6 +227,7 @@ def list_files(uri: str) -> dict[str, int]:
     return {name[len(base) :]: int(info.get("size") or 0) for name, info in found.items() if name.startswith(base)}
 
 
+@_names_unreachable_store("removing")
 def remove_tree(uri: str) -> None:
     """Delete a folder and everything in it, if it exists."""
     fs, path = filesystem(uri)

@@ -14,7 +14,7 @@ import os
 import posixpath
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NotRequired, TypedDict
 
 import numpy as np
 import pyarrow as pa
@@ -244,6 +244,21 @@ def _vector_column(keys: list[str], vectors: dict[str, np.ndarray], data: str) -
     return pa.array([vectors[k].astype(np.float32) for k in keys], type=pa.list_(pa.float32(), dim))
 
 
+class EmbedSummary(TypedDict):
+    """What ``embed_archive`` wrote (``captions`` / ``caption_rows`` only when captions were embedded)."""
+
+    rows: int
+    model_version: str
+    checkpoint: str
+    embeddings: str
+    dim: int
+    resumed_shards: int
+    first_batch_s: float
+    stream_s: float
+    captions: NotRequired[str]
+    caption_rows: NotRequired[int]
+
+
 def embed_archive(
     checkpoint: str,
     data: str,
@@ -251,14 +266,11 @@ def embed_archive(
     actors: int | None = None,
     batch_size: int = 64,
     captions: bool = False,
-) -> dict[str, Any]:
+) -> EmbedSummary:
     """Embed every tile of an ingested dataset into ``<out>/embeddings.parquet`` (GeoParquet), and with
     ``captions`` every caption into ``<out>/captions.parquet``. Resumes an interrupted run of the same model.
 
     ``actors`` model copies embed in parallel (default: :func:`default_actors`).
-
-    Returns:
-        A summary: rows, model_version, checkpoint, the output URIs, and shards resumed from an earlier run.
     """
     meta = ckpt.read_meta(checkpoint)
     checkpoint = meta.uri
@@ -284,38 +296,15 @@ def embed_archive(
     )
     target = storage.join(out, EMBEDDINGS_FILE)
     _write_table(table, data, target)
-    summary: dict[str, Any] = {
-        "rows": table.num_rows,
-        "model_version": version,
-        "checkpoint": checkpoint,
-        "embeddings": target,
-        "dim": table.schema.field("embedding").type.list_size,
-        "resumed_shards": int(stats["resumed_shards"]),
-        "first_batch_s": round(stats.get("first_batch_s", 0.0), 2),
-        "stream_s": round(stats.get("stream_s", 0.0), 2),
-    }
+    summary = EmbedSummary(
+        rows=table.num_rows, model_version=version, checkpoint=checkpoint, embeddings=target,
+        dim=table.schema.field("embedding").type.list_size, resumed_shards=int(stats["resumed_shards"]),
+        first_batch_s=round(stats.get("first_batch_s", 0.0), 2), stream_s=round(stats.get("stream_s", 0.0), 2),
+    )  # fmt: skip
     if captions:
-        text_vectors, text_stats = _embed_kind("captions", checkpoint, data, parts, actors, batch_size)
-        flat = [
-            (f"{r['image_id']}#{n}", r["image_id"], c, r["split"])
-            for r in rows
-            for n, c in enumerate(r["captions"] or [])
-        ]
-        caption_ids = [f[0] for f in flat]
-        caption_table = pa.table(
-            {
-                "caption_id": caption_ids,
-                "image_id": [f[1] for f in flat],
-                "caption": [f[2] for f in flat],
-                "embedding": _vector_column(caption_ids, text_vectors, data),
-                "split": [f[3] for f in flat],
-                "model_version": [version] * len(flat),
-            }
-        )
         summary["captions"] = storage.join(out, CAPTIONS_FILE)
-        summary["caption_rows"] = caption_table.num_rows
-        summary["resumed_shards"] += int(text_stats["resumed_shards"])
-        _write_table(caption_table, data, summary["captions"])
+        summary["caption_rows"], resumed = _embed_captions(rows, checkpoint, data, parts, actors, batch_size, summary)
+        summary["resumed_shards"] += resumed
     storage.remove_tree(storage.join(out, PARTS_DIR))
     log.info(
         "embedded %d tiles into %s (%d shards resumed; first embeddings after %.1f s, stream %.1f s)",
@@ -326,3 +315,32 @@ def embed_archive(
         summary["stream_s"],
     )
     return summary
+
+
+def _embed_captions(
+    rows: list[dict[str, Any]],
+    checkpoint: str,
+    data: str,
+    parts: str,
+    actors: int,
+    batch_size: int,
+    summary: EmbedSummary,
+) -> tuple[int, int]:
+    """Every caption of ``rows`` into ``summary["captions"]``; ``(caption rows, shards resumed)``."""
+    vectors, stats = _embed_kind("captions", checkpoint, data, parts, actors, batch_size)
+    flat = [
+        (f"{r['image_id']}#{n}", r["image_id"], c, r["split"]) for r in rows for n, c in enumerate(r["captions"] or [])
+    ]
+    caption_ids = [f[0] for f in flat]
+    table = pa.table(
+        {
+            "caption_id": caption_ids,
+            "image_id": [f[1] for f in flat],
+            "caption": [f[2] for f in flat],
+            "embedding": _vector_column(caption_ids, vectors, data),
+            "split": [f[3] for f in flat],
+            "model_version": [summary["model_version"]] * len(flat),
+        }
+    )
+    _write_table(table, data, summary["captions"])
+    return table.num_rows, int(stats["resumed_shards"])

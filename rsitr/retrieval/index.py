@@ -54,24 +54,26 @@ def build_index(
     Raises:
         EmbeddingsNotFoundError: ``embeddings`` (or ``captions``) names nothing readable.
         ValueError: the captions come from another model version than the tiles.
+        StorageUnreachableError: the object store stopped answering; readers keep the previous version.
     """
     embeddings, captions = locate_embeddings(embeddings, captions)
     table = read_embeddings(embeddings)
     data = index_rows(table, embeddings)
     version = data["model_version"][0].as_py()
     out = storage.resolve(out)
-    db = connect(out)
     extra: dict[str, Any] = {"embeddings": embeddings, "data": embeddings_source(table)}
-    if captions:
-        caption_data = caption_rows(read_embeddings(captions), captions)
-        if caption_data["model_version"][0].as_py() != version:
-            raise ValueError(f"{captions}: captions embedded by another model version than {embeddings}; re-embed")
-        caption_table = db.create_table(CAPTIONS_TABLE, data=caption_data, mode="overwrite")
-        if caption_table.count_rows() >= ANN_THRESHOLD:
-            add_vector_index(caption_table)  # built and searched with the default ANN settings
-        extra.update(captions_table=CAPTIONS_TABLE, caption_rows=caption_data.num_rows)
-    lance_table = db.create_table(TABLE, data=data, mode="overwrite")
-    return publish(out, lance_table, version, checkpoint, extra)
+    caption_data = caption_rows(read_embeddings(captions), captions) if captions else None
+    if caption_data is not None and caption_data["model_version"][0].as_py() != version:
+        raise ValueError(f"{captions}: captions embedded by another model version than {embeddings}; re-embed")
+    with storage.unreachable_store_named(out, "building the index at"):
+        db = connect(out)
+        if caption_data is not None:
+            caption_table = db.create_table(CAPTIONS_TABLE, data=caption_data, mode="overwrite")
+            if caption_table.count_rows() >= ANN_THRESHOLD:
+                add_vector_index(caption_table)  # built and searched with the default ANN settings
+            extra.update(captions_table=CAPTIONS_TABLE, caption_rows=caption_data.num_rows)
+        lance_table = db.create_table(TABLE, data=data, mode="overwrite")
+        return publish(out, lance_table, version, checkpoint, extra)
 
 
 # what `rsitr embed --out FOLDER` writes (rsitr.retrieval.embed; named here so the index needs no torch)

@@ -16,9 +16,12 @@ import hashlib
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
+
+import pyarrow as pa
 
 from rsitr import ingest
 from rsitr.errors import IndexBusyError
@@ -96,24 +99,46 @@ def _open_table(db: Any, name: str) -> Any:
         return None
 
 
+class ReindexSummary(TypedDict):
+    """What one re-index did (printed by ``rsitr index update``, returned by the nightly flow)."""
+
+    scenes: int  # raster scenes under the archive
+    new_scenes: int
+    renamed: int
+    changed: int  # same path, other bytes: re-embedded
+    quarantined: int  # of the new scenes
+    tiles_added: int
+    index: str
+    table: str
+    rows: int  # tiles in the table afterwards
+    nothing_new: bool
+
+
+@dataclass
+class _Changes:
+    """How the archive differs from the ledger."""
+
+    renamed: list[tuple[str, str]] = field(default_factory=list)  # (old uri, new uri), same bytes
+    changed: list[str] = field(default_factory=list)  # known uri, new bytes
+    new: list[str] = field(default_factory=list)  # to ingest and embed (includes changed)
+
+
 def reindex_archive(
     archive: str, out: str, checkpoint: str, options: geotiff.TileOptions | None = None, workers: int | None = 1
-) -> dict[str, Any]:
+) -> ReindexSummary:
     """Bring the index at ``out`` up to date with the scenes under ``archive``.
-
-    Returns:
-        A summary: scenes seen, new / renamed / changed / quarantined scenes, tiles added, and the index metadata.
 
     Raises:
         IndexBusyError: another re-index of ``out`` is running.
         ingest.IngestError: no raster scene under ``archive``.
+        StorageUnreachableError: the object store stopped answering; the index keeps its previous version.
     """
     out = storage.resolve(out)
     checkpoint_meta = ckpt.read_meta(checkpoint)
     checkpoint, model_version = checkpoint_meta.uri, checkpoint_meta.model_version
     name = table_name(model_version)
     ledger_uri = storage.join(out, f"ledger-{name}.json")
-    with index_lock(out):
+    with index_lock(out), storage.unreachable_store_named(out, "re-indexing into"):
         ledger: dict[str, Any] = (
             storage.read_json(ledger_uri) if storage.exists(ledger_uri) else {"scenes": {}, "files": {}}
         )
@@ -122,76 +147,94 @@ def reindex_archive(
             raise ingest.IngestError(f"no raster scenes found under {archive}")
         current = _digests(specs, ledger["files"])
         by_hash: dict[str, dict[str, Any]] = ledger["scenes"]
+        changes = _compare(current, by_hash)
         db = index.connect(out)
         table = _open_table(db, name)
-        renamed, changed, new = [], [], []
-        uri_of_hash = {record["uri"]: sha for sha, record in by_hash.items()}
-        for spec, info in current.items():
-            sha = info["sha256"]
-            if sha in by_hash:
-                if by_hash[sha]["uri"] != spec and by_hash[sha]["uri"] not in current:
-                    renamed.append((by_hash[sha]["uri"], spec))
-                continue
-            if spec in uri_of_hash:
-                changed.append(spec)
-            new.append(spec)
-        if not new and not renamed:
+        summary = ReindexSummary(
+            scenes=len(specs), new_scenes=len(changes.new), renamed=len(changes.renamed), changed=len(changes.changed),
+            quarantined=0, tiles_added=0, index=out, table=name, rows=table.count_rows() if table is not None else 0,
+            nothing_new=not changes.new and not changes.renamed,
+        )  # fmt: skip
+        if summary["nothing_new"]:
             log.info("nothing new under %s: all %d scenes are indexed (model %s)", archive, len(specs), model_version)
-            return {"scenes": len(specs), "new_scenes": 0, "renamed": 0, "changed": 0, "tiles_added": 0,
-                    "quarantined": 0, "index": out, "table": name, "nothing_new": True}  # fmt: skip
-        for old_uri, new_uri in renamed:
-            if table is not None:
-                table.update(where=f"source_uri = {index.sql_text(old_uri)}", values={"source_uri": new_uri})
-            by_hash[uri_of_hash[old_uri]]["uri"] = new_uri
-        for spec in changed:
-            if table is not None:
-                table.delete(f"source_uri = {index.sql_text(spec)}")
-            by_hash.pop(uri_of_hash[spec], None)
-        added, quarantined = 0, 0
-        if new:
-            digests = sorted(current[s]["sha256"] for s in new)
+            return summary
+        _apply_moves(table, by_hash, changes)
+        if changes.new:
+            digests = sorted(current[s]["sha256"] for s in changes.new)
             # named by content: an interrupted run's batch resumes (ingest skips finished units) next time
             batch = "batch-" + hashlib.sha256(f"{model_version}:{digests}".encode()).hexdigest()[:12]
-            rows, manifest = _ingest_and_embed(new, batch, out, checkpoint, options, workers)
+            rows, manifest = _ingest_and_embed(changes.new, batch, out, checkpoint, options, workers)
             if rows is not None:
-                rows = rows.append_column("batch", [[batch] * rows.num_rows])
-                if table is None:
-                    table = db.create_table(name, data=rows)
-                else:
-                    table.delete(f"batch = {index.sql_text(batch)}")  # a half-published earlier attempt of this batch
-                    table.add(rows)
-                added = rows.num_rows
-            reports = {scene["source"]: scene for scene in manifest.get("scenes", [])}
-            rejected = {q["input"]: q["reason"] for q in manifest.get("quarantined", [])}
-            for spec in new:
-                # a rejected scene is remembered too: it is retried only once its bytes change
-                by_hash[current[spec]["sha256"]] = {
-                    "uri": spec,
-                    "batch": batch,
-                    "indexed_at": datetime.now(UTC).isoformat(),
-                    "tiles": reports.get(spec, {}).get("rows", 0),
-                    "quarantined": rejected.get(spec),
-                }
-                quarantined += spec in rejected
-        meta: dict[str, Any] = {}
+                table = _publish_batch(db, name, table, rows, batch)
+                summary["tiles_added"] = rows.num_rows
+            summary["quarantined"] = _remember(by_hash, changes.new, current, batch, manifest)
         if table is not None:
             meta = index.publish(out, table, model_version, checkpoint, {"archive": archive, "data": None})
-        ledger = {"scenes": by_hash, "files": current, "model_version": model_version}
-        storage.write_json_atomic(ledger_uri, ledger)
-    summary = {
-        "scenes": len(specs),
-        "new_scenes": len(new),
-        "renamed": len(renamed),
-        "changed": len(changed),
-        "quarantined": quarantined,
-        "tiles_added": added,
-        "index": out,
-        "table": name,
-        "rows": meta.get("rows", 0),
-        "nothing_new": False,
-    }
+            summary["rows"] = int(meta.get("rows", 0))
+        storage.write_json_atomic(ledger_uri, {"scenes": by_hash, "files": current, "model_version": model_version})
     log.info("re-indexed %s: %s", archive, summary)
     return summary
+
+
+def _compare(current: dict[str, dict[str, Any]], by_hash: dict[str, dict[str, Any]]) -> _Changes:
+    changes = _Changes()
+    uri_of_hash = {record["uri"]: sha for sha, record in by_hash.items()}
+    for spec, info in current.items():
+        sha = info["sha256"]
+        if sha in by_hash:
+            if by_hash[sha]["uri"] != spec and by_hash[sha]["uri"] not in current:
+                changes.renamed.append((by_hash[sha]["uri"], spec))
+            continue
+        if spec in uri_of_hash:
+            changes.changed.append(spec)
+        changes.new.append(spec)
+    return changes
+
+
+def _apply_moves(table: Any, by_hash: dict[str, dict[str, Any]], changes: _Changes) -> None:
+    """Renamed scenes keep their rows under the new path; changed scenes lose theirs (re-embedded as new)."""
+    uri_of_hash = {record["uri"]: sha for sha, record in by_hash.items()}
+    for old_uri, new_uri in changes.renamed:
+        if table is not None:
+            table.update(where=f"source_uri = {index.sql_text(old_uri)}", values={"source_uri": new_uri})
+        by_hash[uri_of_hash[old_uri]]["uri"] = new_uri
+    for spec in changes.changed:
+        if table is not None:
+            table.delete(f"source_uri = {index.sql_text(spec)}")
+        by_hash.pop(uri_of_hash[spec], None)
+
+
+def _publish_batch(db: Any, name: str, table: Any, rows: pa.Table, batch: str) -> Any:
+    rows = rows.append_column("batch", [[batch] * rows.num_rows])
+    if table is None:
+        return db.create_table(name, data=rows)
+    table.delete(f"batch = {index.sql_text(batch)}")  # a half-published earlier attempt of this batch
+    table.add(rows)
+    return table
+
+
+def _remember(
+    by_hash: dict[str, dict[str, Any]],
+    new: list[str],
+    current: dict[str, dict[str, Any]],
+    batch: str,
+    manifest: shards.Manifest,
+) -> int:
+    """Record the new scenes in the ledger; how many of them were quarantined.
+
+    A rejected scene is remembered too: it is retried only once its bytes change.
+    """
+    reports = {scene["source"]: scene for scene in manifest.get("scenes", [])}
+    rejected = {q["input"]: q["reason"] for q in manifest["quarantined"]}
+    for spec in new:
+        by_hash[current[spec]["sha256"]] = {
+            "uri": spec,
+            "batch": batch,
+            "indexed_at": datetime.now(UTC).isoformat(),
+            "tiles": reports.get(spec, {}).get("rows", 0),
+            "quarantined": rejected.get(spec),
+        }
+    return sum(spec in rejected for spec in new)
 
 
 def _ingest_and_embed(
@@ -201,7 +244,7 @@ def _ingest_and_embed(
     checkpoint: str,
     options: geotiff.TileOptions | None,
     workers: int | None,
-) -> tuple[Any, shards.Manifest]:
+) -> tuple[pa.Table | None, shards.Manifest]:
     """Tile and embed one batch of scenes; ``(index rows or None when every tile was rejected, manifest)``."""
     batches = storage.join(out, "batches")
     root = shards.dataset_root(batches, batch)

@@ -52,7 +52,15 @@ def create_app(service: SearchService, required_token_digest: str | None = None)
     )
     app.mount("/static", StaticFiles(directory=str(resources.files("rsitr.service") / "static")), name="static")
     app.mount("/docs-assets", StaticFiles(directory=swagger_ui_bundle.swagger_ui_path), name="docs-assets")
+    _answer_errors_in_one_line(app)
+    _guard(app, required_token_digest)
+    _add_pages(app)
+    _add_searches(app, service)
+    _add_tiles(app, service)
+    return app
 
+
+def _answer_errors_in_one_line(app: FastAPI) -> None:
     @app.exception_handler(SearchError)
     async def bad_query(_: Request, err: SearchError) -> JSONResponse:
         return _error(400, str(err))
@@ -69,6 +77,10 @@ def create_app(service: SearchService, required_token_digest: str | None = None)
     async def http_error(_: Request, err: HTTPException) -> JSONResponse:
         return _error(err.status_code, str(err.detail), getattr(err, "headers", None))
 
+
+def _guard(app: FastAPI, required_token_digest: str | None) -> None:
+    """The bearer token (when one is required) and the upload size limit, checked before any route runs."""
+
     @app.middleware("http")
     async def guard(request: Request, call_next: Any) -> Response:
         root = request.scope.get("root_path", "")  # a Serve route prefix, e.g. /search-app
@@ -76,14 +88,16 @@ def create_app(service: SearchService, required_token_digest: str | None = None)
         if required_token_digest and path not in PUBLIC_PATHS and not path.startswith(PUBLIC_PREFIXES):
             scheme, _, presented = request.headers.get("authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(token_digest(presented), required_token_digest):
-                return _error(
-                    401, "a bearer token is required: Authorization: Bearer <token>", {"WWW-Authenticate": "Bearer"}
-                )
+                return _error(401, "a bearer token is required: Authorization: Bearer <token>", CHALLENGE)
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > MAX_UPLOAD_BYTES:
             return _error(413, f"upload of {int(length)} bytes is over the {MAX_UPLOAD_BYTES} byte limit")
         response: Response = await call_next(request)
         return response
+
+
+def _add_pages(app: FastAPI) -> None:
+    """The web page and the API's own description (no token needed: they hold no data of the index)."""
 
     @app.get("/", include_in_schema=False)
     def page() -> HTMLResponse:
@@ -100,6 +114,8 @@ def create_app(service: SearchService, required_token_digest: str | None = None)
             swagger_favicon_url=f"{root}/docs-assets/favicon-32x32.png",
         )
 
+
+def _add_searches(app: FastAPI, service: SearchService) -> None:
     @app.get("/healthz")
     def healthz() -> dict[str, Any]:
         """The index version, model version and row counts being served."""
@@ -137,6 +153,8 @@ def create_app(service: SearchService, required_token_digest: str | None = None)
             "tiles": [asdict(h) for h in searcher.similar_tiles(vector, k)],
         }
 
+
+def _add_tiles(app: FastAPI, service: SearchService) -> None:
     @app.get("/tiles/{image_id:path}/thumbnail.png", response_class=Response)
     def thumbnail(image_id: str) -> Response:
         """A PNG thumbnail of an indexed tile."""
@@ -157,5 +175,3 @@ def create_app(service: SearchService, required_token_digest: str | None = None)
     def tile(image_id: str) -> dict[str, Any]:
         """An indexed tile's metadata: source, window, footprint, acquisition time."""
         return tile_fields(service.tile(image_id))
-
-    return app

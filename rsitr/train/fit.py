@@ -60,7 +60,7 @@ def fit(
     Raises:
         shards.ShardsNotFoundError: ``data`` holds no ingested dataset.
     """
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import DataConfig
     from ray.train.torch import TorchTrainer
 
     data = storage.resolve(data)
@@ -70,8 +70,6 @@ def fit(
     storage_path = storage.resolve(storage_path)
     name = name or unique_run_name(config.name)
     init_ray()
-    ray_path, ray_filesystem = storage.arrow_filesystem(storage_path)
-    t = config.train
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={
@@ -80,23 +78,10 @@ def fit(
             # TensorBoard events under a local run folder; with S3 storage the per-step log stays in the job log
             "log_dir": None if storage.is_remote(storage_path) else storage.join(storage_path, name, "tensorboard"),
         },
-        scaling_config=ScalingConfig(
-            num_workers=t.num_workers,
-            use_gpu=t.use_gpu,
-            resources_per_worker={"CPU": t.cpus_per_worker},
-            placement_strategy=t.placement_strategy,
-        ),
+        scaling_config=_scaling(config),
         datasets=training_datasets(config, data, storage_path),
         dataset_config=DataConfig(datasets_to_split=["train"]),
-        run_config=RunConfig(
-            name=name,
-            storage_path=ray_path,
-            storage_filesystem=ray_filesystem,
-            checkpoint_config=CheckpointConfig(
-                num_to_keep=1, checkpoint_score_attribute="val_mR", checkpoint_score_order="max"
-            ),
-            failure_config=FailureConfig(max_failures=max_failures),
-        ),
+        run_config=_run_config(name, storage_path, max_failures),
     )
     result = trainer.fit()
     if result.error is not None:
@@ -116,6 +101,30 @@ def fit(
     storage.write_json_atomic(storage.join(run_dir, ckpt.RESULT), out.__dict__)
     storage.write_json_atomic(storage.join(storage_path, ckpt.LATEST), {"run": name, **out.__dict__})
     return out
+
+
+def _scaling(config: Config) -> ray.train.ScalingConfig:
+    t = config.train
+    return ray.train.ScalingConfig(
+        num_workers=t.num_workers,
+        use_gpu=t.use_gpu,
+        resources_per_worker={"CPU": t.cpus_per_worker},
+        placement_strategy=t.placement_strategy,
+    )
+
+
+def _run_config(name: str, storage_path: str, max_failures: int) -> ray.train.RunConfig:
+    """Where the run lives, and the one checkpoint kept: the best by val mR."""
+    ray_path, ray_filesystem = storage.arrow_filesystem(storage_path)
+    return ray.train.RunConfig(
+        name=name,
+        storage_path=ray_path,
+        storage_filesystem=ray_filesystem,
+        checkpoint_config=ray.train.CheckpointConfig(
+            num_to_keep=1, checkpoint_score_attribute="val_mR", checkpoint_score_order="max"
+        ),
+        failure_config=ray.train.FailureConfig(max_failures=max_failures),
+    )
 
 
 def _history(latest: ray.train.Checkpoint | None) -> list[dict[str, float]]:

@@ -7,11 +7,13 @@ import pytest
 import yaml
 from generators.data import broken_corpus, odd_scenes
 from PIL import Image
+from prefect.exceptions import ParameterTypeError
 
 from pipelines.index import index_archive
 from pipelines.ingest import ingest_archive_flow, ingest_corpus_flow, ingest_flow
 from pipelines.train import MissingDataError, train_msa
 from rsitr.evaluation.metrics import chance_metrics
+from rsitr.io.geotiff import TileOptions
 from rsitr.retrieval.search import Searcher
 
 PROJECT = Path(__file__).resolve().parents[2]
@@ -50,10 +52,14 @@ def test_ingest_corpus_and_archive_flows_run(prefect_harness: None, tmp_path: Pa
     )
     assert corpus == {"data": str(tmp_path / "bad"), "rows": 3, "skipped": 0, "quarantined": 9}
     odd_scenes(tmp_path / "scenes")
-    archive = ingest_archive_flow(scenes=[str(tmp_path / "scenes")], out=str(tmp_path), tile_size=64, workers=1)
+    scenes = [str(tmp_path / "scenes")]
+    archive = ingest_archive_flow(scenes=scenes, out=str(tmp_path), options=TileOptions(tile_size=64), workers=1)
     assert archive["rows"] == 11 and archive["quarantined"] == 2 and archive["skipped"] == 13
-    with pytest.raises(ValueError, match="edge mode"):
-        ingest_archive_flow(scenes=[str(tmp_path / "scenes")], out=str(tmp_path), edge="wrap")
+    as_a_deployment_passes_it = {"tile_size": 64}
+    again = ingest_archive_flow(scenes=scenes, out=str(tmp_path), options=as_a_deployment_passes_it, workers=1)  # type: ignore[arg-type]
+    assert again == archive  # the same ingest: nothing to do
+    with pytest.raises(ParameterTypeError, match="edge mode .wrap. is not one of pad, drop"):  # before it runs
+        ingest_archive_flow(scenes=scenes, out=str(tmp_path), options={"edge": "wrap"})  # type: ignore[arg-type]
 
 
 def test_train_on_missing_data_fails_at_once_saying_what_to_ingest(prefect_harness: None, tmp_path: Path) -> None:

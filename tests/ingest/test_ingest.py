@@ -318,3 +318,15 @@ def test_typed_rejections_fingerprint_as_the_dicts_earlier_plans_held() -> None:
     assert typed == plain
     record = asdict(UnitReport(quarantined=[Rejection("b.jpg", "truncated", 1)], inputs=3))
     assert UnitReport.from_record(json.loads(json.dumps(record))).quarantined == [Rejection("b.jpg", "truncated", 1)]
+
+
+def test_a_resumed_ingest_rewrites_a_finished_units_lost_shard(tmp_path: Path) -> None:
+    images, captions = broken_corpus(tmp_path / "corpus")
+    first = ingest_corpus(str(images), str(captions), "bad", str(tmp_path / "out"), workers=1)
+    root = tmp_path / "out" / "bad"
+    shard = root / first["shards"][0]["path"]
+    # an interrupted ingest whose store lost a shard after its unit had recorded it done
+    (root / shards.MANIFEST_NAME).unlink()
+    shard.unlink()
+    again = ingest_corpus(str(images), str(captions), "bad", str(tmp_path / "out"), workers=1)
+    assert shard.is_file() and again == first

