@@ -109,6 +109,8 @@ ROWS: list[Row] = [
             overrides=("model.mscmat=true", *terms),
         )
         for name, terms in (
+            # the baseline of the rows below: their model, cache and compute, with no MSA term in the loss
+            ("no MSA term", ()),
             ("L_MSCMA", ("loss.mscma_weight=15",)),
             ("L_CSMMC", ("loss.csmmc_weight=10",)),
             ("L_tri", ("loss.triplet_weight=1",)),
