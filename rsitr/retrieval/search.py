@@ -7,6 +7,7 @@ import math
 import threading
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -173,12 +174,28 @@ def nearest(
 Loaded = tuple[MSA, Config, dict[str, Any]]
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX; read from /proc/cpuinfo on Linux)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
 class Searcher:
     """An opened index and the model that matches it (loaded once, queried many times)."""
 
-    def __init__(self, index: str, checkpoint: str | None = None, loaded: Loaded | None = None) -> None:
+    def __init__(
+        self, index: str, checkpoint: str | None = None, loaded: Loaded | None = None, bf16_queries: bool | None = None
+    ) -> None:
         """Open ``index`` with ``checkpoint`` (default: the one the index records); ``loaded``: that checkpoint
-        already loaded (a service re-opening a new index version keeps its model)."""
+        already loaded (a service re-opening a new index version keeps its model).
+
+        ``bf16_queries``: run the text tower in bfloat16 autocast for queries (default: where the CPU has bf16 in
+        hardware). Measured on RSICD captions with the four-tower model: 1.7× faster per batch of 8, vectors within
+        cosine 0.99998 of float32 ones (benchmarks/README.md, "Query precision").
+        """
         self.index = index
         self.table, self.meta = open_index(index)
         source = checkpoint or self.meta.get("checkpoint")
@@ -203,6 +220,8 @@ class Searcher:
         self._tokenizer_lock = threading.Lock()
         # concurrent queries (a service's request threads) share one text-tower pass
         self._queries: MicroBatcher[str, torch.Tensor] = MicroBatcher(self.encode_queries)
+        on_cpu = next(self.model.parameters()).device.type == "cpu"
+        self.bf16_queries = on_cpu and (cpu_has_native_bf16() if bf16_queries is None else bf16_queries)
 
     @torch.no_grad()
     def search(self, query: str, k: int = 10, where: SearchFilter | None = None, rerank: int = 0) -> list[Hit]:
@@ -227,10 +246,11 @@ class Searcher:
             tokens = tokenize(
                 queries, self.config.model.text_model, self.config.model.max_tokens, self._tokenizer, "longest"
             )
-        vectors: torch.Tensor = self.model.encode_text(
-            torch.as_tensor(tokens["input_ids"]), torch.as_tensor(tokens["attention_mask"])
-        )
-        return vectors
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16_queries):
+            vectors = self.model.encode_text(
+                torch.as_tensor(tokens["input_ids"]), torch.as_tensor(tokens["attention_mask"])
+            )
+        return torch.nn.functional.normalize(vectors.float(), dim=-1)  # unit length again after bf16 rounding
 
     @torch.no_grad()
     def describe(self, image: str, k: int = 10, rerank: int = 0) -> list[CaptionHit]:

@@ -55,7 +55,7 @@ def test_search_returns_ranked_tiles_with_footprints(built_index: Path) -> None:
 
 
 def test_a_query_padded_to_its_length_embeds_as_one_padded_to_max_tokens(built_index: Path) -> None:
-    searcher = Searcher(str(built_index))
+    searcher = Searcher(str(built_index), bf16_queries=False)
     query = "a river crosses dense forest"
     full = tokenize([query], searcher.config.model.text_model, searcher.config.model.max_tokens)
     assert int(full["attention_mask"].sum()) < full["attention_mask"].shape[1]  # the shortcut changes the input
@@ -69,6 +69,15 @@ def test_a_query_padded_to_its_length_embeds_as_one_padded_to_max_tokens(built_i
     batched = searcher.encode_queries([query, longer])
     torch.testing.assert_close(batched[0], expected[0], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(batched[1], searcher.encode_queries([longer])[0], atol=1e-5, rtol=1e-4)
+
+
+def test_bf16_queries_find_what_float32_queries_find(built_index: Path) -> None:
+    exact, fast = Searcher(str(built_index), bf16_queries=False), Searcher(str(built_index), bf16_queries=True)
+    queries = ["a lake in the north of dense forest", "a river crosses dense forest", "bare land beside farmland"]
+    cosine = (exact.encode_queries(queries) * fast.encode_queries(queries)).sum(dim=1)
+    assert float(cosine.min()) > 0.999 and torch.allclose(fast.encode_queries(queries).norm(dim=1), torch.ones(3))
+    for query in queries:
+        assert [h.image_id for h in fast.search(query, k=5)] == [h.image_id for h in exact.search(query, k=5)]
 
 
 def test_search_rejects_bad_input(built_index: Path, tmp_path: Path) -> None:
