@@ -44,18 +44,21 @@ def _names_unreachable_store(
             except Exception as err:
                 if not (is_remote(uri) and _is_connection_failure(err)):
                     raise
-                raise _unreachable(action, uri, err) from err
+                raise _unreachable(action, uri, err, writing=action == "writing") from err
 
         return guarded
 
     return decorate
 
 
-def _unreachable(action: str, uri: str, err: BaseException) -> StorageUnreachableError:
+def _unreachable(action: str, uri: str, err: BaseException, writing: bool) -> StorageUnreachableError:
     endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("S3_ENDPOINT_URL") or "S3"
+    partial = (
+        "nothing partial was published (objects and index versions appear whole or not at all); " if writing else ""
+    )
     return StorageUnreachableError(
-        f"{action} {uri}: the object store ({endpoint}) did not answer ({type(err).__name__}); nothing partial was "
-        "published (objects and index versions appear whole or not at all): run again once it is back"
+        f"{action} {uri}: the object store ({endpoint}) did not answer ({type(err).__name__}); {partial}"
+        "run again once it is back"
     )
 
 
@@ -69,7 +72,7 @@ def unreachable_store_named(uri: str, action: str) -> Iterator[None]:
         raise
     except Exception as err:
         if is_remote(uri) and not _answers(uri):
-            raise _unreachable(action, uri, err) from err
+            raise _unreachable(action, uri, err, writing=True) from err
         raise
 
 
@@ -78,10 +81,8 @@ def _answers(uri: str) -> bool:
     fs.invalidate_cache()
     try:
         fs.exists(path)
-    except Exception as err:
-        if _is_connection_failure(err):
-            return False
-        raise
+    except Exception as err:  # only unreachability matters here: any other answer means the store is up
+        return not _is_connection_failure(err)
     return True
 
 
