@@ -186,12 +186,14 @@ def shard_uris(root: str) -> list[str]:
 
 
 def iter_rows(root: str, columns: list[str] | None = None, split: str | None = None) -> Iterator[dict[str, Any]]:
-    """Rows of a dataset's shards without loading them all at once (small jobs and tests)."""
+    """Rows of a dataset's shards without loading them all at once (small jobs and tests); with ``split``, only
+    that split's rows (the ``split`` column is read for it even when ``columns`` leaves it out)."""
+    read = columns if split is None or columns is None or "split" in columns else [*columns, "split"]
     for uri in shard_uris(root):
         fs, path = storage.filesystem(uri)
         with fs.open(path, "rb") as handle:
             parquet = pq.ParquetFile(handle)
-            for batch in parquet.iter_batches(columns=columns, batch_size=256):
+            for batch in parquet.iter_batches(columns=read, batch_size=256):
                 for row in batch.to_pylist():
                     if split is None or row.get("split") == split:
                         yield row

@@ -330,3 +330,10 @@ def test_a_resumed_ingest_rewrites_a_finished_units_lost_shard(tmp_path: Path) -
     shard.unlink()
     again = ingest_corpus(str(images), str(captions), "bad", str(tmp_path / "out"), workers=1)
     assert shard.is_file() and again == first
+
+
+def test_rows_of_one_split_can_be_read_without_asking_for_the_split_column(tmp_path: Path) -> None:
+    images, captions = broken_corpus(tmp_path / "corpus")
+    manifest = ingest_corpus(str(images), str(captions), "bad", str(tmp_path), workers=1)
+    val = list(shards.iter_rows(str(tmp_path / "bad"), ["image_id"], split="val"))
+    assert len(val) == manifest["splits"]["val"]["rows"] > 0
