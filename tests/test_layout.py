@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import subprocess
 import sys
 
@@ -10,10 +11,17 @@ import pytest
 import rsitr.train
 
 
-def test_every_training_name_resolves_to_its_module() -> None:
+def test_every_training_name_is_the_object_its_module_defines_even_after_the_modules_load() -> None:
+    # a lazily exported name must never be shadowed by a same-named submodule (``from rsitr.train import fit``
+    # handed out the module ``rsitr.train.fit`` once that module had been imported)
+    first = {name: getattr(rsitr.train, name) for name in rsitr.train.__all__}
+    for home in {"command", "trainer", "loop", "optim", "checkpoint", "losses"}:
+        importlib.import_module(f"rsitr.train.{home}")
     for name in rsitr.train.__all__:
-        value = getattr(rsitr.train, name)
-        assert not callable(value) or value.__module__.startswith("rsitr.train."), name
+        defined = getattr(importlib.import_module(f"rsitr.train.{rsitr.train._HOME[name]}"), name)
+        assert getattr(rsitr.train, name) is defined is first[name], name
+        exec(f"from rsitr.train import {name} as imported", namespace := {})  # noqa: S102
+        assert namespace["imported"] is defined, name
 
 
 def test_an_unknown_training_name_is_an_attribute_error() -> None:

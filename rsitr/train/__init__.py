@@ -15,17 +15,17 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from rsitr.train.command import build_parser, main, run_from_args
-    from rsitr.train.fit import FitResult, fit, training_datasets
     from rsitr.train.loop import HISTORY_KEYS, StepLog, TrainStep, gather_batch, run_epoch, stale_for, train_loop
     from rsitr.train.optim import make_optimizer, make_scheduler
+    from rsitr.train.trainer import FitResult, fit, training_datasets
 
 _HOME = {
     "build_parser": "command",
     "main": "command",
     "run_from_args": "command",
-    "FitResult": "fit",
-    "fit": "fit",
-    "training_datasets": "fit",
+    "FitResult": "trainer",
+    "fit": "trainer",
+    "training_datasets": "trainer",
     "HISTORY_KEYS": "loop",
     "StepLog": "loop",
     "TrainStep": "loop",

@@ -1,4 +1,4 @@
-"""``python -m rsitr.train`` and ``rsitr train``: arguments → config → :func:`rsitr.train.fit.fit`."""
+"""``python -m rsitr.train`` and ``rsitr train``: arguments → config → :func:`rsitr.train.trainer.fit`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import logging
 
 from rsitr.config import build_train_parser, load_config
-from rsitr.train.fit import FitResult, fit
+from rsitr.train.trainer import FitResult, fit
 
 DESCRIPTION = (
     "Train MSA with Ray Train (DDP; gloo on CPU, NCCL on GPU): rank 0 evaluates val each epoch and keeps the best "
