@@ -50,6 +50,7 @@ from rsitr.retrieval.index import (
     read_embeddings,
 )
 from rsitr.retrieval.search import SearchFilter, nearest
+from rsitr.runtime.precision import inference, use_bf16
 from rsitr.runtime.raysession import init_ray
 from rsitr.train import checkpoint as ckpt
 
@@ -98,7 +99,7 @@ def embedding_throughput(checkpoint: str, images: list[Path], work: Path) -> tup
     model.eval()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     decoded = np.stack([decode_image(p.read_bytes(), config.model.image_size) for p in images])
-    with torch.no_grad():
+    with inference(use_bf16("auto", torch.device("cpu"))):  # the precision the product embeds in
         model.encode_image(torch.as_tensor(decoded[:8]))  # warm-up
         started = time.perf_counter()
         for i in range(0, len(decoded), 64):

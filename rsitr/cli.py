@@ -9,7 +9,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from rsitr.config import ConfigError, build_train_parser
+from rsitr.config import PRECISIONS, ConfigError, build_train_parser
 from rsitr.errors import (
     CheckpointError,
     EmbeddingsNotFoundError,
@@ -101,7 +101,10 @@ def format_metrics(metrics: dict[str, float], title: str) -> str:
 def _embed(args: argparse.Namespace) -> None:
     from rsitr.retrieval.embed import embed_archive
 
-    print(json.dumps(embed_archive(args.checkpoint, args.data, args.out, actors=args.actors, captions=args.captions)))
+    summary = embed_archive(
+        args.checkpoint, args.data, args.out, actors=args.actors, captions=args.captions, precision=args.precision
+    )
+    print(json.dumps(summary))
 
 
 def _index(args: argparse.Namespace) -> None:
@@ -215,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--actors", type=int, default=None, help="model copies (default: one per core / GPU)")
     p.add_argument("--captions", action="store_true", help="also embed the captions (captions.parquet)")
+    p.add_argument(
+        "--precision", choices=PRECISIONS, default="auto", help="auto: bf16 on CPUs with bf16 hardware, else float32"
+    )
     p.set_defaults(func=_embed)
 
     p = sub.add_parser("index", help="retrieval index")

@@ -17,6 +17,8 @@ import yaml
 CONFIG_DIR = Path(__file__).parent / "configs"
 # the CPU default: the best val mR measured on RSICD within 3 h on 2 cores (README "Quality on RSICD")
 DEFAULT_PRESET = "msa-four-towers"
+# inference precision (rsitr.runtime.precision): auto = bf16 autocast on CPUs with bf16 hardware, else float32
+PRECISIONS = ("auto", "float32", "bfloat16")
 
 
 class ConfigError(ValueError):

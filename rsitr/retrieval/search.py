@@ -7,7 +7,6 @@ import math
 import threading
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,6 +22,7 @@ from rsitr.models.msa import MSA
 from rsitr.models.text import load_tokenizer
 from rsitr.retrieval.batching import MicroBatcher
 from rsitr.retrieval.index import ANN, AnnSettings, ann_settings, open_captions, open_index, sql_text
+from rsitr.runtime.precision import inference, unit_float32, use_bf16
 from rsitr.train import checkpoint as ckpt
 
 
@@ -174,15 +174,6 @@ def nearest(
 Loaded = tuple[MSA, Config, dict[str, Any]]
 
 
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX; read from /proc/cpuinfo on Linux)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
-
-
 class Searcher:
     """An opened index and the model that matches it (loaded once, queried many times)."""
 
@@ -193,8 +184,7 @@ class Searcher:
         already loaded (a service re-opening a new index version keeps its model).
 
         ``bf16_queries``: run the text tower in bfloat16 autocast for queries (default: where the CPU has bf16 in
-        hardware). Measured on RSICD captions with the four-tower model: 1.7× faster per batch of 8, vectors within
-        cosine 0.99998 of float32 ones (benchmarks/README.md, "Query precision").
+        hardware; see :mod:`rsitr.runtime.precision`).
         """
         self.index = index
         self.table, self.meta = open_index(index)
@@ -220,8 +210,9 @@ class Searcher:
         self._tokenizer_lock = threading.Lock()
         # concurrent queries (a service's request threads) share one text-tower pass
         self._queries: MicroBatcher[str, torch.Tensor] = MicroBatcher(self.encode_queries)
-        on_cpu = next(self.model.parameters()).device.type == "cpu"
-        self.bf16_queries = on_cpu and (cpu_has_native_bf16() if bf16_queries is None else bf16_queries)
+        device = next(self.model.parameters()).device
+        wanted = "auto" if bf16_queries is None else ("bfloat16" if bf16_queries else "float32")
+        self.bf16_queries = use_bf16(wanted, device)
 
     @torch.no_grad()
     def search(self, query: str, k: int = 10, where: SearchFilter | None = None, rerank: int = 0) -> list[Hit]:
@@ -246,11 +237,11 @@ class Searcher:
             tokens = tokenize(
                 queries, self.config.model.text_model, self.config.model.max_tokens, self._tokenizer, "longest"
             )
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16_queries):
+        with inference(self.bf16_queries):
             vectors = self.model.encode_text(
                 torch.as_tensor(tokens["input_ids"]), torch.as_tensor(tokens["attention_mask"])
             )
-        return torch.nn.functional.normalize(vectors.float(), dim=-1)  # unit length again after bf16 rounding
+        return unit_float32(vectors)
 
     @torch.no_grad()
     def describe(self, image: str, k: int = 10, rerank: int = 0) -> list[CaptionHit]:

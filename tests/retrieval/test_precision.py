@@ -1,0 +1,31 @@
+"""Inference precision: bf16 autocast where asked (or where the CPU has bf16 hardware), float32 otherwise."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from rsitr.retrieval.embed import ImageEmbedder
+from rsitr.runtime.precision import use_bf16
+
+
+def test_bf16_only_on_cpu_and_only_when_asked_or_auto() -> None:
+    cpu = torch.device("cpu")
+    assert use_bf16("bfloat16", cpu) and not use_bf16("float32", cpu)
+    assert not use_bf16("bfloat16", torch.device("cuda"))  # GPUs keep float32 here
+    with pytest.raises(ValueError, match="precision 'half' is not one of auto, float32, bfloat16"):
+        use_bf16("half", cpu)
+
+
+def test_tiles_embedded_in_bf16_point_where_float32_ones_do(untrained_checkpoint: Path) -> None:
+    pixels = np.random.default_rng(0).integers(0, 255, (6, 128, 128, 3), dtype=np.uint8)
+    batch = {"image": pixels, "image_id": np.arange(6), "path": np.zeros(6)}
+    exact = ImageEmbedder(str(untrained_checkpoint), "float32")(batch)["embedding"]
+    fast_embedder = ImageEmbedder(str(untrained_checkpoint), "bfloat16")
+    assert fast_embedder.bf16 and exact.dtype == np.float32
+    fast = fast_embedder(batch)["embedding"]
+    assert fast.dtype == np.float32 and np.allclose(np.linalg.norm(fast, axis=1), 1.0, atol=1e-5)
+    assert float((exact * fast).sum(axis=1).min()) > 0.995
