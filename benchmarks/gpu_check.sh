@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from rsitr import checkpoint as ckpt
+from rsitr.train import checkpoint as ckpt
 from rsitr.config import load_config
 from rsitr.data.preprocess import decode_image
 from rsitr.retrieval.embed import embed_archive
