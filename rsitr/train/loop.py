@@ -136,6 +136,10 @@ class TrainStep:
     def __init__(
         self, model: MSA, optimizer: torch.optim.Optimizer, scheduler: Any, config: Config, device: torch.device
     ) -> None:
+        if model.mscmat is not None and not (config.loss.mscma_weight or config.loss.csmmc_weight):
+            # no loss term reads MSCMAT: its parameters would get no gradient, which DDP refuses
+            log.warning("model.mscmat is on but no loss term reads it (loss.mscma_weight, csmmc_weight): left as built")
+            model.mscmat.requires_grad_(False)
         self.ddp = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False})
         self.optimizer, self.scheduler, self.config, self.device = optimizer, scheduler, config, device
         self.amp = device.type == "cuda"
