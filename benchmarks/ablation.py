@@ -104,13 +104,14 @@ ROWS: list[Row] = [
     *(
         Row(
             f"msa-lite0-minilm + {name}",
-            f"{name} on the cached features (MSCMAT over the cached MiniLM token states)",
+            f"{name} on the cached features (MSCMAT over the cached MiniLM token states)"
+            if terms
+            else "the MSA-term rows' model and cache, no term reading MSCMAT (so it is left untrained)",
             preset="msa-lite0-minilm",
             overrides=("model.mscmat=true", *terms),
         )
         for name, terms in (
-            # the baseline of the rows below: their model, cache and compute, with no MSA term in the loss
-            ("no MSA term", ()),
+            ("no MSA term", ()),  # the baseline of the rows below
             ("L_MSCMA", ("loss.mscma_weight=15",)),
             ("L_CSMMC", ("loss.csmmc_weight=10",)),
             ("L_tri", ("loss.triplet_weight=1",)),
