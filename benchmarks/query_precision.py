@@ -21,7 +21,7 @@ import torch
 from rsitr.config import DEFAULT_PRESET, load_config
 from rsitr.data.preprocess import tokenize
 from rsitr.models.msa import MSA, build_model
-from rsitr.retrieval.search import cpu_has_native_bf16
+from rsitr.runtime.precision import cpu_has_native_bf16
 from rsitr.train import checkpoint as ckpt
 
 ROOT = Path(__file__).resolve().parents[1]

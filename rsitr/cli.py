@@ -121,13 +121,21 @@ def _index_update(args: argparse.Namespace) -> None:
 
 
 def _search(args: argparse.Namespace) -> None:
-    from rsitr.retrieval.search import SearchError, describe, parse_filter, search
+    from rsitr.retrieval.query import SearchError, check_k, check_query, parse_filter, require_index
 
+    # every check a user's typing can fail runs before torch and LanceDB load (seconds)
     if (args.query is None) == (args.image is None):
         raise SearchError("give either a text query (text → tiles) or --image FILE (image → captions)")
+    if args.image is not None and (args.bbox or args.after or args.before or args.html):
+        raise SearchError("--bbox/--after/--before/--html apply to text → tiles search, not to --image")
+    if args.query is not None:
+        check_query(args.query)
+    check_k(args.k, args.rerank)
+    where = parse_filter(args.bbox, args.after, args.before)
+    require_index(args.index)
+    from rsitr.retrieval.search import describe, search
+
     if args.image is not None:
-        if args.bbox or args.after or args.before or args.html:
-            raise SearchError("--bbox/--after/--before/--html apply to text → tiles search, not to --image")
         captions = describe(args.image, args.index, args.k, args.checkpoint, args.rerank)
         if args.json:
             print(json.dumps(captions, indent=2))
@@ -136,7 +144,6 @@ def _search(args: argparse.Namespace) -> None:
             print(f"{hit['rank']:3d}  {hit['score']:.3f}  {hit['caption']}  ({hit['image_id']})")
         return
 
-    where = parse_filter(args.bbox, args.after, args.before)
     hits = search(args.query, args.index, args.k, args.checkpoint, where, args.rerank)
     if args.html:
         from rsitr.retrieval.index import open_index

@@ -1,5 +1,6 @@
 """The one-line errors of the CLI and of `make demo`'s guards (no services started here)."""
 
+import json
 import socket
 import subprocess
 import sys
@@ -66,3 +67,23 @@ def test_the_cli_starts_without_torch_or_ray() -> None:
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_search_refuses_bad_input_before_loading_torch_or_lancedb(tmp_path: Path) -> None:
+    bad = [
+        ["search", "  ", "--index", str(tmp_path)],
+        ["search", "rivers", "--index", str(tmp_path), "-k", "0"],
+        ["search", "rivers", "--index", str(tmp_path), "--bbox", "1,2,3"],
+        ["search", "rivers", "--index", str(tmp_path), "--after", "yesterday"],
+        ["search", "rivers", "--index", str(tmp_path / "none")],
+    ]
+    probe = (
+        "import sys, json; from rsitr.cli import main; "
+        f"codes = [main(args) for args in {bad!r}]; "
+        "print(json.dumps([codes, sorted({'torch', 'ray', 'lancedb'} & set(sys.modules))]))"
+    )
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=120)
+    codes, heavy = json.loads(run.stdout.strip().splitlines()[-1])
+    assert codes == [2] * len(bad) and heavy == []
+    reasons = run.stderr.strip().splitlines()
+    assert len(reasons) == len(bad) and "empty query" in reasons[0] and "no index at" in reasons[-1]

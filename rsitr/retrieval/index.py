@@ -15,13 +15,13 @@ import pyarrow.parquet as pq
 import shapely
 from lancedb.index import BTree, HnswSq, IvfFlat, IvfPq, IvfSq
 
-from rsitr.errors import EmbeddingsNotFoundError, IndexNotFoundError
+from rsitr.errors import EmbeddingsNotFoundError
 from rsitr.io import storage
+from rsitr.retrieval.query import INDEX_META, require_index
 
 log = logging.getLogger(__name__)
 TABLE = "tiles"
 CAPTIONS_TABLE = "captions"
-INDEX_META = "index.json"
 ANN_THRESHOLD = 100_000
 FILTER_COLUMNS = ("min_lon", "max_lon", "min_lat", "max_lat", "acquired_at")
 
@@ -260,11 +260,8 @@ def open_index(uri: str) -> tuple[Any, dict[str, Any]]:
     Raises:
         IndexNotFoundError: no index was built at ``uri``.
     """
-    uri = storage.resolve(uri)
-    meta_uri = storage.join(uri, INDEX_META)
-    if not storage.exists(meta_uri):
-        raise IndexNotFoundError(f"no index at {uri} (missing {INDEX_META}); build one with `rsitr index build`")
-    meta: dict[str, Any] = storage.read_json(meta_uri)
+    uri = require_index(uri)
+    meta: dict[str, Any] = storage.read_json(storage.join(uri, INDEX_META))
     return connect(uri).open_table(meta["table"]), meta
 
 

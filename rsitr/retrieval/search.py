@@ -3,10 +3,8 @@ caption embeddings to the encoded image), optionally re-ranked by similarity-mat
 
 from __future__ import annotations
 
-import math
 import threading
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -22,102 +20,9 @@ from rsitr.models.msa import MSA
 from rsitr.models.text import load_tokenizer
 from rsitr.retrieval.batching import MicroBatcher
 from rsitr.retrieval.index import ANN, AnnSettings, ann_settings, open_captions, open_index, sql_text
+from rsitr.retrieval.query import SearchError, SearchFilter, check_k, check_query
 from rsitr.runtime.precision import inference, unit_float32, use_bf16
 from rsitr.train import checkpoint as ckpt
-
-
-class SearchError(ValueError):
-    """A query that cannot be answered (empty text, mismatched model, bad filter, …)."""
-
-
-@dataclass(frozen=True)
-class SearchFilter:
-    """Where and when: tiles whose footprint intersects ``bbox`` (lon/lat, EPSG:4326) and that were acquired in
-    [``after``, ``before``). Applied inside the index search, before the top-k is taken."""
-
-    bbox: tuple[float, float, float, float] | None = None
-    after: datetime | None = None
-    before: datetime | None = None
-
-    def __post_init__(self) -> None:
-        if self.bbox is not None:
-            min_lon, min_lat, max_lon, max_lat = self.bbox
-            if not all(math.isfinite(v) for v in self.bbox):
-                raise SearchError(f"bbox {self.bbox}: every bound must be a finite number")
-            if not (
-                -180 <= min_lon <= 180 and -180 <= max_lon <= 180 and -90 <= min_lat <= 90 and -90 <= max_lat <= 90
-            ):
-                raise SearchError(f"bbox {_bbox_text(self.bbox)}: longitudes must lie in ±180 and latitudes in ±90")
-            if min_lon > max_lon or min_lat > max_lat:
-                raise SearchError(f"bbox {_bbox_text(self.bbox)}: expected minx,miny,maxx,maxy with min <= max")
-        if self.after and self.before and self.after >= self.before:
-            raise SearchError(f"--after {self.after.isoformat()} is not before --before {self.before.isoformat()}")
-
-    def where(self) -> str | None:
-        """The filter as a LanceDB (DataFusion SQL) predicate, or None for no filter."""
-        clauses = []
-        if self.bbox is not None:
-            min_lon, min_lat, max_lon, max_lat = self.bbox
-            clauses.append(f"max_lon >= {min_lon!r} AND min_lon <= {max_lon!r}")
-            clauses.append(f"max_lat >= {min_lat!r} AND min_lat <= {max_lat!r}")
-        if self.after is not None:
-            clauses.append(f"acquired_at >= arrow_cast('{_utc(self.after)}', 'Timestamp(Microsecond, Some(\"UTC\"))')")
-        if self.before is not None:
-            clauses.append(f"acquired_at < arrow_cast('{_utc(self.before)}', 'Timestamp(Microsecond, Some(\"UTC\"))')")
-        return " AND ".join(clauses) or None
-
-
-def _bbox_text(bbox: tuple[float, ...]) -> str:
-    return ",".join(f"{v:g}" for v in bbox)
-
-
-def _utc(moment: datetime) -> str:
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")
-
-
-def parse_bbox(text: str) -> tuple[float, float, float, float]:
-    """``minx,miny,maxx,maxy`` in degrees.
-
-    Raises:
-        SearchError: not four numbers.
-    """
-    try:
-        values = tuple(float(part) for part in text.split(","))
-    except ValueError:
-        values = ()
-    if len(values) != 4:
-        raise SearchError(f"bbox {text!r}: expected four numbers minx,miny,maxx,maxy (degrees)")
-    return values
-
-
-def parse_date(text: str, what: str) -> datetime:
-    """An ISO date or date-time; without a zone it is UTC.
-
-    Raises:
-        SearchError: not an ISO date.
-    """
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        raise SearchError(f"{what} {text!r}: expected an ISO date such as 2024-05-01 or 2024-05-01T12:00") from None
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
-
-
-def parse_filter(
-    bbox: str | None, after: str | None, before: str | None, names: tuple[str, str] = ("--after", "--before")
-) -> SearchFilter | None:
-    """The filter typed as text (``names``: what the two dates are called where they were typed), or None.
-
-    Raises:
-        SearchError: a bad bbox or date, or an empty time range.
-    """
-    if not (bbox or after or before):
-        return None
-    return SearchFilter(
-        bbox=parse_bbox(bbox) if bbox else None,
-        after=parse_date(after, names[0]) if after else None,
-        before=parse_date(before, names[1]) if before else None,
-    )
 
 
 @dataclass
@@ -147,8 +52,6 @@ class CaptionHit:
 
 
 # the most results, re-ranked candidates and id length one query may ask for (the CLI and the service alike)
-MAX_K = 1000
-MAX_RERANK = 1000
 MAX_ID_LENGTH = 512
 
 # reference vectors the re-rank compares a query with (a fixed sample of the other side's table beyond this)
@@ -218,9 +121,8 @@ class Searcher:
     def search(self, query: str, k: int = 10, where: SearchFilter | None = None, rerank: int = 0) -> list[Hit]:
         """Top-``k`` tiles for ``query`` among those that pass ``where``; with ``rerank``, the top ``rerank``
         re-ranked against the index's captions (:mod:`rsitr.evaluation.rerank`) before the first ``k`` are kept."""
-        if not query.strip():
-            raise SearchError("empty query: type what to look for, e.g. 'a river crossing farmland'")
-        _check_k(k, rerank)
+        check_query(query)
+        check_k(k, rerank)
         vector = self.encode_query(query)
         rows = nearest(self.table, vector.numpy(), max(k, rerank), where, ann=self.ann)
         reranked = self._rerank(vector, rows, self._caption_table(), "captions") if rerank else None
@@ -252,7 +154,7 @@ class Searcher:
     @torch.no_grad()
     def describe_vector(self, vector: torch.Tensor, k: int = 10, rerank: int = 0) -> list[CaptionHit]:
         """Top-``k`` captions for an image embedding (see :meth:`encode_image_bytes`)."""
-        _check_k(k, rerank)
+        check_k(k, rerank)
         captions = self._caption_table()
         rows = nearest(captions, vector.numpy(), max(k, rerank), ann=self.captions_ann)
         reranked = self._rerank(vector, rows, self.table, "tiles") if rerank else None
@@ -279,7 +181,7 @@ class Searcher:
     ) -> list[Hit]:
         """The ``k`` indexed tiles nearest an image embedding (image → tiles); ``exclude``: a tile id left out (the
         tile a "more like this" starts from)."""
-        _check_k(k, 0)
+        check_k(k, 0)
         vector = vector.numpy() if isinstance(vector, torch.Tensor) else np.asarray(vector, dtype=np.float32)
         rows = [row for row in nearest(self.table, vector, k + 1, where, ann=self.ann) if row["image_id"] != exclude]
         return [_hit(rank, row) for rank, row in enumerate(rows[:k], start=1)]
@@ -331,15 +233,6 @@ def _read_image(uri: str) -> bytes:
         return storage.read_bytes(storage.resolve(uri))
     except OSError as err:
         raise SearchError(f"image {uri}: cannot be read ({err})") from None
-
-
-def _check_k(k: int, rerank: int) -> None:
-    if not 1 <= k <= MAX_K:
-        raise SearchError(f"k={k}: ask for between 1 and {MAX_K} results")
-    if rerank > MAX_RERANK:
-        raise SearchError(f"--rerank {rerank}: re-rank at most {MAX_RERANK} candidates")
-    if rerank < 0:
-        raise SearchError(f"--rerank {rerank}: give the number of candidates to re-rank (0: off)")
 
 
 def _order(

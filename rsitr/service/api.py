@@ -17,7 +17,8 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
-from rsitr.retrieval.search import SearchError, parse_filter, tile_fields
+from rsitr.retrieval.query import SearchError, parse_filter
+from rsitr.retrieval.search import tile_fields
 from rsitr.service.state import SearchService, TileNotFoundError
 
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024

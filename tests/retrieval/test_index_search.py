@@ -13,12 +13,13 @@ from generators.data import demo_index
 from rsitr.cli import main as cli_main
 from rsitr.config import load_config
 from rsitr.data.preprocess import decode_image, tokenize
+from rsitr.errors import IndexNotFoundError
 from rsitr.io import shards
 from rsitr.models.msa import build_model
 from rsitr.retrieval import embed
 from rsitr.retrieval import index as index_module
 from rsitr.retrieval.embed import embed_archive
-from rsitr.retrieval.index import IndexNotFoundError, build_index, open_index
+from rsitr.retrieval.index import build_index, open_index
 from rsitr.retrieval.search import Searcher, SearchError, SearchFilter
 from rsitr.train.checkpoint import CheckpointError, save_checkpoint
 
