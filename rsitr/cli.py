@@ -74,13 +74,34 @@ def _ingest(args: argparse.Namespace) -> None:
     print(json.dumps(summary | {"quarantined": len(manifest["quarantined"]), "shards": len(manifest["shards"])}))
 
 
+def _inputs_exist(checkpoint: str | None = None, data: str | None = None, index: str | None = None) -> None:
+    """The named checkpoint, dataset and index are there: checked from their small JSON files, before torch, Ray or
+    LanceDB load (seconds), so a mistyped path is one line at once.
+
+    Raises:
+        CheckpointError, ShardsNotFoundError, IndexNotFoundError: naming the path.
+    """
+    from rsitr.io import shards
+    from rsitr.retrieval.query import require_index
+    from rsitr.train.checkpoint import read_meta
+
+    if checkpoint is not None:
+        read_meta(checkpoint)
+    if data is not None:
+        shards.read_manifest(data)
+    if index is not None:
+        require_index(index)
+
+
 def _train(args: argparse.Namespace) -> None:
+    _inputs_exist(data=args.data)
     from rsitr.train import run_from_args
 
     run_from_args(args)
 
 
 def _eval(args: argparse.Namespace) -> None:
+    _inputs_exist(checkpoint=args.checkpoint, data=args.data)
     from rsitr.evaluation.evaluate import evaluate_checkpoint
 
     metrics = evaluate_checkpoint(args.checkpoint, args.data, args.split, args.rerank)
@@ -99,6 +120,7 @@ def format_metrics(metrics: dict[str, float], title: str) -> str:
 
 
 def _embed(args: argparse.Namespace) -> None:
+    _inputs_exist(checkpoint=args.checkpoint, data=args.data)
     from rsitr.retrieval.embed import embed_archive
 
     summary = embed_archive(
@@ -114,6 +136,7 @@ def _index(args: argparse.Namespace) -> None:
 
 
 def _index_update(args: argparse.Namespace) -> None:
+    _inputs_exist(checkpoint=args.checkpoint)
     from rsitr.retrieval.reindex import reindex_archive
 
     summary = reindex_archive(args.archive, args.out, args.checkpoint, TileOptions(tile_size=args.tile_size))
@@ -276,6 +299,7 @@ def _serve(args: argparse.Namespace) -> None:
     import signal
     import threading
 
+    _inputs_exist(checkpoint=args.checkpoint, index=args.index)
     from rsitr.service import deployment
 
     url = deployment.start(

@@ -69,13 +69,20 @@ def test_the_cli_starts_without_torch_or_ray() -> None:
     assert out.strip() == "[]"
 
 
-def test_search_refuses_bad_input_before_loading_torch_or_lancedb(tmp_path: Path) -> None:
+def test_bad_input_is_refused_before_torch_ray_or_lancedb_load(tmp_path: Path) -> None:
+    none = str(tmp_path / "none")
     bad = [
         ["search", "  ", "--index", str(tmp_path)],
         ["search", "rivers", "--index", str(tmp_path), "-k", "0"],
         ["search", "rivers", "--index", str(tmp_path), "--bbox", "1,2,3"],
         ["search", "rivers", "--index", str(tmp_path), "--after", "yesterday"],
-        ["search", "rivers", "--index", str(tmp_path / "none")],
+        ["search", "rivers", "--index", none],
+        ["embed", "--checkpoint", none, "--data", none, "--out", none],
+        ["eval", "--checkpoint", none, "--data", none],
+        ["train", "--data", none],
+        ["index", "build", "--embeddings", none, "--out", none],
+        ["index", "update", "--archive", none, "--out", none, "--checkpoint", none],
+        ["serve", "--index", none],
     ]
     probe = (
         "import sys, json; from rsitr.cli import main; "
@@ -86,4 +93,5 @@ def test_search_refuses_bad_input_before_loading_torch_or_lancedb(tmp_path: Path
     codes, heavy = json.loads(run.stdout.strip().splitlines()[-1])
     assert codes == [2] * len(bad) and heavy == []
     reasons = run.stderr.strip().splitlines()
-    assert len(reasons) == len(bad) and "empty query" in reasons[0] and "no index at" in reasons[-1]
+    assert len(reasons) == len(bad) and "empty query" in reasons[0] and "no index at" in reasons[4]
+    assert all(none in reason for reason in reasons[4:]), reasons

@@ -9,11 +9,9 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-import lancedb
 import pyarrow as pa
 import pyarrow.parquet as pq
 import shapely
-from lancedb.index import BTree, HnswSq, IvfFlat, IvfPq, IvfSq
 
 from rsitr.errors import EmbeddingsNotFoundError
 from rsitr.io import storage
@@ -28,6 +26,8 @@ FILTER_COLUMNS = ("min_lon", "max_lon", "min_lat", "max_lat", "acquired_at")
 
 def connect(uri: str) -> Any:
     """The LanceDB database at ``uri`` (a local folder or an ``s3://`` prefix)."""
+    import lancedb  # here, not at the top: importing it takes seconds, and bad input is refused before that
+
     return lancedb.connect(uri, storage_options=storage.lance_options(uri))
 
 
@@ -166,6 +166,8 @@ class AnnSettings:
 
     def config(self, rows: int) -> Any:
         """The LanceDB index configuration for a table of ``rows`` vectors."""
+        from lancedb.index import HnswSq, IvfFlat, IvfPq, IvfSq
+
         partitions = max(1, round(self.partitions_per_sqrt_rows * math.sqrt(rows)))
         if self.index_type == "IVF_PQ":
             return IvfPq(distance_type="cosine", num_partitions=partitions, num_sub_vectors=self.sub_vectors)
@@ -201,6 +203,8 @@ def add_vector_index(lance_table: Any, ann: AnnSettings = ANN) -> None:
 
 def add_filter_indices(lance_table: Any) -> None:
     """B-tree indices on the bbox/time filter columns."""
+    from lancedb.index import BTree
+
     for column in FILTER_COLUMNS:
         lance_table.create_index(column, config=BTree())
 

@@ -11,16 +11,16 @@ import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
-from safetensors.torch import load_file, save_file
+from typing import TYPE_CHECKING, Any
 
 from rsitr.config import Config
 from rsitr.errors import CheckpointError
 from rsitr.io import storage
-from rsitr.io.tensors import load_tensors_only
-from rsitr.models.msa import MSA, build_model
+
+if TYPE_CHECKING:  # torch and the model load where weights are read or written: reading metadata stays light
+    import torch
+
+    from rsitr.models.msa import MSA
 
 WEIGHTS = "model.safetensors"
 OPTIMIZER = "optimizer.pt"
@@ -41,6 +41,9 @@ def save_checkpoint(
     history: list[dict[str, float]] | None = None,
 ) -> str:
     """Write a checkpoint into ``directory`` and return its model version (hash of the weights)."""
+    import torch
+    from safetensors.torch import save_file
+
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
@@ -126,6 +129,10 @@ def load_checkpoint(uri: str, map_location: str | torch.device = "cpu") -> tuple
     Raises:
         CheckpointError: missing files or weights that do not fit the configured architecture.
     """
+    from safetensors.torch import load_file
+
+    from rsitr.models.msa import build_model
+
     folder = _local_copy(resolve_checkpoint(uri))
     for name in (WEIGHTS, CONFIG, STATE):
         if not (folder / name).is_file():
@@ -144,6 +151,10 @@ def load_training_state(
     folder: Path, model: MSA, optimizer: torch.optim.Optimizer, scheduler: Any = None
 ) -> dict[str, Any]:
     """Restore weights, optimizer and scheduler state in place for resuming; returns the saved state."""
+    from safetensors.torch import load_file
+
+    from rsitr.io.tensors import load_tensors_only
+
     model.load_state_dict(load_file(str(folder / WEIGHTS)), strict=True)
     if (folder / OPTIMIZER).is_file():
         optim_state = load_tensors_only(folder / OPTIMIZER)
