@@ -299,6 +299,9 @@ def _serve(args: argparse.Namespace) -> None:
     import signal
     import threading
 
+    from rsitr.service.security import TOKEN_VARIABLE, required_digest
+
+    required_digest(args.host, os.environ.get(TOKEN_VARIABLE))  # a token is needed beyond loopback: said first
     _inputs_exist(checkpoint=args.checkpoint, index=args.index)
     from rsitr.service import deployment
 

@@ -104,7 +104,8 @@ def test_prefect_cluster_pool_is_accepted_by_a_real_prefect_server(prefect_harne
 def test_serve_config_is_a_valid_ray_serve_config_that_demands_a_token(monkeypatch) -> None:
     from ray.serve.schema import ServeDeploySchema
 
-    from rsitr.service.deployment import ServiceConfigError, build_app, token_digest
+    from rsitr.service.deployment import build_app
+    from rsitr.service.security import ServiceConfigError, token_digest
 
     config = ServeDeploySchema.model_validate(yaml.safe_load((INFRA / "serve.yaml").read_text()))
     (app,) = config.applications

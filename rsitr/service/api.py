@@ -3,7 +3,6 @@ the same checks the CLI applies (:mod:`rsitr.retrieval.search`)."""
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 from dataclasses import asdict
 from importlib import resources
@@ -19,6 +18,7 @@ from starlette.exceptions import HTTPException
 
 from rsitr.retrieval.query import SearchError, parse_filter
 from rsitr.retrieval.search import tile_fields
+from rsitr.service.security import token_digest
 from rsitr.service.state import SearchService, TileNotFoundError
 
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
@@ -26,11 +26,6 @@ MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 PUBLIC_PATHS = ("/", "/docs", "/openapi.json")
 PUBLIC_PREFIXES = ("/static/", "/docs-assets/")
 CHALLENGE = {"WWW-Authenticate": "Bearer"}
-
-
-def token_digest(token: str) -> str:
-    """The SHA-256 of a bearer token: what a service keeps and compares, so the token itself is never stored."""
-    return hashlib.sha256(token.encode()).hexdigest()
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:

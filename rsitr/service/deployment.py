@@ -6,49 +6,18 @@ Started by ``rsitr serve`` (:func:`start`), or on a cluster with ``serve run`` /
 
 from __future__ import annotations
 
-import ipaddress
 import os
 from typing import Any
 
 from ray import serve
 
-from rsitr.service.api import create_app, token_digest
+from rsitr.service.api import create_app
+from rsitr.service.security import TOKEN_VARIABLE, ServiceConfigError, required_digest
 from rsitr.service.state import POLL_SECONDS, SearchService
 
 APP_NAME = "rsitr-search"
-TOKEN_VARIABLE = "RSITR_API_TOKEN"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
-
-
-class ServiceConfigError(ValueError):
-    """A service that must not start as configured (e.g. reachable from other machines without a token)."""
-
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` is reachable from this machine only."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:  # a host name other than localhost may resolve to any interface
-        return False
-
-
-def required_digest(host: str, token: str | None) -> str | None:
-    """The digest of the token a service on ``host`` requires (None: none required, loopback only).
-
-    Raises:
-        ServiceConfigError: bound beyond loopback with no token.
-    """
-    if token:
-        return token_digest(token)
-    if not is_loopback(host):
-        raise ServiceConfigError(
-            f"--host {host} makes the service reachable from other machines: set {TOKEN_VARIABLE} to the bearer "
-            "token clients must send, or bind 127.0.0.1"
-        )
-    return None
 
 
 # no access log line per request: at tens of queries a second, forwarding them costs the cores the queries need
