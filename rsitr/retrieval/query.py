@@ -114,14 +114,21 @@ def parse_filter(
 
 
 def check_query(query: str) -> None:
-    """Raises:
-    SearchError: the query has no text.
+    """Refuse a query without text.
+
+    Raises:
+        SearchError: the query is empty or blank.
     """
     if not query.strip():
         raise SearchError("empty query: type what to look for, e.g. 'a river crossing farmland'")
 
 
 def check_k(k: int, rerank: int) -> None:
+    """Refuse a result count or re-rank depth out of range.
+
+    Raises:
+        SearchError: ``k`` outside 1…MAX_K, or ``rerank`` negative or over MAX_RERANK.
+    """
     if not 1 <= k <= MAX_K:
         raise SearchError(f"k={k}: ask for between 1 and {MAX_K} results")
     if rerank > MAX_RERANK:
