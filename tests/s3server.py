@@ -96,8 +96,12 @@ class SeaweedServer:
         Raises:
             RuntimeError: the server exited or did not answer within the timeout.
         """
+        # AWS_* variables (another server's, set for the clients) would become this server's credentials too
+        env = {key: value for key, value in os.environ.items() if not key.startswith("AWS_")}
         with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            self.process = subprocess.Popen(
+                self.command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env
+            )
         _wait_ready(self.s3, self.process, self.timeout, self.log_path)
 
     def stop(self, kill: bool = False) -> None:
