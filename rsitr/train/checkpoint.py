@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -60,14 +62,19 @@ def save_checkpoint(
     return version
 
 
-def _local_copy(uri: str) -> Path:
-    """A local folder holding the checkpoint at ``uri`` (downloaded from object storage when remote)."""
+@contextmanager
+def _local_copy(uri: str) -> Iterator[Path]:
+    """A local folder holding what loading reads of the checkpoint at ``uri``: the folder itself when local; else
+    its weights, config and state (not the optimizer state) downloaded into a temporary folder removed on exit."""
     if not storage.is_remote(uri):
-        return Path(storage.resolve(uri))
+        yield Path(storage.resolve(uri))
+        return
     fs, path = storage.filesystem(uri)
-    target = Path(tempfile.mkdtemp(prefix="rsitr-ckpt-"))
-    fs.get(path.rstrip("/") + "/", str(target), recursive=True)
-    return target
+    with tempfile.TemporaryDirectory(prefix="rsitr-ckpt-") as target:
+        for name in (WEIGHTS, CONFIG, STATE):
+            if fs.exists(f"{path.rstrip('/')}/{name}"):
+                fs.get(f"{path.rstrip('/')}/{name}", str(Path(target) / name))
+        yield Path(target)
 
 
 def resolve_checkpoint(uri: str) -> str:
@@ -133,18 +140,19 @@ def load_checkpoint(uri: str, map_location: str | torch.device = "cpu") -> tuple
 
     from rsitr.models.msa import build_model
 
-    folder = _local_copy(resolve_checkpoint(uri))
-    for name in (WEIGHTS, CONFIG, STATE):
-        if not (folder / name).is_file():
-            raise CheckpointError(f"checkpoint {uri}: missing {name}")
-    config = Config.from_dict(json.loads((folder / CONFIG).read_text()))
-    model = build_model(config.model, pretrained=False)
-    try:
-        model.load_state_dict(load_file(str(folder / WEIGHTS)), strict=True)
-    except RuntimeError as err:
-        raise CheckpointError(f"checkpoint {uri}: weights do not fit the config ({err})") from err
+    with _local_copy(resolve_checkpoint(uri)) as folder:
+        for name in (WEIGHTS, CONFIG, STATE):
+            if not (folder / name).is_file():
+                raise CheckpointError(f"checkpoint {uri}: missing {name}")
+        config = Config.from_dict(json.loads((folder / CONFIG).read_text()))
+        state = json.loads((folder / STATE).read_text())
+        model = build_model(config.model, pretrained=False)
+        try:
+            model.load_state_dict(load_file(str(folder / WEIGHTS)), strict=True)
+        except RuntimeError as err:
+            raise CheckpointError(f"checkpoint {uri}: weights do not fit the config ({err})") from err
     model.to(map_location).eval()
-    return model, config, json.loads((folder / STATE).read_text())
+    return model, config, state
 
 
 def load_training_state(

@@ -3,13 +3,15 @@
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load as load_safetensors
 
 from rsitr.io import storage
-from rsitr.train.checkpoint import RESULT, STATE, WEIGHTS, load_checkpoint
+from rsitr.train.checkpoint import CONFIG, OPTIMIZER, RESULT, STATE, WEIGHTS, load_checkpoint
 
 PROJECT = Path(__file__).resolve().parents[2]
 
@@ -43,3 +45,21 @@ def test_checkpoints_round_trip_through_s3_and_a_run_resumes_there(s3_bucket: st
     history = storage.read_json(f"{runs}/s3-run/{RESULT}")["history"]
     assert [h["epoch"] for h in history] == [0, 1]
     assert storage.read_json(f"{storage.read_json(f'{runs}/s3-run/{RESULT}')['best_checkpoint']}/{STATE}")
+
+
+def test_loading_a_checkpoint_from_s3_downloads_no_optimizer_and_leaves_no_temporary_folder(
+    s3_bucket: str, untrained_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    remote = f"{s3_bucket}/loaded-checkpoint"
+    fs, path = storage.filesystem(remote)
+    for name in (WEIGHTS, CONFIG, STATE):
+        fs.put(str(untrained_checkpoint / name), f"{path}/{name}")
+    fs.pipe(f"{path}/{OPTIMIZER}", b"not read when only loading")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
+    model, config, state = load_checkpoint(remote)
+
+    assert config.name == "demo" and state["epoch"] == 0
+    stored = load_safetensors((untrained_checkpoint / WEIGHTS).read_bytes())
+    assert all(torch.equal(stored[k], v) for k, v in model.state_dict().items())
+    assert list(tmp_path.iterdir()) == []  # every load used to leave the whole checkpoint behind in /tmp
