@@ -9,7 +9,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from rsitr.config import PRECISIONS, ConfigError, build_train_parser
+from rsitr.config import PRECISIONS, TEST_VIEW_COUNTS, ConfigError, build_train_parser
 from rsitr.errors import (
     CheckpointError,
     EmbeddingsNotFoundError,
@@ -104,7 +104,7 @@ def _eval(args: argparse.Namespace) -> None:
     _inputs_exist(checkpoint=args.checkpoint, data=args.data)
     from rsitr.evaluation.evaluate import evaluate_checkpoint
 
-    metrics = evaluate_checkpoint(args.checkpoint, args.data, args.split, args.rerank)
+    metrics = evaluate_checkpoint(args.checkpoint, args.data, args.split, args.rerank, args.test_views)
     if args.json:
         print(json.dumps(metrics))
     else:
@@ -124,7 +124,13 @@ def _embed(args: argparse.Namespace) -> None:
     from rsitr.retrieval.embed import embed_archive
 
     summary = embed_archive(
-        args.checkpoint, args.data, args.out, actors=args.actors, captions=args.captions, precision=args.precision
+        args.checkpoint,
+        args.data,
+        args.out,
+        actors=args.actors,
+        captions=args.captions,
+        precision=args.precision,
+        test_views=args.test_views,
     )
     print(json.dumps(summary))
 
@@ -185,6 +191,16 @@ def _search(args: argparse.Namespace) -> None:
         )
 
 
+def _add_test_views(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--test-views",
+        type=int,
+        choices=TEST_VIEW_COUNTS,
+        default=None,
+        help="average each image over this many flips/turns (default: the checkpoint's model.test_views)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``rsitr`` argument parser."""
     parser = argparse.ArgumentParser(prog="rsitr", description="Remote-sensing image-text retrieval")
@@ -240,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--json", action="store_true")
     p.add_argument("--rerank", type=int, default=None, metavar="K", help="re-rank each query's top K (0: off)")
+    _add_test_views(p)
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("embed", help="embed an ingested archive's tiles")
@@ -251,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--precision", choices=PRECISIONS, default="auto", help="auto: bf16 on CPUs with bf16 hardware, else float32"
     )
+    _add_test_views(p)
     p.set_defaults(func=_embed)
 
     p = sub.add_parser("index", help="retrieval index")

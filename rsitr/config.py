@@ -19,6 +19,8 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 DEFAULT_PRESET = "msa-four-towers"
 # inference precision (rsitr.runtime.precision): auto = bf16 autocast on CPUs with bf16 hardware, else float32
 PRECISIONS = ("auto", "float32", "bfloat16")
+# model.test_views: the image alone, with its flips and half turn, or with every flip and quarter turn
+TEST_VIEW_COUNTS = (1, 4, 8)
 
 
 class ConfigError(ValueError):
@@ -73,6 +75,10 @@ class ModelConfig:
     # K independently initialised heads trained side by side, each with its own loss; embeddings are the members'
     # unit vectors side by side / √K (one cosine = the mean of theirs), K × embed_dim wide
     head_ensemble: int = 1
+    # inference only: the image's pooled scales averaged over this many of its dihedral views (1, 4: flips and the
+    # half turn, 8: every flip and quarter turn) before the heads; an aerial tile has no "up", so the mean is the
+    # same for every rotation or flip of the tile, at the cost of that many backbone passes per image
+    test_views: int = 1
 
 
 @dataclass

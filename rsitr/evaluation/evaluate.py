@@ -87,17 +87,17 @@ def evaluate_model(
 
 
 def evaluate_checkpoint(
-    checkpoint: str, data: str, split: str = "test", rerank_k: int | None = None
+    checkpoint: str, data: str, split: str = "test", rerank_k: int | None = None, test_views: int | None = None
 ) -> dict[str, float]:
-    """Metrics of a checkpoint (or finished run) on one split of an ingested dataset (``rerank_k``: override the
-    run's ``train.rerank_k``)."""
+    """Metrics of a checkpoint (or finished run) on one split of an ingested dataset (``rerank_k``, ``test_views``:
+    override the run's ``train.rerank_k``, ``model.test_views``)."""
     # Ray Data and checkpoint loading only here: importing the evaluation math stays light
     from rsitr.data.streams import eval_datasets
     from rsitr.io import storage
     from rsitr.train import checkpoint as ckpt
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, config, _ = ckpt.load_checkpoint(checkpoint, map_location=device)
+    model, config, _ = ckpt.load_checkpoint(checkpoint, map_location=device, test_views=test_views)
     images, captions = eval_datasets(
         storage.resolve(data), split, config.model.image_size, config.model.text_model, config.model.max_tokens
     )

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rsitr.config import ModelConfig
+from rsitr.config import TEST_VIEW_COUNTS, ModelConfig
 from rsitr.models.backbone import build_backbone
 from rsitr.models.mscmat import MSCMAT
 from rsitr.models.text import JoinedTextEncoder, build_text_encoder
@@ -106,6 +106,21 @@ def _joined(units: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(units, dim=-1) / math.sqrt(len(units))
 
 
+def dihedral_views(images: torch.Tensor, count: int) -> list[torch.Tensor]:
+    """The first ``count`` (1, 4 or 8) dihedral views of (N, H, W, C) images: the images; their two flips and half
+    turn; then their quarter turns and transposes. The 4 and the 8 each form a group, so their set of views, and any
+    mean over it, is the same for every flip or turn of the input within that group."""
+    if count not in TEST_VIEW_COUNTS:
+        raise ValueError(f"test views {count}: expected one of {TEST_VIEW_COUNTS}")
+    views = [images]
+    if count >= 4:
+        views += [images.flip(2), images.flip(1), images.flip(1).flip(2)]
+    if count == 8:
+        turned = images.transpose(1, 2)
+        views += [turned, turned.flip(2), turned.flip(1), turned.flip(1).flip(2)]
+    return [view.contiguous() for view in views]
+
+
 @dataclass
 class MSAOutput:
     """What a training step needs from one forward pass."""
@@ -151,6 +166,8 @@ class MSA(HeadOutputs, nn.Module):
             config.freeze_text_layers,
             pretrained=config.text_pretrained if pretrained is None else pretrained,
         )
+        if config.test_views not in TEST_VIEW_COUNTS:
+            raise ValueError(f"model.test_views {config.test_views}: expected one of {TEST_VIEW_COUNTS}")
         if config.head_ensemble < 1:
             raise ValueError(f"model.head_ensemble {config.head_ensemble}: expected at least 1")
         if config.head_ensemble > 1 and config.mscmat:
@@ -193,8 +210,12 @@ class MSA(HeadOutputs, nn.Module):
         return self._project_text(pooled)
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        """Unit-norm image embeddings from (N, H, W, 3) pixels in 0–255."""
-        return self._fuse(self.backbone(images))
+        """Unit-norm image embeddings from (N, H, W, 3) pixels in 0–255; in eval mode with ``model.test_views`` > 1,
+        from the pooled scales averaged over that many dihedral views (:func:`dihedral_views`)."""
+        if self.training or self.config.test_views == 1:
+            return self._fuse(self.backbone(images))
+        per_view = [self.backbone(view) for view in dihedral_views(images, self.config.test_views)]
+        return self._fuse([torch.stack(scale).mean(0) for scale in zip(*per_view, strict=True)])
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Unit-norm caption embeddings."""

@@ -130,8 +130,11 @@ def read_meta(uri: str) -> CheckpointMeta:
     )
 
 
-def load_checkpoint(uri: str, map_location: str | torch.device = "cpu") -> tuple[MSA, Config, dict[str, Any]]:
-    """Model (eval mode), config and state (epoch, metrics, model_version) of a checkpoint or run folder.
+def load_checkpoint(
+    uri: str, map_location: str | torch.device = "cpu", test_views: int | None = None
+) -> tuple[MSA, Config, dict[str, Any]]:
+    """Model (eval mode), config and state (epoch, metrics, model_version) of a checkpoint or run folder;
+    ``test_views`` replaces the checkpoint's ``model.test_views`` (an inference setting: the weights are the same).
 
     Raises:
         CheckpointError: missing files or weights that do not fit the configured architecture.
@@ -145,6 +148,8 @@ def load_checkpoint(uri: str, map_location: str | torch.device = "cpu") -> tuple
             if not (folder / name).is_file():
                 raise CheckpointError(f"checkpoint {uri}: missing {name}")
         config = Config.from_dict(json.loads((folder / CONFIG).read_text()))
+        if test_views is not None:
+            config.model.test_views = test_views
         state = json.loads((folder / STATE).read_text())
         model = build_model(config.model, pretrained=False)
         try:

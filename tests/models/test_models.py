@@ -131,6 +131,34 @@ def test_embeddings_are_unit_norm_and_image_size_free() -> None:
         assert torch.allclose(image_emb.norm(dim=1), torch.ones(4), atol=1e-5)
 
 
+def test_test_views_make_an_image_embedding_the_same_for_every_flip_and_turn_of_the_tile() -> None:
+    images, _, _ = _batch(n=2)
+    turned, flipped = images.rot90(1, (1, 2)), images.flip(2)
+    single = build_model(load_config("demo").model).eval()
+    eight = build_model(load_config("demo", ["model.test_views=8"]).model).eval()
+    four = build_model(load_config("demo", ["model.test_views=4"]).model).eval()
+    eight.load_state_dict(single.state_dict())
+    four.load_state_dict(single.state_dict())
+    with torch.no_grad():
+        assert not torch.allclose(single.encode_image(images), single.encode_image(turned), atol=1e-3)
+        assert torch.allclose(eight.encode_image(images), eight.encode_image(turned), atol=1e-5)
+        assert torch.allclose(eight.encode_image(images), eight.encode_image(flipped.transpose(1, 2)), atol=1e-5)
+        assert torch.allclose(four.encode_image(images), four.encode_image(flipped), atol=1e-5)
+        assert not torch.allclose(four.encode_image(images), four.encode_image(turned), atol=1e-3)
+        views = [images, images.flip(2), images.flip(1), images.flip(1).flip(2)]
+        per_view = [single.backbone(view) for view in views]
+        by_hand = single._fuse([torch.stack(scale).mean(0) for scale in zip(*per_view, strict=True)])
+        assert torch.allclose(four.encode_image(images), by_hand, atol=1e-6)
+    eight.train()  # training sees one view: augmentation, not averaging, is what a training step wants
+    torch.manual_seed(0)
+    trained_once = eight.encode_image(images)
+    single.train()
+    torch.manual_seed(0)
+    assert torch.allclose(trained_once, single.encode_image(images))
+    with pytest.raises(ValueError, match="test_views 3"):
+        build_model(load_config("demo", ["model.test_views=3"]).model)
+
+
 @pytest.mark.parametrize(("backbone", "size"), [("efficientnet_lite0", 224), ("efficientnet_lite2", 260)])
 def test_packaged_lite_weights_classify_a_known_photo(backbone: str, size: int) -> None:
     import matplotlib

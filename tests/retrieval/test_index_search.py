@@ -253,6 +253,17 @@ def test_an_interrupted_embedding_resumes_with_the_shards_it_had_not_finished(
         atol=1e-5,
     )
     assert not (out / "_parts").exists()
+    # parts embedded with another view count are other vectors: a run with --test-views 4 resumes none of them
+    monkeypatch.setattr(embed, "_write_part", failing_after_three)
+    saved.clear()
+    with pytest.raises(OSError, match="injected"):
+        embed_archive(str(untrained_checkpoint), str(demo_shards), str(out))
+    monkeypatch.undo()
+    four = embed_archive(str(untrained_checkpoint), str(demo_shards), str(out), test_views=4)
+    assert four["resumed_shards"] == 0 and four["test_views"] == 4 and summary["test_views"] == 1
+    averaged = np.stack(pq.read_table(out / "embeddings.parquet")["embedding"].to_numpy(zero_copy_only=False))
+    np.testing.assert_allclose(np.linalg.norm(averaged, axis=1), 1.0, atol=1e-4)
+    assert not np.allclose(averaged, np.stack(whole["embedding"].to_numpy(zero_copy_only=False)), atol=1e-3)
 
 
 def test_the_index_lives_on_s3_too(ray_local: None, built_index: Path, demo_shards: Path, s3_bucket: str) -> None:
