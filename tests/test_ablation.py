@@ -57,3 +57,18 @@ def test_a_pipeline_row_without_a_runner_is_refused(tiny_features: Path, tmp_pat
     runner = ablation.Ablation(tmp_path, Corpus(tiny_features))
     with pytest.raises(ValueError, match="pipeline"):
         runner.run([ablation.Row("e2e", "through Ray Train", preset="demo")])
+
+
+def test_image_views_benchmark_measures_each_view_count_for_every_run(
+    demo_shards: Path, untrained_checkpoint: Path
+) -> None:
+    from image_views import measure
+
+    results = measure([str(untrained_checkpoint), str(untrained_checkpoint)], str(demo_shards), splits=("val",))
+    assert set(results) == {
+        "1 view", "4 views, feature mean", "8 views, feature mean (model.test_views=8)",
+        "4 views, embedding mean", "8 views, embedding mean",
+    }  # fmt: skip
+    one, eight = results["1 view"]["val"], results["8 views, feature mean (model.test_views=8)"]["val"]
+    assert len(one["per_run"]) == 2 and one["per_run"][0] == one["per_run"][1] and one["std"] == 0
+    assert 0 < one["mean"] <= 100 and eight["mean"] != one["mean"]
