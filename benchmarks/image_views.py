@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -57,6 +59,12 @@ def _variants(views: list[Scales]) -> dict[str, Callable[[MSA], torch.Tensor]]:
     }
 
 
+def summary(scores: list[float]) -> dict[str, Any]:
+    """Per-run mR, their mean and sample std (as ``benchmarks/ablation.py`` reports seeds)."""
+    std = statistics.stdev(scores) if len(scores) > 1 else 0.0
+    return {"per_run": scores, "mean": statistics.fmean(scores), "std": std}
+
+
 @torch.no_grad()
 def measure(runs: list[str], data: str, splits: tuple[str, ...] = ("val", "test")) -> dict[str, dict]:
     """``{variant: {split: {per_run, mean, std}}}`` for the runs' best checkpoints."""
@@ -82,9 +90,7 @@ def measure(runs: list[str], data: str, splits: tuple[str, ...] = ("val", "test"
                 retrieval_metrics_from_embeddings(torch.nn.functional.normalize(embed(m), dim=-1), text, owner)["mR"]
                 for m, text in zip(models, texts, strict=True)
             ]
-            results.setdefault(name, {})[split] = {
-                "per_run": scores, "mean": float(np.mean(scores)), "std": float(np.std(scores))
-            }  # fmt: skip
+            results.setdefault(name, {})[split] = summary(scores)
     return results
 
 
