@@ -1,8 +1,9 @@
 """Batch-embed an archive's tiles (and, when asked, its captions) with a trained model into GeoParquet.
 
 Ray Data reads the shards and decodes; an actor pool (one model per actor) embeds. Work is saved per shard under
-``<out>/_parts/<model_version>/`` as soon as a shard is complete, so an interrupted run resumes with the shards it
-had not finished; the final files are written atomically from the parts, which are then removed.
+``<out>/_parts/<model_version>/`` (``<model_version>-<N>views`` when images average N views) as soon as a shard is
+complete, so an interrupted run resumes with the shards it had not finished; the final files are written
+atomically from the parts, which are then removed.
 """
 
 from __future__ import annotations
