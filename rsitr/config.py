@@ -27,6 +27,17 @@ class ConfigError(ValueError):
     """A preset, file or override that does not describe a valid configuration."""
 
 
+def checked_test_views(views: int | None) -> int | None:
+    """``views`` itself (None: the checkpoint's own setting).
+
+    Raises:
+        ConfigError: a count other than 1, 4 or 8.
+    """
+    if views is not None and views not in TEST_VIEW_COUNTS:
+        raise ConfigError(f"test views {views}: expected one of {TEST_VIEW_COUNTS}")
+    return views
+
+
 @dataclass
 class ModelConfig:
     """Architecture of the dual encoder."""

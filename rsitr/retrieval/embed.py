@@ -24,6 +24,7 @@ import ray
 import ray.data
 import torch
 
+from rsitr.config import checked_test_views
 from rsitr.data.preprocess import decode_images, tokenize
 from rsitr.data.streams import DATA_TASK_CPUS
 from rsitr.io import shards, storage
@@ -284,7 +285,7 @@ def embed_archive(
     ``float32`` or ``bfloat16`` force one (see :mod:`rsitr.runtime.precision`). ``test_views`` replaces the
     checkpoint's ``model.test_views`` (e.g. 1 for an archive too large for 8 backbone passes per tile).
     """
-    precision = checked(precision)  # before Ray starts
+    precision, test_views = checked(precision), checked_test_views(test_views)  # before Ray starts
     meta = ckpt.read_meta(checkpoint)
     checkpoint = meta.uri
     data, out = storage.resolve(data), storage.resolve(out)

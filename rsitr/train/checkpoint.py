@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rsitr.config import Config
+from rsitr.config import Config, checked_test_views
 from rsitr.errors import CheckpointError
 from rsitr.io import storage
 
@@ -143,6 +143,7 @@ def load_checkpoint(
 
     from rsitr.models.msa import build_model
 
+    checked_test_views(test_views)
     with _local_copy(resolve_checkpoint(uri)) as folder:
         for name in (WEIGHTS, CONFIG, STATE):
             if not (folder / name).is_file():

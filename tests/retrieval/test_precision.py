@@ -29,3 +29,15 @@ def test_tiles_embedded_in_bf16_point_where_float32_ones_do(untrained_checkpoint
     fast = fast_embedder(batch)["embedding"]
     assert fast.dtype == np.float32 and np.allclose(np.linalg.norm(fast, axis=1), 1.0, atol=1e-5)
     assert float((exact * fast).sum(axis=1).min()) > 0.995
+
+
+def test_a_bad_view_count_is_refused_by_name_before_anything_is_read(tmp_path: Path) -> None:
+    from rsitr.config import ConfigError
+    from rsitr.retrieval.embed import embed_archive
+    from rsitr.train.checkpoint import load_checkpoint
+
+    with pytest.raises(ConfigError, match=r"test views 3: expected one of \(1, 4, 8\)"):
+        embed_archive(str(tmp_path / "no-checkpoint"), str(tmp_path / "no-data"), str(tmp_path / "out"), test_views=3)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ConfigError, match="test views 2"):
+        load_checkpoint(str(tmp_path / "no-checkpoint"), test_views=2)
