@@ -7,7 +7,8 @@ each run's heads read the result. The towers run in bf16 autocast where the CPU 
 here; 1-view test mR 22.39 against float32's 22.46 on one seed), so "1 view" is measured in the same arithmetic.
 
 Writes JSON (default ``benchmarks/results/image_views.json``) and prints a table. Usage:
-``python benchmarks/image_views.py --data .rsitr/data/rsicd --runs RUN [RUN …] [--out FILE]``
+``python benchmarks/image_views.py --data .rsitr/data/rsicd --runs RUN [RUN …] [--rerank K] [--out FILE]``; with
+``--rerank K`` each variant is also measured after the SMR re-rank of its top K (``rsitr.evaluation.rerank``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 
 from rsitr.data.preprocess import decode_image, tokenize
 from rsitr.evaluation.metrics import retrieval_metrics_from_embeddings
+from rsitr.evaluation.rerank import reranked_metrics
 from rsitr.io import shards
 from rsitr.models.msa import MSA, dihedral_views
 from rsitr.runtime.precision import inference, use_bf16
@@ -65,9 +67,19 @@ def summary(scores: list[float]) -> dict[str, Any]:
     return {"per_run": scores, "mean": statistics.fmean(scores), "std": std}
 
 
+def _mean_recall(images: torch.Tensor, texts: torch.Tensor, owner: np.ndarray, rerank_k: int) -> float:
+    images = torch.nn.functional.normalize(images, dim=-1)
+    if rerank_k:
+        return reranked_metrics(images @ texts.t(), owner, rerank_k)["mR"]
+    return retrieval_metrics_from_embeddings(images, texts, owner)["mR"]
+
+
 @torch.no_grad()
-def measure(runs: list[str], data: str, splits: tuple[str, ...] = ("val", "test")) -> dict[str, dict]:
-    """``{variant: {split: {per_run, mean, std}}}`` for the runs' best checkpoints."""
+def measure(
+    runs: list[str], data: str, splits: tuple[str, ...] = ("val", "test"), rerank_k: int = 0
+) -> dict[str, dict]:
+    """``{variant: {split: {per_run, mean, std}}}`` for the runs' best checkpoints (with ``rerank_k``, each variant
+    again after the SMR re-rank, as ``"<variant> + re-rank k=K"``)."""
     models = [ckpt.load_checkpoint(run)[0] for run in runs]
     config = ckpt.read_meta(runs[0]).config.model
     bf16 = use_bf16("auto", torch.device("cpu"))
@@ -86,11 +98,10 @@ def measure(runs: list[str], data: str, splits: tuple[str, ...] = ("val", "test"
         views = _per_view_scales(models[0], rows, config.image_size, bf16)
         print(f"{split}: {len(rows)} images × 8 views in {time.time() - started:.0f} s", flush=True)
         for name, embed in _variants(views).items():
-            scores = [
-                retrieval_metrics_from_embeddings(torch.nn.functional.normalize(embed(m), dim=-1), text, owner)["mR"]
-                for m, text in zip(models, texts, strict=True)
-            ]
-            results.setdefault(name, {})[split] = summary(scores)
+            images = [embed(m) for m in models]
+            for k in (0, rerank_k) if rerank_k else (0,):
+                scores = [_mean_recall(i, t, owner, k) for i, t in zip(images, texts, strict=True)]
+                results.setdefault(f"{name} + re-rank k={k}" if k else name, {})[split] = summary(scores)
     return results
 
 
@@ -98,11 +109,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, help="an ingested RSICD (rsitr ingest corpus)")
     parser.add_argument("--runs", nargs="+", required=True, help="finished runs or checkpoints of one preset")
+    parser.add_argument("--rerank", type=int, default=0, help="also measure each variant after the SMR re-rank of K")
     parser.add_argument("--out", default="benchmarks/results/image_views.json")
     args = parser.parse_args()
-    results = measure(args.runs, args.data)
+    results = measure(args.runs, args.data, rerank_k=args.rerank)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"runs": args.runs, "results": results}, indent=2))
+    Path(args.out).write_text(json.dumps({"runs": args.runs, "rerank_k": args.rerank, "results": results}, indent=2))
     print("| views | val mR | test mR |\n|---|---|---|")
     for name, by_split in results.items():
         val, test = by_split["val"], by_split["test"]
