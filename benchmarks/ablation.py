@@ -53,6 +53,8 @@ JOINED = with_changes(
     text=f"{LITE2_MPNET.text}+{FLOOR.text}",
     ensemble=3,
 )
+# msa-four-towers' image features: Lite2 and Lite0 at 260 px, each at its own pixel statistics (tower_features.py)
+FOUR_TOWERS_260 = "img-efficientnet_lite2-efficientnet_lite0-260-backbone-bf16"
 ROWS: list[Row] = [
     Row("floor", "frozen Lite0 + MiniLM, MLP heads (DESIGN.md's recipe)", FLOOR, seeds=SEEDS3, decides_default=True),
     Row("Lite2 + mpnet", "both stronger towers, frozen", LITE2_MPNET, seeds=SEEDS3, decides_default=True),
@@ -76,6 +78,21 @@ ROWS: list[Row] = [
         preset="msa-four-towers",
         seeds=SEEDS3,
         decides_default=True,
+    ),
+    *(
+        Row(
+            f"four towers at 260 px, {name}",
+            f"the heads-only analogue of msa-four-towers (bf16 towers as rsitr embed runs them): {what}",
+            with_changes(JOINED, image=FOUR_TOWERS_260 + train, test_image=FOUR_TOWERS_260 + test),
+            seeds=SEEDS3,
+            rerank_k=10,
+            decides_default=True,
+        )
+        for name, what, train, test in (
+            ("1 view", "each tile as it is, in training and test", "", ""),
+            ("8 test views", "trained on each tile as it is, tested on 8-view means (model.test_views=8)", "", "-d8"),
+            ("8 views", "trained and tested on each tile's pooled scales averaged over its 8 views", "-d8", "-d8"),
+        )
     ),
     Row(
         "floor, Lite statistics",

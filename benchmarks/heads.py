@@ -48,6 +48,8 @@ class HeadsRecipe:
     intra_class_weight: float = 0.0
     # K heads trained side by side, their cosines averaged (see Ensemble)
     ensemble: int = 1
+    # the image features val and test read, when not ``image`` (e.g. the 8-view means of the same tower)
+    test_image: str = ""
 
 
 class Heads(nn.Module):
@@ -132,7 +134,7 @@ def evaluate(heads: Ensemble, corpus: Corpus, recipe: HeadsRecipe, split: str, r
     rows = corpus.rows(split)
     owners = np.concatenate([[i] * len(corpus.image_captions[r]) for i, r in enumerate(rows)])
     caption_ids = np.concatenate([corpus.image_captions[r] for r in rows])
-    images, _ = heads.encode(corpus.features(recipe.image)[rows], None)
+    images, _ = heads.encode(corpus.features(recipe.test_image or recipe.image)[rows], None)
     _, texts = heads.encode(None, corpus.features(recipe.text)[caption_ids])
     if rerank_k:
         return reranked_metrics(images @ texts.t(), owners, rerank_k)

@@ -21,24 +21,36 @@ import torch
 
 from rsitr.data.preprocess import decode_image
 from rsitr.io import shards
-from rsitr.models.backbone import MultiScaleBackbone
+from rsitr.models.backbone import JOIN, build_backbone
+from rsitr.models.msa import dihedral_views
 from rsitr.models.text import TextEncoder, load_tokenizer
+from rsitr.runtime.precision import inference
 
 LITE_TAPS = ("blocks.2", "blocks.3", "blocks.4", "blocks.5", "blocks.6")
 
 
 @dataclass(frozen=True)
 class ImageTower:
-    """A frozen multi-scale image tower: backbone, input size and pixel statistics."""
+    """A frozen multi-scale image tower (or towers joined by ``+``): backbone, input size and pixel statistics."""
 
     backbone: str
     size: int
     normalization: str
-    dihedral: bool = False  # also the mean feature over the 8 flips/90° rotations (test-time views)
+    # also the pooled scales averaged over the 8 flips and quarter turns (``rsitr.models.msa.dihedral_views``),
+    # saved as ``<name>-d8`` from the same backbone passes
+    dihedral: bool = False
+    bf16: bool = False  # the backbone in bf16 autocast (as ``rsitr embed`` runs on CPUs with bf16 hardware)
 
     @property
     def name(self) -> str:
-        return f"img-{self.backbone}-{self.size}-{self.normalization}" + ("-d8" if self.dihedral else "")
+        # "+" joins feature sets in a recipe (heads.Corpus), so joined towers are named with "-"
+        backbone = self.backbone.replace(JOIN, "-")
+        return f"img-{backbone}-{self.size}-{self.normalization}" + ("-bf16" if self.bf16 else "")
+
+    @property
+    def outputs(self) -> list[str]:
+        """The feature sets one extraction writes."""
+        return [self.name, f"{self.name}-d8"] if self.dihedral else [self.name]
 
 
 @dataclass(frozen=True)
@@ -70,32 +82,28 @@ def read_corpus(data: str) -> tuple[list[str], list[str], list[str | None], list
     return ids, splits, labels, images, captions
 
 
-def _views(pixels: np.ndarray) -> list[np.ndarray]:
-    out = []
-    for k in range(4):
-        rotated = np.rot90(pixels, k=k, axes=(1, 2))
-        out += [rotated, rotated[:, :, ::-1]]
-    return [np.ascontiguousarray(v) for v in out]
-
-
 @torch.no_grad()
-def image_features(tower: ImageTower, images: list[bytes], batch: int = 64) -> np.ndarray:
-    """(N, Σ C_s) pooled scales of blocks 2–6 and the 1x1 head, average-pooled."""
-    model = MultiScaleBackbone(
+def image_features(tower: ImageTower, images: list[bytes], batch: int = 64) -> list[np.ndarray]:
+    """(N, Σ C_s) pooled scales of blocks 2–6 and the 1x1 head, average-pooled, per tower output (see
+    :attr:`ImageTower.outputs`)."""
+    model = build_backbone(
         tower.backbone,
+        frozen_stages=len(LITE_TAPS),
         taps=LITE_TAPS,
         head_features=True,
         pooling="avg",
-        frozen_stages=len(LITE_TAPS),
         normalization=tower.normalization,
     ).eval()
-    parts = []
+    parts: list[list[np.ndarray]] = [[] for _ in tower.outputs]
     for start in range(0, len(images), batch):
-        pixels = np.stack([decode_image(b, tower.size) for b in images[start : start + batch]])
-        views = _views(pixels) if tower.dihedral else [pixels]
-        pooled = [model.frozen_prefix(torch.as_tensor(v))[0] for v in views]
-        parts.append(torch.stack(pooled).mean(0).numpy().astype(np.float32))
-    return np.concatenate(parts)
+        pixels = torch.as_tensor(np.stack([decode_image(b, tower.size) for b in images[start : start + batch]]))
+        views = dihedral_views(pixels, 8) if tower.dihedral else [pixels]
+        with inference(tower.bf16):
+            pooled = torch.stack([model.frozen_prefix(v)[0].float() for v in views])
+        parts[0].append(pooled[0].numpy())  # the tile as it is (the first view is the identity)
+        if tower.dihedral:
+            parts[1].append(pooled.mean(0).numpy())
+    return [np.concatenate(p) for p in parts]
 
 
 @torch.no_grad()
@@ -137,22 +145,20 @@ def extract(data: str, out: Path, image_towers: list[ImageTower], text_towers: l
         )
         tmp.replace(corpus)
     timings: dict[str, float] = {}
-    jobs: list[tuple[str, object]] = [(t.name, t) for t in text_towers] + [(t.name, t) for t in image_towers]
-    for name, tower in jobs:
-        path = out / f"{name}.npz"
-        if path.exists():
+    jobs: list[TextTower | ImageTower] = [*text_towers, *image_towers]
+    for tower in jobs:
+        names = tower.outputs if isinstance(tower, ImageTower) else [tower.name]
+        if all((out / f"{name}.npz").exists() for name in names):
             continue
         started = time.monotonic()
-        if isinstance(tower, TextTower):
-            values = text_features(tower, distinct)
-        else:
-            assert isinstance(tower, ImageTower)
-            values = image_features(tower, images)
-        timings[name] = time.monotonic() - started
-        tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, features=values.astype(np.float16), seconds=timings[name])
-        tmp.replace(path)
-        print(f"{name}: {values.shape} in {timings[name]:.0f} s", flush=True)
+        sets = text_features(tower, distinct) if isinstance(tower, TextTower) else image_features(tower, images)
+        seconds = time.monotonic() - started
+        for name, values in zip(names, [sets] if isinstance(sets, np.ndarray) else sets, strict=True):
+            timings[name] = seconds
+            tmp = out / f"{name}.tmp.npz"
+            np.savez(tmp, features=values.astype(np.float16), seconds=seconds)
+            tmp.replace(out / f"{name}.npz")
+            print(f"{name}: {values.shape} in {seconds:.0f} s", flush=True)
     return timings
 
 
@@ -160,6 +166,8 @@ DEFAULT_IMAGE_TOWERS = [
     ImageTower("efficientnet_lite2", 260, "backbone"),
     ImageTower("efficientnet_lite0", 224, "imagenet"),
     ImageTower("efficientnet_lite0", 224, "backbone"),
+    # msa-four-towers' image side as rsitr embed computes it: both towers at 260 px, one view and the 8-view mean
+    ImageTower("efficientnet_lite2+efficientnet_lite0", 260, "backbone", dihedral=True, bf16=True),
 ]
 DEFAULT_TEXT_TOWERS = [TextTower("all-mpnet-base-v2"), TextTower("all-MiniLM-L6-v2")]
 
