@@ -137,6 +137,10 @@ class TrainConfig:
     log_every_steps: int = 10
     # compute the frozen stages/layers once per dataset (rsitr.data.frozen_cache) and train the rest from that cache
     cache_frozen: bool = False
+    # with a wholly frozen image tower: cache each tile's pooled scales averaged over this many dihedral views (as
+    # model.test_views does at inference), so training and its val selection see what inference shows; that many
+    # backbone passes per tile while the cache is built
+    cache_views: int = 1
 
 
 @dataclass

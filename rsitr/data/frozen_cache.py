@@ -22,11 +22,13 @@ import ray
 import ray.data
 import torch
 
-from rsitr.config import Config, ConfigError, ModelConfig
+from rsitr.config import TEST_VIEW_COUNTS, Config, ConfigError, ModelConfig
 from rsitr.data.preprocess import decode_image, label_id
 from rsitr.data.streams import DATA_TASK_CPUS, read_shards, shuffled
 from rsitr.io import shards, storage
+from rsitr.models.msa import dihedral_views
 from rsitr.models.text import load_tokenizer, text_layer_count
+from rsitr.runtime.precision import inference, use_bf16
 
 log = logging.getLogger("rsitr.data.frozen_cache")
 CACHE_FORMAT = 1
@@ -60,6 +62,8 @@ def check_cacheable(config: Config) -> None:
             tower (each process would draw different frozen weights).
     """
     m = config.model
+    if config.train.cache_views != 1:
+        _check_cache_views(config)
     if config.train.augment:
         raise ConfigError("train.cache_frozen: the cache holds un-augmented features; set train.augment=false")
     if m.freeze_image_stages < 1 or m.freeze_text_layers < 1:
@@ -69,6 +73,19 @@ def check_cacheable(config: Config) -> None:
     if not (m.image_pretrained or m.image_weights) or not m.text_pretrained:
         # the cache's actors and the trainer would each draw their own random frozen weights
         raise ConfigError("train.cache_frozen needs pretrained towers: random frozen weights differ in every process")
+
+
+def _check_cache_views(config: Config) -> None:
+    m = config.model
+    if config.train.cache_views not in TEST_VIEW_COUNTS:
+        raise ConfigError(f"train.cache_views {config.train.cache_views}: expected one of {TEST_VIEW_COUNTS}")
+    stages = len(m.image_taps or m.image_stages)
+    if m.freeze_image_stages < stages:
+        # a trainable stage reads one feature map per tile; a mean over views exists only for the pooled scales
+        raise ConfigError(
+            f"train.cache_views {config.train.cache_views} needs a wholly frozen image tower: set "
+            f"model.freeze_image_stages to {stages} (it is {m.freeze_image_stages})"
+        )
 
 
 def text_fully_frozen(config: ModelConfig) -> bool:
@@ -86,13 +103,15 @@ def cache_key(config: Config, manifest: shards.Manifest) -> str:
         "image_size": config.model.image_size,
         "manifest": manifest,
     }
+    if config.train.cache_views != 1:  # keyed only when set, so the caches of one view keep their keys
+        material["views"] = config.train.cache_views
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:16]
 
 
 class FrozenPrefix:
     """Ray Data actor: shard rows → cache rows (one model load per actor)."""
 
-    def __init__(self, model_config: dict[str, Any], image_size: int, threads: int) -> None:
+    def __init__(self, model_config: dict[str, Any], image_size: int, threads: int, views: int = 1) -> None:
         from rsitr.models.msa import build_model
 
         torch.set_num_threads(max(1, threads))
@@ -102,6 +121,9 @@ class FrozenPrefix:
         self.max_tokens = config.max_tokens
         self.image_size = image_size
         self.pooled_text = text_fully_frozen(config)
+        self.views = views
+        # several passes per tile: bf16 autocast on CPUs with bf16 hardware, as inference runs (rsitr embed)
+        self.bf16 = views > 1 and use_bf16("auto", torch.device("cpu"))
 
     def _caption_states(self, texts: list[str]) -> dict[str, bytes]:
         """float16 states of each distinct caption (RSICD repeats captions within and across images)."""
@@ -123,8 +145,14 @@ class FrozenPrefix:
 
     @torch.no_grad()
     def __call__(self, batch: pa.Table) -> pa.Table:
-        images = np.stack([decode_image(d, self.image_size) for d in batch["image"].to_pylist()])
-        scales, feature_map = self.model.backbone.frozen_prefix(torch.as_tensor(images))
+        images = torch.as_tensor(np.stack([decode_image(d, self.image_size) for d in batch["image"].to_pylist()]))
+        if self.views == 1:
+            scales, feature_map = self.model.backbone.frozen_prefix(images)
+        else:
+            with inference(self.bf16):
+                per_view = [self.model.backbone.frozen_prefix(view) for view in dihedral_views(images, self.views)]
+            scales = torch.stack([s.float() for s, _ in per_view]).mean(0)
+            feature_map = per_view[0][1]  # empty: the tower is wholly frozen (check_cacheable)
         owners = pc.list_parent_indices(batch["captions"]).to_numpy()
         flat = pc.list_flatten(batch["captions"]).to_pylist()
         states = self._caption_states(flat)
@@ -181,6 +209,7 @@ def build_cache(config: Config, data: str, storage_path: str) -> str:
             "model_config": config.to_dict()["model"],
             "image_size": config.model.image_size,
             "threads": max(1, cpus // actors),
+            "views": config.train.cache_views,
         },
         batch_format="pyarrow",
         batch_size=64,

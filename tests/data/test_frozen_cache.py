@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from rsitr.config import ConfigError, LossConfig, load_config
-from rsitr.data.frozen_cache import CACHE_META, build_cache, check_cacheable
+from rsitr.data.frozen_cache import CACHE_META, FrozenPrefix, build_cache, cache_key, check_cacheable
 from rsitr.data.preprocess import tokenize
 from rsitr.evaluation.evaluate import evaluate_checkpoint
 from rsitr.io import shards
@@ -55,14 +55,25 @@ def test_split_forward_equals_the_whole_model(backbone: str, frozen: int, head: 
 
 def test_settings_a_cache_cannot_honour_are_refused() -> None:
     refused = (
-        "train.augment=true",
-        "model.freeze_text_layers=0",
-        "model.gswin_stages=2",
-        "model.image_pretrained=false",
+        ["train.augment=true"],
+        ["model.freeze_text_layers=0"],
+        ["model.gswin_stages=2"],
+        ["model.image_pretrained=false"],
+        ["train.cache_views=3"],
+        # Lite0's last stage trains from a cached map, and a map has no mean over views
+        ["train.cache_views=8", "model.freeze_image_stages=4"],
     )
-    for override in refused:
+    for overrides in refused:
         with pytest.raises(ConfigError):
-            check_cacheable(load_config("msa-lite0-minilm", ["train.cache_frozen=true", override]))
+            check_cacheable(load_config("msa-lite0-minilm", ["train.cache_frozen=true", *overrides]))
+    four = load_config("msa-four-towers")
+    check_cacheable(load_config("msa-four-towers", ["train.cache_views=4"]))
+    with pytest.raises(ConfigError, match="cache_views 2: expected one of"):
+        check_cacheable(load_config("msa-four-towers", ["train.cache_views=2"]))
+    # a cache of view means is another cache; a one-view cache keeps the key it had before cache_views existed
+    manifest: shards.Manifest = {"rows": 1}  # type: ignore[typeddict-item]
+    keys = {cache_key(load_config("msa-four-towers", [f"train.cache_views={v}"]), manifest) for v in (1, 4, 8)}
+    assert len(keys) == 3 and cache_key(four, manifest) in keys
 
 
 def test_a_run_trains_from_the_cache_and_its_checkpoint_embeds_raw_pixels_alike(
@@ -93,7 +104,7 @@ def test_a_run_trains_from_the_cache_and_its_checkpoint_embeds_raw_pixels_alike(
 
 
 def test_a_fully_frozen_text_tower_caches_one_pooled_vector_per_caption(demo_shards: Path) -> None:
-    from rsitr.data.frozen_cache import FrozenPrefix, _eval_captions
+    from rsitr.data.frozen_cache import _eval_captions
 
     overrides = ["model.freeze_text_layers=6", "model.image_pretrained=false", "model.fusion=mlp"]
     config = load_config("demo", overrides)
@@ -162,3 +173,29 @@ def test_joined_towers_train_from_the_cache_and_embed_raw_pixels_alike(
     from_pixels = evaluate_checkpoint(result.best_checkpoint, str(demo_shards), "val")
     assert from_pixels["mR"] == pytest.approx(result.val["mR"], abs=1.5)
     assert result.val["mR"] > 10  # chance on 57 val images is ~ 3
+
+
+def test_a_cache_of_eight_views_holds_each_tiles_mean_over_its_flips_and_turns(demo_shards: Path) -> None:
+    import numpy as np
+
+    from rsitr.data.preprocess import decode_image
+    from rsitr.models.msa import dihedral_views
+
+    config = load_config("demo", JOINED)
+    (first,) = shards.shard_uris(str(demo_shards))[:1]
+    rows = pq.read_table(first, columns=["image_id", "split", "label", "image", "captions"]).slice(0, 3)
+    torch.manual_seed(0)  # random towers: both prefixes below must draw the same weights
+    prefix = FrozenPrefix(config.to_dict()["model"], image_size=64, threads=1, views=8)
+    cached = prefix(rows)
+    scales = torch.as_tensor(np.stack([np.frombuffer(b, np.float16) for b in cached["frozen_scales"].to_pylist()]))
+    pixels = [decode_image(b, 64) for b in rows["image"].to_pylist()]
+    with torch.no_grad():
+        by_hand = torch.stack(
+            [prefix.model.backbone.frozen_prefix(v)[0] for v in dihedral_views(torch.as_tensor(np.stack(pixels)), 8)]
+        ).mean(0)
+    cosine = torch.nn.functional.cosine_similarity(scales.float(), by_hand, dim=1)
+    assert bool((cosine > 0.999).all()), cosine  # float16 storage, bf16 passes where the CPU has bf16
+    one_view = FrozenPrefix(config.to_dict()["model"], image_size=64, threads=1)
+    one_view.model.load_state_dict(prefix.model.state_dict())
+    single = one_view(rows)["frozen_scales"].to_pylist()
+    assert single != cached["frozen_scales"].to_pylist()  # a view mean is not the tile as it is
