@@ -1,0 +1,53 @@
+"""Pieces of the per-worker training loop that need no Ray cluster."""
+
+from collections.abc import Iterator
+
+import numpy as np
+
+from rsitr.train.loop import KeptBatches, stale_for
+
+
+class CountedStream:
+    """Batches of ``rows`` float32 values each, counting how often the stream is read from its start."""
+
+    def __init__(self, batches: int, rows: int = 4) -> None:
+        self.batches, self.rows, self.reads = batches, rows, 0
+
+    def __call__(self) -> Iterator[dict[str, np.ndarray]]:
+        self.reads += 1
+        for i in range(self.batches):
+            yield {"value": np.full(self.rows, i, np.float32), "image_id": np.asarray([f"t{i}"] * self.rows, object)}
+
+
+def test_a_split_is_read_once_and_replayed_from_memory_after() -> None:
+    stream = CountedStream(3)
+    kept = KeptBatches(stream)
+    first = list(kept)
+    first[0]["value"][:] = 9  # the stream's own buffer (in Ray, a block of the object store) changes afterwards
+    second = list(kept)
+    assert stream.reads == 1
+    assert [b["value"][0] for b in second] == [0, 1, 2]  # memory holds copies
+    assert [list(b["image_id"]) for b in second] == [[f"t{i}"] * 4 for i in range(3)]
+
+
+def test_a_split_larger_than_the_budget_is_read_again_each_pass() -> None:
+    stream = CountedStream(3)
+    kept = KeptBatches(stream, budget=2 * 4 * 4 + 2 * 4 * 8)  # two batches' float32 values and object pointers
+    assert len(list(kept)) == 3 and len(list(kept)) == 3
+    assert stream.reads == 2
+
+
+def test_a_pass_stopped_early_keeps_nothing() -> None:
+    stream = CountedStream(3)
+    kept = KeptBatches(stream)
+    for _ in kept:
+        break
+    assert [b["value"][0] for b in kept] == [0, 1, 2]
+    assert stream.reads == 2
+    list(kept)
+    assert stream.reads == 2
+
+
+def test_patience_stops_only_after_that_many_epochs_without_a_gain() -> None:
+    history = [{"val_mR": v} for v in (10.0, 12.0, 11.0, 12.0)]
+    assert stale_for(history, 2) and not stale_for(history, 3) and not stale_for(history, 0)
