@@ -89,9 +89,9 @@ ROWS: list[Row] = [
             decides_default=True,
         )
         for name, what, train, test in (
-            ("1 view", "each tile as it is, in training and test", "", ""),
             ("8 test views", "trained on each tile as it is, tested on 8-view means (model.test_views=8)", "", "-d8"),
             ("8 views", "trained and tested on each tile's pooled scales averaged over its 8 views", "-d8", "-d8"),
+            ("1 view", "each tile as it is, in training and test", "", ""),
         )
     ),
     Row(
