@@ -184,7 +184,7 @@ def test_a_cache_of_eight_views_holds_each_tiles_mean_over_its_flips_and_turns(d
     config = load_config("demo", JOINED)
     (first,) = shards.shard_uris(str(demo_shards))[:1]
     rows = pq.read_table(first, columns=["image_id", "split", "label", "image", "captions"]).slice(0, 3)
-    torch.manual_seed(0)  # random towers: both prefixes below must draw the same weights
+    torch.manual_seed(0)  # random towers; the one-view prefix below is given the same weights
     prefix = FrozenPrefix(config.to_dict()["model"], image_size=64, threads=1, views=8)
     cached = prefix(rows)
     scales = torch.as_tensor(np.stack([np.frombuffer(b, np.float16) for b in cached["frozen_scales"].to_pylist()]))
