@@ -109,11 +109,18 @@ def stale_for(history: list[dict[str, float]], patience: int) -> bool:
     return all(h["val_mR"] <= before for h in history[-patience:])
 
 
+def _collective_device() -> torch.device:
+    """Where a tensor for a collective must live: NCCL (the GPU backend) moves only CUDA tensors, gloo CPU ones."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def _agree(flag: bool) -> bool:
     """Rank 0's decision, shared with every worker (so all stop at the same epoch)."""
     if not (dist.is_available() and dist.is_initialized()):
         return flag
-    value = torch.tensor([1 if flag else 0])
+    value = torch.tensor([1 if flag else 0], device=_collective_device())
     dist.broadcast(value, src=0)
     return bool(value.item())
 

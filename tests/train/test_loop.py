@@ -1,10 +1,14 @@
 """Pieces of the per-worker training loop that need no Ray cluster."""
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
 
-from rsitr.train.loop import KeptBatches, stale_for
+from rsitr.train.loop import KeptBatches, _agree, stale_for
 
 
 class CountedStream:
@@ -51,3 +55,25 @@ def test_a_pass_stopped_early_keeps_nothing() -> None:
 def test_patience_stops_only_after_that_many_epochs_without_a_gain() -> None:
     history = [{"val_mR": v} for v in (10.0, 12.0, 11.0, 12.0)]
     assert stale_for(history, 2) and not stale_for(history, 3) and not stale_for(history, 0)
+
+
+@pytest.mark.parametrize(
+    "backend",
+    [
+        "gloo",
+        pytest.param(
+            "nccl",
+            marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="NCCL needs a CUDA device"),
+        ),
+    ],
+)
+def test_rank_zeros_decision_travels_through_the_process_groups_backend(backend: str, tmp_path: Path) -> None:
+    # NCCL moves only CUDA tensors: a CPU flag made the first GPU run fail at its first epoch's end
+    if backend == "nccl":
+        torch.cuda.set_device(0)
+    dist.init_process_group(backend, init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert _agree(True) is True
+        assert _agree(False) is False
+    finally:
+        dist.destroy_process_group()
