@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 
 from rsitr.config import build_train_parser, load_config
 from rsitr.train.trainer import FitResult, fit
@@ -46,6 +47,12 @@ def run_from_args(args: argparse.Namespace) -> FitResult:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from rsitr.cli import USER_ERRORS
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    run_from_args(build_parser().parse_args(argv))
+    try:
+        run_from_args(build_parser().parse_args(argv))
+    except USER_ERRORS as err:  # one line, as `rsitr train` prints it (Ray's worker tracebacks are above it)
+        print(f"python -m rsitr.train: {err}", file=sys.stderr)
+        return 2
     return 0

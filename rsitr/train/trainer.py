@@ -59,6 +59,8 @@ def fit(
 
     Raises:
         shards.ShardsNotFoundError: ``data`` holds no ingested dataset.
+        StorageUnreachableError: the object store holding the run stopped answering; the same call, once it is back,
+            resumes from the last checkpoint that was saved whole.
     """
     from ray.train import DataConfig
     from ray.train.torch import TorchTrainer
@@ -83,11 +85,13 @@ def fit(
         dataset_config=DataConfig(datasets_to_split=["train"]),
         run_config=_run_config(name, storage_path, max_failures),
     )
-    result = trainer.fit()
-    if result.error is not None:
-        raise result.error
-    best_ckpt, best_metrics = max(result.best_checkpoints or [], key=lambda pair: pair[1]["val_mR"])
     run_dir = storage.join(storage_path, name)
+    # Ray Train uploads each checkpoint itself; an object store that stops answering surfaces as a worker error
+    with storage.unreachable_store_named(run_dir, "saving the checkpoints of training run"):
+        result = trainer.fit()
+        if result.error is not None:
+            raise result.error
+    best_ckpt, best_metrics = max(result.best_checkpoints or [], key=lambda pair: pair[1]["val_mR"])
     history = _history(result.checkpoint)  # the latest checkpoint (Ray always keeps it)
     best_path = f"s3://{best_ckpt.path}" if storage_path.startswith("s3://") else best_ckpt.path
     test = evaluate_checkpoint(best_path, data, "test") if evaluate_test else None

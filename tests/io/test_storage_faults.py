@@ -5,9 +5,14 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -20,8 +25,10 @@ from rsitr.errors import StorageUnreachableError
 from rsitr.ingest import ingest_corpus
 from rsitr.io import shards, storage
 from rsitr.retrieval import index
+from rsitr.train.checkpoint import CONFIG, RESULT, STATE, WEIGHTS, load_checkpoint
 
 BUCKET = "s3://drills"
+PROJECT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -137,3 +144,53 @@ def test_an_index_commit_cut_off_by_the_server_keeps_the_previous_version(
     rebuilt = index.build_index(new_embeddings, out)
     table, meta = index.open_index(out)
     assert (rebuilt["model_version"], meta["rows"], table.count_rows()) == ("model-b", 6000, 6000)
+
+
+def test_a_run_that_loses_the_server_while_checkpointing_fails_clearly_and_a_rerun_completes(
+    own_s3: SeaweedServer, demo_shards: Path, tmp_path: Path
+) -> None:
+    runs = f"{BUCKET}/runs"
+    fs, runs_path = storage.filesystem(runs)
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RSITR_RAY_CLUSTER")}
+    command = [
+        sys.executable, "-m", "rsitr.train", "--config", "demo", "--data", str(demo_shards), "--storage", runs,
+        "--name", "cut", "--epochs", "2", "train.num_workers=1", "train.cpus_per_worker=1",
+    ]  # fmt: skip
+    log = tmp_path / "first.log"
+    with log.open("wb") as out:
+        first = subprocess.Popen(command, cwd=PROJECT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 900
+            while not _checkpoint_objects(fs, f"{runs_path}/cut"):  # the first checkpoint's upload has begun
+                assert first.poll() is None, log.read_text()[-3000:]
+                assert time.monotonic() < deadline, "no checkpoint was written in 900 s"
+                time.sleep(0.2)
+            own_s3.stop(kill=True)
+            first.wait(timeout=900)
+        finally:
+            if first.poll() is None:
+                first.kill()
+    assert first.returncode == 2, log.read_text()[-3000:]
+    # Ray forwards its workers' logs to the end, so the one-line reason is looked for, not taken as the last line
+    reasons = [line for line in log.read_text().splitlines() if line.startswith("python -m rsitr.train: ")]
+    assert len(reasons) == 1, log.read_text()[-3000:]
+    assert reasons[0].startswith(f"python -m rsitr.train: saving the checkpoints of training run {runs}/cut: ")
+    assert "did not answer" in reasons[0] and "run again once it is back" in reasons[0]
+
+    own_s3.start()
+    fs.invalidate_cache()
+    assert not storage.exists(f"{runs}/cut/{RESULT}")  # no result points at what the outage left behind
+    rerun = subprocess.run(command, cwd=PROJECT, env=env, capture_output=True, text=True, timeout=900)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    best = storage.read_json(f"{runs}/cut/{RESULT}")["best_checkpoint"]
+    assert all(storage.exists(f"{best}/{name}") for name in (WEIGHTS, CONFIG, STATE))
+    _, config, state = load_checkpoint(f"{runs}/cut")
+    assert config.name == "demo" and state["epoch"] in (0, 1)
+
+
+def _checkpoint_objects(fs: Any, run_path: str) -> list[str]:
+    fs.invalidate_cache()
+    try:
+        return [p for p in fs.find(run_path) if "/checkpoint_" in p]
+    except (FileNotFoundError, OSError):
+        return []
