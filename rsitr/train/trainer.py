@@ -60,7 +60,7 @@ def fit(
     Raises:
         shards.ShardsNotFoundError: ``data`` holds no ingested dataset.
         StorageUnreachableError: the object store holding the run stopped answering; the same call, once it is back,
-            resumes from the last checkpoint that was saved whole.
+            resumes from the last checkpoint Ray Train recorded as saved (or starts over when there is none).
     """
     from ray.train import DataConfig
     from ray.train.torch import TorchTrainer
