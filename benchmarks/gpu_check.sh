@@ -52,8 +52,6 @@ def corpus(name: str, scenes: int) -> str:
     return str(work / "data" / name)
 
 
-# 1. training: ~24 steps per epoch at batch 32 on 24 scenes (864 tiles)
-train_data = corpus("train-corpus", max(2, round(24 * scale)))
 random_init = ["model.image_pretrained=false", "model.text_pretrained=false"]
 text_dir = os.environ.get("GPU_CHECK_TEXT_DIR")
 runs = {
@@ -61,8 +59,13 @@ runs = {
     "msa-resnet50-bert": [*random_init, *([f"model.text_model={text_dir}/bert-base-uncased"] if text_dir else [])],
 }
 if os.environ.get("GPU_CHECK_PRESETS"):  # a shorter check: only these presets
-    runs = {name: runs[name] for name in os.environ["GPU_CHECK_PRESETS"].split(",")}
+    asked = os.environ["GPU_CHECK_PRESETS"].split(",")
+    if unknown := [name for name in asked if name not in runs]:
+        sys.exit(f"gpu_check: GPU_CHECK_PRESETS names {', '.join(unknown)}: expected some of {', '.join(runs)}")
+    runs = {name: runs[name] for name in asked}
 epochs = int(os.environ.get("GPU_CHECK_EPOCHS", max(2, round(10 * scale))))
+# 1. training: ~24 steps per epoch at batch 32 on 24 scenes (864 tiles)
+train_data = corpus("train-corpus", max(2, round(24 * scale)))
 for preset, extra in runs.items():
     overrides = [*extra, "train.batch_size=32", f"train.epochs={epochs}", "train.num_workers=1",
                  f"train.use_gpu={str(cuda).lower()}", "model.image_size=128", "train.cpus_per_worker=2"]
