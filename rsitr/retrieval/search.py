@@ -21,7 +21,7 @@ from rsitr.models.text import load_tokenizer
 from rsitr.retrieval.batching import MicroBatcher
 from rsitr.retrieval.index import ANN, AnnSettings, ann_settings, open_captions, open_index, sql_text
 from rsitr.retrieval.query import SearchError, SearchFilter, check_k, check_query
-from rsitr.runtime.precision import inference, unit_float32, use_bf16
+from rsitr.runtime.precision import inference, unit_float32, use_bf16, with_text_weights_in_bf16
 from rsitr.train import checkpoint as ckpt
 
 
@@ -116,6 +116,7 @@ class Searcher:
         device = next(self.model.parameters()).device
         wanted = "auto" if bf16_queries is None else ("bfloat16" if bf16_queries else "float32")
         self.bf16_queries = use_bf16(wanted, device)
+        self._query_model = with_text_weights_in_bf16(model) if self.bf16_queries else model
 
     @torch.no_grad()
     def search(self, query: str, k: int = 10, where: SearchFilter | None = None, rerank: int = 0) -> list[Hit]:
@@ -140,7 +141,7 @@ class Searcher:
                 queries, self.config.model.text_model, self.config.model.max_tokens, self._tokenizer, "longest"
             )
         with inference(self.bf16_queries):
-            vectors = self.model.encode_text(
+            vectors = self._query_model.encode_text(
                 torch.as_tensor(tokens["input_ids"]), torch.as_tensor(tokens["attention_mask"])
             )
         return unit_float32(vectors)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from rsitr.retrieval.embed import ImageEmbedder
-from rsitr.runtime.precision import use_bf16
+from rsitr.runtime.precision import inference, use_bf16, with_text_weights_in_bf16
 
 
 def test_bf16_only_on_cpu_and_only_when_asked_or_auto() -> None:
@@ -18,6 +18,27 @@ def test_bf16_only_on_cpu_and_only_when_asked_or_auto() -> None:
     assert not use_bf16("bfloat16", torch.device("cuda"))  # GPUs keep float32 here
     with pytest.raises(ValueError, match="precision 'half' is not one of auto, float32, bfloat16"):
         use_bf16("half", cpu)
+
+
+def test_text_weights_stored_in_bf16_give_the_same_bits_as_autocast_casting_them_per_pass() -> None:
+    from rsitr.config import load_config
+    from rsitr.models.msa import build_model
+
+    torch.manual_seed(0)
+    model = build_model(load_config("demo").model).eval()
+    queries = with_text_weights_in_bf16(model)
+    linear = [m for m in queries.text.modules() if isinstance(m, torch.nn.Linear)]
+    assert linear and all(m.weight.dtype == torch.bfloat16 for m in linear)
+    ids = torch.randint(1, 500, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[0, 5:] = 0
+    with inference(True):
+        assert torch.equal(queries.encode_text(ids, mask), model.encode_text(ids, mask))
+    # the model it was copied from keeps float32 weights (float32 callers still work); the rest is shared
+    assert all(p.dtype == torch.float32 for p in model.text.parameters())
+    assert queries.backbone is model.backbone
+    with torch.no_grad():
+        assert model.encode_text(ids, mask).dtype == torch.float32
 
 
 def test_tiles_embedded_in_bf16_point_where_float32_ones_do(untrained_checkpoint: Path) -> None:
