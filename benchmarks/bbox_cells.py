@@ -40,6 +40,7 @@ from rsitr.config import load_config  # noqa: E402
 from rsitr.data.preprocess import decode_image  # noqa: E402
 from rsitr.models.msa import build_model  # noqa: E402
 from rsitr.retrieval.index import ANN, add_vector_index, index_rows  # noqa: E402
+from rsitr.retrieval.query import SearchFilter  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BBOX_DEGREES = 20.0
@@ -66,8 +67,8 @@ def cell_ids(lon: np.ndarray, lat: np.ndarray, cell: float) -> np.ndarray:
 
 
 def bounds_predicate(box: tuple[float, float, float, float]) -> str:
-    """The product's bbox predicate (``rsitr.retrieval.query.SearchFilter.where``)."""
-    return f"max_lon >= {box[0]!r} AND min_lon <= {box[2]!r} AND max_lat >= {box[1]!r} AND min_lat <= {box[3]!r}"
+    """The product's bbox predicate."""
+    return str(SearchFilter(bbox=box).where())
 
 
 def cells_predicate(box: tuple[float, float, float, float], cell: float, widest: float) -> str:
