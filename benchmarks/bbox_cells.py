@@ -1,19 +1,19 @@
-"""Bbox-filtered search at 10⁶ vectors: the product's prefilter against a coarse spatial cell column (exploration).
+"""Bbox-filtered search at 10⁶ vectors: the product's cell grid against the bounds test alone, side by side.
 
-The product filters on the footprint bounds alone, so LanceDB scans the four bound columns of every row before the
-vector search. Here a ``cell`` column (the footprint's south-west corner on a ``--cell``-degree grid) with a bitmap
-index lets the predicate start with ``cell IN (…)`` — the cells a tile intersecting the bbox can start in, given the
-widest footprint — followed by the exact bounds test, on the same rows; and once more with the rows stored in cell
-order. Not in the product yet: this measures whether it is worth building.
+The index files each tile under a coarse spatial cell (``rsitr.retrieval.query.CellGrid``: the footprint's
+south-west corner on a 10° grid, a bitmap index, rows in cell order), so a bbox search starts with ``cell IN (…)``
+and tests the footprint bounds only on those cells' rows. Compared on the same rows: the index as it was before the
+grid (no cell column, rows in the order they were embedded, the bounds scanned on every row); the cell column with
+its bitmap but rows in that order; and the product (rows in cell order).
 
 Vectors: frozen pretrained EfficientNet-Lite0 pooled scales of 512 RSICD images (packaged weights, no training),
 centred and randomly projected to 512-d, then mixed into 10⁶ real-shaped vectors as ``benchmarks/index.py`` does, with
 its footprints (scenes over the globe, a scene's tiles side by side). 400 query vectors, each sent through every
 variant in turn (interleaved, so the variants share the machine's state), the product's ANN settings and query
-(``to_list`` of whole rows). Recall@10 against exact numpy search over the rows that pass the same filter.
+(``rsitr.retrieval.search.nearest``). Recall@10 against exact numpy search over the rows that pass the same filter.
 
-Prints a table, writes JSON, and ends with one JSON line: ``p99_ms`` per variant and ``recall_at_10`` per variant.
-Usage: ``python benchmarks/bbox_cells.py [--rows 1000000] [--cell 10] [--queries 400]``  (≈ 8 min at 10⁶ on 2 cores)
+Prints a table, writes JSON, and ends with one JSON line: ``p99_ms`` and ``recall_at_10`` per variant.
+Usage: ``python benchmarks/bbox_cells.py [--rows 1000000] [--queries 400]``  (≈ 8 min at 10⁶ on 2 cores)
 """
 
 from __future__ import annotations
@@ -28,10 +28,7 @@ from typing import Any
 
 import lancedb
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 import torch
-from lancedb.index import Bitmap
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from index import RSICD, real_shaped, tiles_table  # noqa: E402  (benchmarks/index.py: the same rows)
@@ -39,8 +36,9 @@ from index import RSICD, real_shaped, tiles_table  # noqa: E402  (benchmarks/ind
 from rsitr.config import load_config  # noqa: E402
 from rsitr.data.preprocess import decode_image  # noqa: E402
 from rsitr.models.msa import build_model  # noqa: E402
-from rsitr.retrieval.index import ANN, add_vector_index, index_rows  # noqa: E402
-from rsitr.retrieval.query import SearchFilter  # noqa: E402
+from rsitr.retrieval.index import ANN, CELL_COLUMN, add_cell_index, add_vector_index, cell_grid, index_rows  # noqa: E402
+from rsitr.retrieval.query import CELL_DEGREES, SearchFilter  # noqa: E402
+from rsitr.retrieval.search import nearest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BBOX_DEGREES = 20.0
@@ -62,27 +60,9 @@ def pretrained_vectors(images: int, rng: np.random.Generator) -> np.ndarray:
     return projected / np.linalg.norm(projected, axis=1, keepdims=True)
 
 
-def cell_ids(lon: np.ndarray, lat: np.ndarray, cell: float) -> np.ndarray:
-    return (np.floor((lat + 90) / cell) * 1000 + np.floor((lon + 180) / cell)).astype(np.int32)
-
-
-def bounds_predicate(box: tuple[float, float, float, float]) -> str:
-    """The product's bbox predicate."""
-    return str(SearchFilter(bbox=box).where())
-
-
-def cells_predicate(box: tuple[float, float, float, float], cell: float, widest: float) -> str:
-    """``cell IN (…)`` for every cell a footprint no wider than ``widest`` that meets ``box`` can start in."""
-    lons = np.arange(np.floor((box[0] - widest + 180) / cell), np.floor((box[2] + 180) / cell) + 1)
-    lats = np.arange(np.floor((box[1] - widest + 90) / cell), np.floor((box[3] + 90) / cell) + 1)
-    cells = sorted(int(a * 1000 + o) for a in lats for o in lons)
-    return f"cell IN ({', '.join(map(str, cells))}) AND {bounds_predicate(box)}"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
-    parser.add_argument("--cell", type=float, default=10.0, help="grid cell size in degrees")
     parser.add_argument("--queries", type=int, default=400)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bbox_cells.json"))
     args = parser.parse_args()
@@ -92,36 +72,31 @@ def main() -> None:
     real = pretrained_vectors(512, rng)
     vectors = real_shaped(real, args.rows, rng)
     queries = real_shaped(real, args.queries, np.random.default_rng(1))
-    rows = index_rows(tiles_table(vectors, rng, "bench"))
-    min_lon, min_lat = rows["min_lon"].to_numpy(), rows["min_lat"].to_numpy()
-    widest = float(max((rows["max_lon"].to_numpy() - min_lon).max(), (rows["max_lat"].to_numpy() - min_lat).max()))
-    with_cells = rows.append_column("cell", pa.array(cell_ids(min_lon, min_lat, args.cell)))
-    order = pc.sort_indices(with_cells, [("cell", "ascending")])
-    lon, lat = float(min_lon[0]), float(min_lat[0])
+    rows = index_rows(tiles_table(vectors, rng, "bench"))  # the product's rows: cell column, in cell order
+    embedded_order = np.argsort([int(i.removeprefix("tile-")) for i in rows["image_id"].to_pylist()])
+    unsorted = rows.take(embedded_order)
+    lon, lat = float(unsorted["min_lon"][0].as_py()), float(unsorted["min_lat"][0].as_py())
     half = BBOX_DEGREES / 2
-    box = (lon - half, lat - half, lon + half, lat + half)
+    box = SearchFilter(bbox=(lon - half, lat - half, lon + half, lat + half))
     with tempfile.TemporaryDirectory() as tmp:
         db = lancedb.connect(tmp)
         built: dict[str, Any] = {}
-        by_cells = cells_predicate(box, args.cell, widest)
-        for name, data, vecs, predicate in (
-            ("product", rows, vectors, bounds_predicate(box)),
-            ("cell_bitmap", with_cells, vectors, by_cells),
-            ("cell_bitmap_sorted", with_cells.take(order), vectors[order.to_numpy()], by_cells),
+        for name, data in (
+            ("bounds_only", unsorted.drop_columns([CELL_COLUMN])),
+            ("cells_unsorted", unsorted),
+            ("product", rows),
         ):
             started = time.perf_counter()
             table = db.create_table(name, data=data)
             add_vector_index(table, ANN)
-            if "cell" in data.column_names:
-                table.create_index("cell", config=Bitmap())
-            built[name] = {"table": table, "rows": data, "vectors": vecs, "predicate": predicate,
-                           "build_s": time.perf_counter() - started}  # fmt: skip
+            grid = None
+            if CELL_COLUMN in data.column_names:
+                add_cell_index(table)
+                grid = cell_grid(table)
+            built[name] = {"table": table, "rows": data, "grid": grid, "build_s": time.perf_counter() - started}
 
         def search(name: str, query: np.ndarray) -> list[dict[str, Any]]:
-            request = built[name]["table"].search(query, vector_column_name="vector").distance_type("cosine")
-            request = ANN.apply(request.limit(10), filtered=True)
-            hits: list[dict[str, Any]] = request.where(built[name]["predicate"], prefilter=True).to_list()
-            return hits
+            return nearest(built[name]["table"], query, 10, box, ANN, built[name]["grid"])
 
         for name in built:  # a serving process answers many queries per opened index
             for query in queries[:5]:
@@ -136,15 +111,17 @@ def main() -> None:
                 found[name].append({h["image_id"] for h in hits})
     report: dict[str, Any] = {
         "rows": args.rows,
-        "cell_degrees": args.cell,
+        "cell_degrees": CELL_DEGREES,
         "bbox_degrees": BBOX_DEGREES,
         "variants": {},
     }
+    assert box.bbox is not None
     for name, variant in built.items():
-        data, vecs = variant["rows"], variant["vectors"]
+        data = variant["rows"]
+        vecs = data["vector"].combine_chunks().flatten().to_numpy().reshape(data.num_rows, -1)
         passing = np.flatnonzero(
-            (data["max_lon"].to_numpy() >= box[0]) & (data["min_lon"].to_numpy() <= box[2])
-            & (data["max_lat"].to_numpy() >= box[1]) & (data["min_lat"].to_numpy() <= box[3])
+            (data["max_lon"].to_numpy() >= box.bbox[0]) & (data["min_lon"].to_numpy() <= box.bbox[2])
+            & (data["max_lat"].to_numpy() >= box.bbox[1]) & (data["min_lat"].to_numpy() <= box.bbox[3])
         )  # fmt: skip
         ids = data["image_id"].to_numpy(zero_copy_only=False)
         recalls = [
@@ -157,7 +134,9 @@ def main() -> None:
             **{f"p{q}_ms": round(float(np.percentile(latencies[name], q)), 1) for q in (50, 90, 99)},
             "recall_at_10": round(float(np.mean(recalls)), 3),
         }
-    print(f"\n{args.rows} vectors, {BBOX_DEGREES:.0f}° bbox, {args.cell:g}° cells, {args.queries} queries interleaved")
+    print(
+        f"\n{args.rows} vectors, {BBOX_DEGREES:.0f}° bbox, {CELL_DEGREES:g}° cells, {args.queries} queries interleaved"
+    )
     print(f"{'variant':>20} {'build s':>8} {'p50 ms':>7} {'p90 ms':>7} {'p99 ms':>7} {'recall@10':>9}")
     for name, r in report["variants"].items():
         times = " ".join(f"{r[f'p{q}_ms']:7.1f}" for q in (50, 90, 99))

@@ -9,19 +9,22 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import shapely
 
 from rsitr.errors import EmbeddingsNotFoundError
 from rsitr.io import storage
-from rsitr.retrieval.query import INDEX_META, require_index
+from rsitr.retrieval.query import INDEX_META, CellGrid, require_index
 
 log = logging.getLogger(__name__)
 TABLE = "tiles"
 CAPTIONS_TABLE = "captions"
 ANN_THRESHOLD = 100_000
 FILTER_COLUMNS = ("min_lon", "max_lon", "min_lat", "max_lat", "acquired_at")
+CELL_COLUMN = "cell"
 
 
 def connect(uri: str) -> Any:
@@ -121,7 +124,9 @@ def embeddings_source(table: pa.Table) -> str | None:
 
 
 def index_rows(table: pa.Table, where: str = "embeddings") -> pa.Table:
-    """Embedding rows as the index stores them: ``vector`` plus the footprint's lon/lat bounds for filtering.
+    """Embedding rows as the index stores them: ``vector``, the footprint's lon/lat bounds for filtering and its
+    ``cell`` on the index's grid (:class:`~rsitr.retrieval.query.CellGrid`; null without a footprint), in cell
+    order, so the rows a bbox reaches lie together.
 
     Raises:
         ValueError: the rows come from several model versions.
@@ -133,7 +138,10 @@ def index_rows(table: pa.Table, where: str = "embeddings") -> pa.Table:
     data = table.rename_columns(["vector" if n == "embedding" else n for n in table.column_names])
     for name, values in boxes.items():
         data = data.append_column(name, pa.array(values, type=pa.float64()))
-    return data.replace_schema_metadata(None)
+    corner = np.asarray(CellGrid().cell(data["min_lon"].to_numpy(), data["min_lat"].to_numpy()))
+    cells = pa.array(np.nan_to_num(corner, nan=-1).astype(np.int32), mask=np.isnan(corner))
+    data = data.append_column(CELL_COLUMN, cells)
+    return data.take(pc.sort_indices(data, [(CELL_COLUMN, "ascending")])).replace_schema_metadata(None)
 
 
 def caption_rows(table: pa.Table, where: str = "captions") -> pa.Table:
@@ -209,6 +217,22 @@ def add_filter_indices(lance_table: Any) -> None:
         lance_table.create_index(column, config=BTree())
 
 
+def add_cell_index(lance_table: Any) -> None:
+    """A bitmap index on ``cell``: a bbox search's ``cell IN (…)`` then reads only those cells' rows."""
+    from lancedb.index import Bitmap
+
+    lance_table.create_index(CELL_COLUMN, config=Bitmap(), replace=True)
+
+
+def cell_grid(lance_table: Any) -> CellGrid:
+    """The grid of a table with a ``cell`` column, with its widest footprint now (rows added or deleted since
+    the last publish included)."""
+    bounds = ["min_lon", "max_lon", "min_lat", "max_lat"]
+    extents = lance_table.search().select(bounds).limit(None).to_arrow()
+    widest = [pc.max(pc.subtract(extents[f"max_{axis}"], extents[f"min_{axis}"])).as_py() for axis in ("lon", "lat")]
+    return CellGrid(widest_lon=widest[0] or 0.0, widest_lat=widest[1] or 0.0)
+
+
 def ann_settings(meta: dict[str, Any]) -> AnnSettings | None:
     """The ANN settings an index was built with (None: exact search). Indexes from before settings were recorded
     are IVF-PQ with the first defaults."""
@@ -228,16 +252,22 @@ def publish(
     """Add the ANN index once the table is large enough, then point ``index.json`` at the table (atomically)."""
     rows = int(lance_table.count_rows())
     kind = "exact"
+    with_cells = CELL_COLUMN in lance_table.schema.names  # tables built before the grid have no cell column
     if rows >= ANN_THRESHOLD:
-        if not any(i.columns == ["vector"] for i in lance_table.list_indices()):
+        indexed = [i.columns for i in lance_table.list_indices()]
+        if ["vector"] not in indexed:
             add_vector_index(lance_table, ann)
             if ann.filter_indices:
                 add_filter_indices(lance_table)
-        else:  # fold appended rows into the existing ANN index, which keeps the settings it was built with
+        else:  # fold appended rows into the existing indices; the ANN index keeps the settings it was built with
             lance_table.optimize()
             ann = _recorded_settings(out, lance_table.name) or ann
+        if with_cells and [CELL_COLUMN] not in indexed:
+            add_cell_index(lance_table)
         kind = ann.index_type.lower()
         extra = {**extra, "ann": asdict(ann)}
+    if with_cells:
+        extra = {**extra, "cells": asdict(cell_grid(lance_table))}
     meta = {
         "table": lance_table.name,
         "rows": rows,

@@ -208,6 +208,8 @@ def _publish_batch(db: Any, name: str, table: Any, rows: pa.Table, batch: str) -
     rows = rows.append_column("batch", [[batch] * rows.num_rows])
     if table is None:
         return db.create_table(name, data=rows)
+    if index.CELL_COLUMN not in table.schema.names:  # a table from before the cell grid: its searches scan bounds
+        rows = rows.drop_columns([index.CELL_COLUMN])
     table.delete(f"batch = {index.sql_text(batch)}")  # a half-published earlier attempt of this batch
     table.add(rows)
     return table

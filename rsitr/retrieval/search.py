@@ -20,7 +20,7 @@ from rsitr.models.msa import MSA
 from rsitr.models.text import load_tokenizer
 from rsitr.retrieval.batching import MicroBatcher
 from rsitr.retrieval.index import ANN, AnnSettings, ann_settings, open_captions, open_index, sql_text
-from rsitr.retrieval.query import SearchError, SearchFilter, check_k, check_query
+from rsitr.retrieval.query import CellGrid, SearchError, SearchFilter, check_k, check_query
 from rsitr.runtime.precision import inference, unit_float32, use_bf16, with_text_weights_in_bf16
 from rsitr.train import checkpoint as ckpt
 
@@ -59,12 +59,17 @@ REFERENCE_LIMIT = 20_000
 
 
 def nearest(
-    table: Any, vector: Any, k: int, where: SearchFilter | None = None, ann: AnnSettings | None = None
+    table: Any,
+    vector: Any,
+    k: int,
+    where: SearchFilter | None = None,
+    ann: AnnSettings | None = None,
+    grid: CellGrid | None = None,
 ) -> list[dict[str, Any]]:
     """The ``k`` rows nearest ``vector`` by cosine among those passing ``where`` (filtered before the top-k);
-    ``ann``: the settings of the table's ANN index (None: exact search)."""
+    ``ann``: the settings of the table's ANN index (None: exact search); ``grid``: its cell grid (None: none)."""
     request = table.search(vector, vector_column_name="vector").distance_type("cosine").limit(k)
-    predicate = where.where() if where else None
+    predicate = where.where(grid) if where else None
     if ann is not None:
         request = ann.apply(request, filtered=predicate is not None)
     if predicate:
@@ -105,6 +110,7 @@ class Searcher:
         self.state = state
         self.config = config
         self.ann = ann_settings(self.meta)
+        self.grid = CellGrid.from_meta(self.meta)
         self.captions = open_captions(index, self.meta)
         # a large caption table has the ANN index built with the default settings (looked up once, not per query)
         self.captions_ann = ANN if self.captions is not None and self.captions.list_indices() else None
@@ -125,7 +131,7 @@ class Searcher:
         check_query(query)
         check_k(k, rerank)
         vector = self.encode_query(query)
-        rows = nearest(self.table, vector.numpy(), max(k, rerank), where, ann=self.ann)
+        rows = nearest(self.table, vector.numpy(), max(k, rerank), where, self.ann, self.grid)
         reranked = self._rerank(vector, rows, self._caption_table(), "captions") if rerank else None
         return [_hit(rank, row, score) for rank, (row, score) in enumerate(_order(rows, reranked, k), start=1)]
 
@@ -184,7 +190,9 @@ class Searcher:
         tile a "more like this" starts from)."""
         check_k(k, 0)
         vector = vector.numpy() if isinstance(vector, torch.Tensor) else np.asarray(vector, dtype=np.float32)
-        rows = [row for row in nearest(self.table, vector, k + 1, where, ann=self.ann) if row["image_id"] != exclude]
+        rows = [
+            row for row in nearest(self.table, vector, k + 1, where, self.ann, self.grid) if row["image_id"] != exclude
+        ]
         return [_hit(rank, row) for rank, row in enumerate(rows[:k], start=1)]
 
     def tile(self, image_id: str) -> dict[str, Any] | None:

@@ -3,6 +3,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import shapely
@@ -16,11 +17,12 @@ from rsitr.data.preprocess import decode_image, tokenize
 from rsitr.errors import IndexNotFoundError
 from rsitr.io import shards
 from rsitr.models.msa import build_model
-from rsitr.retrieval import embed
+from rsitr.retrieval import embed, reindex
 from rsitr.retrieval import index as index_module
 from rsitr.retrieval.embed import embed_archive
 from rsitr.retrieval.index import build_index, open_index
-from rsitr.retrieval.search import Searcher, SearchError, SearchFilter
+from rsitr.retrieval.query import CellGrid
+from rsitr.retrieval.search import Searcher, SearchError, SearchFilter, nearest
 from rsitr.train.checkpoint import CheckpointError, save_checkpoint
 
 PROJECT = Path(__file__).resolve().parents[2]
@@ -310,3 +312,83 @@ def test_index_build_takes_the_folder_rsitr_embed_wrote(
         assert cli_main(["index", "build", "--embeddings", str(wrong), "--out", str(out)]) == 2
         err = capsys.readouterr().err
         assert str(wrong) in err and "embeddings" in err and len(err.strip().splitlines()) == 1
+
+
+def test_every_footprint_meeting_a_bbox_starts_in_a_cell_the_bbox_keeps() -> None:
+    rng = np.random.default_rng(0)
+    corner_lon = np.concatenate([rng.uniform(-180, 178, 20_000), np.arange(-180, 171, 10.0)])  # on cell edges too
+    corner_lat = np.concatenate([rng.uniform(-90, 88, 20_000), np.full(36, 40.0)])
+    max_lon = np.minimum(corner_lon + rng.uniform(0, 2, len(corner_lon)), 180)
+    max_lat = np.minimum(corner_lat + rng.uniform(0, 2, len(corner_lat)), 90)
+    grid = CellGrid(widest_lon=float((max_lon - corner_lon).max()), widest_lat=float((max_lat - corner_lat).max()))
+    cells = grid.cell(corner_lon, corner_lat)
+    boxes = [(float(max_lon[-5]), 20.0, float(max_lon[-5]) + 5, 41.0)]  # touches footprints only at their edge
+    for _ in range(300):
+        lon, lat, size = rng.uniform(-180, 170), rng.uniform(-90, 80), rng.uniform(0, 30)
+        boxes.append((lon, lat, min(lon + size, 180.0), min(lat + size, 90.0)))
+    for box in boxes:
+        meets = (max_lon >= box[0]) & (corner_lon <= box[2]) & (max_lat >= box[1]) & (corner_lat <= box[3])
+        kept = grid.cells_meeting(box)
+        assert kept is not None and len(kept) <= 25  # a ≤ 30° box keeps at most 5 × 5 of the 37 × 19 cells
+        assert set(cells[meets].tolist()) <= set(kept), box
+    assert grid.cells_meeting((-180, -90, 180, 90)) is None  # every cell: the bounds test alone
+
+
+def _spread_over_the_globe(table: pa.Table) -> pa.Table:
+    """The demo's tiles moved scene by scene to places around the globe (several grid cells apart)."""
+    scenes = sorted(set(table["source_uri"].to_pylist()))
+    offsets = {scene: (-150.0 + 47.0 * (i % 7), -50.0 + 23.0 * (i % 5)) for i, scene in enumerate(scenes)}
+    moved = [
+        shapely.to_wkb(shapely.transform(shapely.from_wkb(wkb), lambda xy, d=offsets[uri]: xy + d))  # type: ignore[misc]
+        for wkb, uri in zip(table["geometry"].to_pylist(), table["source_uri"].to_pylist(), strict=True)
+    ]
+    return table.set_column(table.schema.get_field_index("geometry"), "geometry", pa.array(moved, pa.binary()))
+
+
+def test_bbox_search_starts_from_the_index_cells_and_finds_what_the_bounds_alone_find(
+    built_index: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    checkpoint = open_index(str(built_index))[1]["checkpoint"]
+    spread = _spread_over_the_globe(pq.read_table(built_index / "embeddings.parquet"))
+    pq.write_table(spread, tmp_path / "embeddings.parquet")
+    meta = build_index(str(tmp_path / "embeddings.parquet"), str(tmp_path / "exact"), checkpoint)
+    rows = index_module.index_rows(spread)
+    assert rows["cell"].to_pylist() == sorted(rows["cell"].to_pylist())  # stored in cell order
+    assert len(set(rows["cell"].to_pylist())) > 5
+    grid = CellGrid.from_meta(meta)
+    assert grid is not None and 0 < grid.widest_lon < 1
+    footprints = {
+        r["image_id"]: shapely.from_wkb(r["geometry"]) for r in spread.select(["image_id", "geometry"]).to_pylist()
+    }
+    centres = [shapely.centroid(footprints[i]) for i in list(footprints)[::97]]
+    boxes = [(c.x - 0.2, c.y - 0.2, c.x + 0.3, c.y + 0.1) for c in centres] + [(-170.0, -60.0, 40.0, 30.0)]
+    exact = Searcher(str(tmp_path / "exact"))
+    monkeypatch.setattr(index_module, "ANN_THRESHOLD", 200)  # the same tiles with an ANN index and the cell bitmap
+    ann_meta = build_index(str(tmp_path / "embeddings.parquet"), str(tmp_path / "ann"), checkpoint)
+    ann = Searcher(str(tmp_path / "ann"))
+    assert ann_meta["kind"] == "ivf_sq" and ["cell"] in [i.columns for i in ann.table.list_indices()]
+    vector = exact.encode_query("dense forest").numpy()
+    for box in boxes:
+        where = SearchFilter(bbox=box)
+        assert "cell IN (" in str(where.where(grid))
+        inside = {i for i, f in footprints.items() if f.intersects(shapely.box(*box))}
+        assert inside and {h.image_id for h in exact.search("dense forest", k=432, where=where)} == inside
+        by_cells = [r["image_id"] for r in nearest(ann.table, vector, 10, where, ann.ann, ann.grid)]
+        by_bounds = [r["image_id"] for r in nearest(ann.table, vector, 10, where, ann.ann)]
+        assert by_cells == by_bounds and set(by_cells) <= inside
+
+
+def test_an_index_from_before_the_cell_grid_keeps_answering_bbox_searches_after_an_append(
+    built_index: Path, tmp_path: Path
+) -> None:
+    rows = index_module.index_rows(index_module.read_embeddings(str(built_index / "embeddings.parquet")))
+    db = index_module.connect(str(tmp_path))
+    first = rows.slice(0, 300).drop_columns(["cell"])
+    old = db.create_table("tiles", data=first.append_column("batch", [["batch-old"] * first.num_rows]))
+    table = reindex._publish_batch(db, "tiles", old, rows.slice(300), "batch-new")
+    checkpoint = open_index(str(built_index))[1]["checkpoint"]
+    meta = index_module.publish(str(tmp_path), table, rows["model_version"][0].as_py(), checkpoint, {})
+    assert "cell" not in table.schema.names and "cells" not in meta and meta["rows"] == 432
+    newest = shapely.from_wkb(rows["geometry"][431].as_py()).bounds
+    hits = Searcher(str(tmp_path)).search("dense forest", k=432, where=SearchFilter(bbox=newest))
+    assert rows["image_id"][431].as_py() in {h.image_id for h in hits}
