@@ -194,10 +194,10 @@ def search_benchmark(
         latencies.append(1000 * (time.perf_counter() - started))
         found.append({h["image_id"] for h in hits})
     recalls = []
-    for query, ids in zip(queries, found, strict=True):
+    for query, hits in zip(queries, found, strict=True):
         scores = vectors[candidates] @ query
         exact = set(ids[candidates[np.argsort(-scores)[:10]]].tolist())
-        recalls.append(len(exact & ids) / max(1, min(10, len(candidates))))
+        recalls.append(len(exact & hits) / max(1, min(10, len(candidates))))
     return {
         "first_query_ms": first_ms,
         "p50_ms": float(np.percentile(latencies, 50)),
