@@ -9,6 +9,7 @@ product's loss (``rsitr.train.losses``), schedule (``rsitr.train.make_scheduler`
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -50,6 +51,8 @@ class HeadsRecipe:
     ensemble: int = 1
     # the image features val and test read, when not ``image`` (e.g. the 8-view means of the same tower)
     test_image: str = ""
+    # > 0: val and test read an exponential moving average of the heads' weights (this decay per step)
+    ema: float = 0.0
 
 
 class Heads(nn.Module):
@@ -148,6 +151,7 @@ def train_heads(corpus: Corpus, recipe: HeadsRecipe, seed: int, rerank_k: int = 
     rng = np.random.default_rng(seed)
     image_features, text_features = corpus.features(recipe.image), corpus.features(recipe.text)
     heads = Ensemble(image_features.shape[1], text_features.shape[1], recipe)
+    scored = copy.deepcopy(heads) if recipe.ema else heads  # what val and test read
     temperatures = [m.log_temperature for m in heads.members]
     decay = [p for n, p in heads.named_parameters() if not n.endswith("log_temperature")]
     optimizer = torch.optim.AdamW(
@@ -182,20 +186,32 @@ def train_heads(corpus: Corpus, recipe: HeadsRecipe, seed: int, rerank_k: int = 
             loss.backward()
             optimizer.step()
             scheduler.step()
-        val = evaluate(heads, corpus, recipe, "val")
+            if scored is not heads:
+                _average_into(scored, heads, recipe.ema)
+        val = evaluate(scored, corpus, recipe, "val")
         history.append(round(val["mR"], 2))
         if val["mR"] > best["val"]["mR"]:
-            best = {"epoch": epoch + 1, "val": val, "state": {k: v.clone() for k, v in heads.state_dict().items()}}
-    heads.load_state_dict(best.pop("state"))
-    best["test"] = evaluate(heads, corpus, recipe, "test")
+            best = {"epoch": epoch + 1, "val": val, "state": {k: v.clone() for k, v in scored.state_dict().items()}}
+    scored.load_state_dict(best.pop("state"))
+    best["test"] = evaluate(scored, corpus, recipe, "test")
     if rerank_k:
-        best["val_rerank"] = evaluate(heads, corpus, recipe, "val", rerank_k)
-        best["test_rerank"] = evaluate(heads, corpus, recipe, "test", rerank_k)
+        best["val_rerank"] = evaluate(scored, corpus, recipe, "val", rerank_k)
+        best["test_rerank"] = evaluate(scored, corpus, recipe, "test", rerank_k)
     best["train_s"] = time.monotonic() - started
     best["val_history"] = history
     best["recipe"] = asdict(recipe)
     best["seed"] = seed
     return best
+
+
+@torch.no_grad()
+def _average_into(average: nn.Module, live: nn.Module, decay: float) -> None:
+    """One step of an exponential moving average of ``live``'s weights; buffers (BatchNorm's running statistics,
+    already averages) are copied."""
+    for mean, weight in zip(average.parameters(), live.parameters(), strict=True):
+        mean.lerp_(weight, 1.0 - decay)
+    for mean, buffer in zip(average.buffers(), live.buffers(), strict=True):
+        mean.copy_(buffer)
 
 
 def with_changes(recipe: HeadsRecipe, **changes: Any) -> HeadsRecipe:

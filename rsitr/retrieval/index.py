@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -267,7 +267,7 @@ def publish(
         kind = ann.index_type.lower()
         extra = {**extra, "ann": asdict(ann)}
     if with_cells:
-        extra = {**extra, "cells": asdict(cell_grid(lance_table))}
+        extra = {**extra, "cells": asdict(_widened(cell_grid(lance_table), out, lance_table.name))}
     meta = {
         "table": lance_table.name,
         "rows": rows,
@@ -280,6 +280,19 @@ def publish(
     storage.write_json_atomic(storage.join(out, INDEX_META), meta)
     log.info("index %s: %d tiles (%s)", out, rows, kind)
     return meta
+
+
+def _widened(grid: CellGrid, out: str, table: str) -> CellGrid:
+    """``grid`` widened to the one ``index.json`` records for ``table``: a reader that opened an older version of the
+    table may read the grid a later publish records, so the grid never narrows (see :func:`open_index`)."""
+    meta_uri = storage.join(out, INDEX_META)
+    previous = storage.read_json(meta_uri) if storage.exists(meta_uri) else {}
+    recorded = CellGrid.from_meta(previous) if previous.get("table") == table else None
+    if recorded is None or recorded.degrees != grid.degrees:
+        return grid
+    return replace(
+        grid, widest_lon=max(grid.widest_lon, recorded.widest_lon), widest_lat=max(grid.widest_lat, recorded.widest_lat)
+    )
 
 
 def _recorded_settings(out: str, table: str) -> AnnSettings | None:
@@ -296,7 +309,13 @@ def open_index(uri: str) -> tuple[Any, dict[str, Any]]:
     """
     uri = require_index(uri)
     meta: dict[str, Any] = storage.read_json(storage.join(uri, INDEX_META))
-    return connect(uri).open_table(meta["table"]), meta
+    table = connect(uri).open_table(meta["table"])
+    # A publish may have committed between reading index.json and opening the table. The grid only widens
+    # (publish never narrows it), so the one recorded now covers every footprint the opened version can hold.
+    latest: dict[str, Any] = storage.read_json(storage.join(uri, INDEX_META))
+    if latest.get("table") == meta["table"] and latest.get("cells"):
+        meta = {**meta, "cells": latest["cells"]}
+    return table, meta
 
 
 def open_captions(uri: str, meta: dict[str, Any]) -> Any | None:

@@ -392,3 +392,19 @@ def test_an_index_from_before_the_cell_grid_keeps_answering_bbox_searches_after_
     newest = shapely.from_wkb(rows["geometry"][431].as_py()).bounds
     hits = Searcher(str(tmp_path)).search("dense forest", k=432, where=SearchFilter(bbox=newest))
     assert rows["image_id"][431].as_py() in {h.image_id for h in hits}
+
+
+def test_the_recorded_grid_widens_with_a_wide_footprint_and_never_narrows(built_index: Path, tmp_path: Path) -> None:
+    embeddings = index_module.read_embeddings(str(built_index / "embeddings.parquet"))
+    table = index_module.connect(str(tmp_path)).create_table("tiles", data=index_module.index_rows(embeddings.slice(1)))
+    narrow = index_module.publish(str(tmp_path), table, "v", None, {})["cells"]
+    minx, miny, _, _ = shapely.from_wkb(embeddings["geometry"][0].as_py()).bounds
+    wide = pa.array([shapely.to_wkb(shapely.box(minx, miny, minx + 3, miny + 2))], pa.binary())  # a scene as one tile
+    first = embeddings.slice(0, 1)
+    table.add(index_module.index_rows(first.set_column(first.schema.get_field_index("geometry"), "geometry", wide)))
+    widened = index_module.publish(str(tmp_path), table, "v", None, {})["cells"]
+    assert narrow["widest_lon"] < 1 and (widened["widest_lon"], widened["widest_lat"]) == pytest.approx((3, 2))
+    table.delete(f"image_id = {index_module.sql_text(first['image_id'][0].as_py())}")
+    # a reader that opened the version holding the wide tile may read index.json as this publish writes it
+    assert index_module.publish(str(tmp_path), table, "v", None, {})["cells"] == widened
+    assert open_index(str(tmp_path))[1]["cells"] == widened
