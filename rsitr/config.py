@@ -128,6 +128,8 @@ class TrainConfig:
     eval_batch_size: int = 64
     # re-rank each query's top K in val/test evaluation (0: off, until it is shown to help on RSICD val)
     rerank_k: int = 0
+    # the re-rank's reverse-rank weight (GaLR's 0.7); also what `rsitr search --rerank` uses with this model
+    rerank_reverse_weight: float = 0.7
     # contrast each worker's batch against every worker's (the global batch) rather than its own slice only
     gather_negatives: bool = True
     # row order each epoch: full (global shuffle), blocks (block order only) or none; see rsitr.data.streams

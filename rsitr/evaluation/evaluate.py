@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from rsitr.evaluation.metrics import retrieval_metrics_from_embeddings
-from rsitr.evaluation.rerank import reranked_metrics
+from rsitr.evaluation.rerank import REVERSE_WEIGHT, reranked_metrics
 from rsitr.models.msa import MSA
 
 
@@ -56,9 +56,11 @@ def evaluate_model(
     caption_batches: Iterable[dict[str, Any]],
     device: torch.device,
     rerank_k: int = 0,
+    reverse_weight: float = REVERSE_WEIGHT,
 ) -> dict[str, float]:
     """R@1/5/10 both ways and mR of ``model`` on one split; with ``rerank_k``, after re-ranking each query's top
-    ``rerank_k`` (:mod:`rsitr.evaluation.rerank`), the plain mR kept as ``mR_plain``.
+    ``rerank_k`` (:mod:`rsitr.evaluation.rerank`, ``reverse_weight`` its reverse-rank weight), the plain mR kept as
+    ``mR_plain``.
 
     Raises:
         ValueError: a caption belongs to an image that is not in the image stream, or the split is empty.
@@ -80,7 +82,7 @@ def evaluate_model(
     metrics = retrieval_metrics_from_embeddings(image_vecs, caption_vecs, caption_image)
     if rerank_k:
         plain = metrics["mR"]
-        metrics = reranked_metrics(image_vecs @ caption_vecs.t(), caption_image, rerank_k)
+        metrics = reranked_metrics(image_vecs @ caption_vecs.t(), caption_image, rerank_k, reverse_weight)
         metrics["mR_plain"] = plain
     metrics.update({"images": float(len(image_ids)), "captions": float(len(owners))})
     return metrics
@@ -107,4 +109,5 @@ def evaluate_checkpoint(
         captions.iter_batches(batch_size=256),
         device,
         rerank_k=config.train.rerank_k if rerank_k is None else rerank_k,
+        reverse_weight=config.train.rerank_reverse_weight,
     )

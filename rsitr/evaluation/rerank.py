@@ -29,6 +29,7 @@ def rerank_topk(
     chunk: int = 256,
     candidates: torch.Tensor | None = None,
     queries: int | None = None,
+    reverse_weight: float = REVERSE_WEIGHT,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Re-ranked top-K candidates of every query (row) of ``sim``.
 
@@ -40,6 +41,7 @@ def rerank_topk(
             index); their forward ranks come from ``sim``.
         queries: re-rank only the first ``queries`` rows; the others are reference queries that only enter the
             column sums and reverse ranks (a search re-ranks one query against a reference set).
+        reverse_weight: the reverse-rank term's weight (GaLR's 0.7; larger trusts the candidates' own rankings more).
 
     Returns:
         Candidate indices (queries, k) in their new order, and their re-ranked scores s′.
@@ -52,7 +54,7 @@ def rerank_topk(
         k = candidates.shape[1]
     column_sums = sim.sum(dim=0)
     forward_bonus = torch.exp(-DECAY * (torch.arange(k, dtype=sim.dtype, device=sim.device) + 1))
-    reverse_bonus = REVERSE_WEIGHT * forward_bonus
+    reverse_bonus = reverse_weight * forward_bonus
     order_out, score_out = [], []
     ranked = sim.shape[0] if queries is None else queries
     for start in range(0, ranked, chunk):
@@ -70,23 +72,27 @@ def rerank_topk(
     return torch.cat(order_out), torch.cat(score_out)
 
 
-def rerank_matrix(sim: torch.Tensor, k: int = 10, chunk: int = 256) -> torch.Tensor:
+def rerank_matrix(
+    sim: torch.Tensor, k: int = 10, chunk: int = 256, reverse_weight: float = REVERSE_WEIGHT
+) -> torch.Tensor:
     """``sim`` with each row's top-K re-ranked: those K are lifted above every other entry, in their new order.
 
     Ranking rows of the result gives the re-ranked order; use ``sim.t()`` for the other direction.
     """
-    order, scores = rerank_topk(sim, k, chunk)
+    order, scores = rerank_topk(sim, k, chunk, reverse_weight=reverse_weight)
     lift = float(sim.max() - scores.min()) + 1.0 if math.isfinite(float(sim.max())) else 1e9
     out = sim.clone()
     out.scatter_(1, order, scores + lift)
     return out
 
 
-def reranked_metrics(sim: torch.Tensor, caption_image: torch.Tensor | np.ndarray, k: int = 10) -> dict[str, float]:
+def reranked_metrics(
+    sim: torch.Tensor, caption_image: torch.Tensor | np.ndarray, k: int = 10, reverse_weight: float = REVERSE_WEIGHT
+) -> dict[str, float]:
     """R@K and mR after re-ranking: image→text on the rows of ``sim`` (images × captions), text→image on its
     columns."""
-    i2t = retrieval_metrics(rerank_matrix(sim, k), caption_image)
-    t2i = retrieval_metrics(rerank_matrix(sim.t(), k).t(), caption_image)
+    i2t = retrieval_metrics(rerank_matrix(sim, k, reverse_weight=reverse_weight), caption_image)
+    t2i = retrieval_metrics(rerank_matrix(sim.t(), k, reverse_weight=reverse_weight).t(), caption_image)
     out = {key: i2t[key] for key in i2t if key.startswith("i2t")}
     out.update({key: t2i[key] for key in t2i if key.startswith("t2i")})
     out["mR"] = float(np.mean([out[key] for key in METRIC_KEYS[:-1]]))

@@ -230,7 +230,13 @@ class Searcher:
             self._references[name] = torch.as_tensor(np.stack(vectors.to_numpy(zero_copy_only=False)))
         candidates = torch.as_tensor(np.stack([row["vector"] for row in rows]))
         sim = torch.cat([query[None], self._references[name].to(query.dtype)]) @ candidates.to(query.dtype).t()
-        order, scores = rerank_topk(sim, k=len(rows), candidates=torch.arange(len(rows))[None], queries=1)
+        order, scores = rerank_topk(
+            sim,
+            k=len(rows),
+            candidates=torch.arange(len(rows))[None],
+            queries=1,
+            reverse_weight=self.config.train.rerank_reverse_weight,
+        )
         reranked = [0.0] * len(rows)
         for position, score in zip(order[0].tolist(), scores[0].tolist(), strict=True):
             reranked[position] = score

@@ -243,10 +243,10 @@ class Validation:
         images, captions = ray.train.get_dataset_shard("val_images"), ray.train.get_dataset_shard("val_captions")
         self.images = KeptBatches(lambda: images.iter_batches(batch_size=train_cfg.eval_batch_size))
         self.captions = KeptBatches(lambda: captions.iter_batches(batch_size=256))
-        self.rerank_k, self.device = train_cfg.rerank_k, device
+        self.rerank_k, self.reverse_weight, self.device = train_cfg.rerank_k, train_cfg.rerank_reverse_weight, device
 
     def __call__(self, model: MSA) -> dict[str, float]:
-        val = evaluate_model(model, self.images, self.captions, self.device, rerank_k=self.rerank_k)
+        val = evaluate_model(model, self.images, self.captions, self.device, self.rerank_k, self.reverse_weight)
         return {f"val_{k}": v for k, v in val.items()}
 
 

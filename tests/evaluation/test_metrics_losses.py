@@ -114,7 +114,7 @@ def test_intra_class_term_by_hand() -> None:
     assert float(intra_class_loss(sim, torch.tensor([1, 2, -1]))) == 0.0
 
 
-def _rerank_by_hand(sim: torch.Tensor, query: int, k: int) -> tuple[list[int], list[float]]:
+def _rerank_by_hand(sim: torch.Tensor, query: int, k: int, weight: float = 0.7) -> tuple[list[int], list[float]]:
     top = sim[query].topk(k).indices.tolist()
     reverse = [int((sim[:, j] > sim[query, j]).sum()) for j in top]
     by_reverse = sorted(range(k), key=lambda r: (reverse[r], r))
@@ -122,7 +122,7 @@ def _rerank_by_hand(sim: torch.Tensor, query: int, k: int) -> tuple[list[int], l
     scores = {
         j: float(sim[query, j] / sim[:, j].sum())
         + math.exp(-0.05 * (r + 1))
-        + 0.7 * math.exp(-0.05 * (reverse_position[j] + 1))
+        + weight * math.exp(-0.05 * (reverse_position[j] + 1))
         for r, j in enumerate(top)
     }
     order = sorted(scores, key=lambda j: -scores[j])
@@ -144,6 +144,12 @@ def test_rerank_equals_the_formula_by_hand_in_both_directions() -> None:
         assert torch.equal(lifted.gather(1, rest), matrix.gather(1, rest))
     candidates = sim.topk(6, dim=1).indices.flip(1)  # the same candidates in another order give the same re-rank
     assert torch.equal(rerank_topk(sim, k=6, candidates=candidates)[0], rerank_topk(sim, k=6)[0])
+    heavier_order, heavier_scores = rerank_topk(sim, k=6, reverse_weight=1.5)
+    for query in range(sim.shape[0]):
+        expected_order, expected_scores = _rerank_by_hand(sim, query, 6, weight=1.5)
+        assert heavier_order[query].tolist() == expected_order
+        assert torch.allclose(heavier_scores[query], torch.tensor(expected_scores), atol=1e-5)
+    assert not torch.equal(heavier_order, rerank_topk(sim, k=6)[0])  # the weight changes some order
 
 
 def test_reranked_metrics_keep_order_at_k1_and_differ_at_k10() -> None:
