@@ -103,7 +103,7 @@ def main() -> None:
     parser.add_argument("--budget-minutes", type=float, default=80.0, help="training wall-clock budget")
     parser.add_argument("--epochs", type=int, default=20, help="planned epochs (the LR schedule's length)")
     parser.add_argument("--name", default=None, help="run name (an existing one resumes)")
-    parser.add_argument("--rerank-k", type=int, default=10)
+    parser.add_argument("--rerank-k", type=int, default=None, help="default: the preset's train.rerank_k, else 10")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "quality.json"))
     parser.add_argument("--ablation", action="store_true", help="run the ablation table instead of one preset")
     parser.add_argument("--rows", nargs="*", default=None, help="ablation rows to run (default: all)")
@@ -123,6 +123,7 @@ def main() -> None:
         return
     overrides = [f"train.epochs={args.epochs}", f"train.max_minutes={args.budget_minutes}", *args.overrides]
     config = load_config(args.config, overrides)
+    args.rerank_k = args.rerank_k if args.rerank_k is not None else config.train.rerank_k or 10
     started = time.monotonic()
     result = fit(config, str(work / "data" / "rsicd"), str(work / "runs"), name=args.name)
     train_s = time.monotonic() - started
