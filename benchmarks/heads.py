@@ -131,22 +131,32 @@ def _multi_positive_nce(sim: torch.Tensor, positive: torch.Tensor, temperature: 
 
 
 @torch.no_grad()
-def evaluate(heads: Ensemble, corpus: Corpus, recipe: HeadsRecipe, split: str, rerank_k: int = 0) -> dict[str, float]:
-    """R@K and mR of a split: each image once, each of its captions once (``rerank_k``: after the SMR re-rank)."""
+def encoded(heads: Ensemble, corpus: Corpus, recipe: HeadsRecipe, split: str) -> tuple[Any, Any, np.ndarray]:
+    """A split's image and caption embeddings (each image once, each of its captions once) and the image each
+    caption belongs to."""
     heads.eval()
     rows = corpus.rows(split)
     owners = np.concatenate([[i] * len(corpus.image_captions[r]) for i, r in enumerate(rows)])
     caption_ids = np.concatenate([corpus.image_captions[r] for r in rows])
     images, _ = heads.encode(corpus.features(recipe.test_image or recipe.image)[rows], None)
     _, texts = heads.encode(None, corpus.features(recipe.text)[caption_ids])
+    return images, texts, owners
+
+
+def evaluate(heads: Ensemble, corpus: Corpus, recipe: HeadsRecipe, split: str, rerank_k: int = 0) -> dict[str, float]:
+    """R@K and mR of a split (``rerank_k``: after the SMR re-rank)."""
+    images, texts, owners = encoded(heads, corpus, recipe, split)
     if rerank_k:
         return reranked_metrics(images @ texts.t(), owners, rerank_k)
     return retrieval_metrics_from_embeddings(images, texts, owners)
 
 
-def train_heads(corpus: Corpus, recipe: HeadsRecipe, seed: int, rerank_k: int = 0) -> dict[str, Any]:
+def train_heads(
+    corpus: Corpus, recipe: HeadsRecipe, seed: int, rerank_k: int = 0, keep_heads: bool = False
+) -> dict[str, Any]:
     """Train one row; the best val epoch's val and test metrics (test read once, for that epoch), and with
-    ``rerank_k`` the same epoch's val and test after the SMR re-rank."""
+    ``rerank_k`` the same epoch's val and test after the SMR re-rank (``keep_heads``: that epoch's heads too, as
+    ``heads``)."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     image_features, text_features = corpus.features(recipe.image), corpus.features(recipe.text)
@@ -197,6 +207,8 @@ def train_heads(corpus: Corpus, recipe: HeadsRecipe, seed: int, rerank_k: int = 
     if rerank_k:
         best["val_rerank"] = evaluate(scored, corpus, recipe, "val", rerank_k)
         best["test_rerank"] = evaluate(scored, corpus, recipe, "test", rerank_k)
+    if keep_heads:
+        best["heads"] = scored
     best["train_s"] = time.monotonic() - started
     best["val_history"] = history
     best["recipe"] = asdict(recipe)
