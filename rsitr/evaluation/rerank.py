@@ -7,7 +7,8 @@ For a query q (an image for image→text) and its top-K candidates c at forward 
 where the sum runs over every query (the candidate's column of the matrix) and r′ is the candidate's position once
 the K candidates are re-sorted by their reverse rank — the rank of q among all queries in the candidate's own
 ordering. Text→image is the same on the transposed matrix. Candidates outside the top K keep their order below the
-re-ranked ones.
+re-ranked ones. K and the reverse term's weight (0.7 above) are settings (``train.rerank_k``,
+``train.rerank_reverse_weight``).
 """
 
 from __future__ import annotations
