@@ -79,6 +79,8 @@ def local_ray_head(
     It declares ``num_cpus`` logical CPUs (default 4, even on 2 cores) so Ray Data keeps CPUs beside the
     training workers. Token auth is disabled: the head only listens for this machine's jobs.
     """
+    from rsitr.runtime.raysession import local_ray_environment  # imports Ray: only once a head is wanted
+
     dashboard_port = dashboard_port or free_port()
     gcs_port = gcs_port or free_port()
     ensure_port_free(dashboard_port, "the Ray dashboard", "RSITR_RAY_DASHBOARD_PORT")
@@ -87,7 +89,8 @@ def local_ray_head(
     temp_dir = tempfile.mkdtemp(prefix="rsitr-ray-")
     # Jobs run `python -m rsitr.train`: put this interpreter's folder first so `python` is this environment.
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "PATH": path}
+    env = {**os.environ, **local_ray_environment(), "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    env["PATH"] = path
     env.pop("RAY_ADDRESS", None)
     command = [
         _ray_executable(),

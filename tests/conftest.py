@@ -50,8 +50,11 @@ def ray_local() -> Iterator[None]:
     """A real local Ray (4 logical CPUs so Ray Data keeps CPUs beside training workers)."""
     import ray
 
+    from rsitr.runtime.raysession import local_ray_environment
+
     started = not ray.is_initialized()
     if started:
+        os.environ.update(local_ray_environment())
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield
     if started:

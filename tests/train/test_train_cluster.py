@@ -18,6 +18,8 @@ TWO_NODES = textwrap.dedent(
     """
     import json, os, sys
     from ray.cluster_utils import Cluster
+    from rsitr.runtime.raysession import local_ray_environment
+    os.environ.update(local_ray_environment())  # as init_ray gives a local Ray
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
     cluster.add_node(num_cpus=2)
     cluster.wait_for_nodes()
