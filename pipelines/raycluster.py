@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -52,17 +53,18 @@ def wait_http(url: str, timeout: float, what: str, process: subprocess.Popen[byt
 
 
 def stop_process_group(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 30) -> None:
-    """Signal a child's whole process group and wait for it (then kill what is left)."""
-    if process.poll() is not None:
-        return
+    """Signal a child's whole process group and wait for it, then kill what is left of the group."""
     try:
-        os.killpg(process.pid, sig)
-        process.wait(timeout=timeout)
+        if process.poll() is None:
+            os.killpg(process.pid, sig)
+            process.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-    except ProcessLookupError:
         pass
+    except ProcessLookupError:
+        return
+    with contextlib.suppress(ProcessLookupError):  # the leader has gone; helpers it started in its group may not have
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
 
 
 def _ray_executable() -> str:
@@ -117,7 +119,8 @@ def local_ray_head(
         wait_http(f"{url}/api/version", 120, "the Ray head", process)
         yield url
     finally:
-        stop_process_group(process)
+        # `ray start --block` stops its processes on Ctrl-C; a SIGTERM leaves it running until the timeout
+        stop_process_group(process, signal.SIGINT)
         if log:
             sink.close()  # type: ignore[union-attr]
         shutil.rmtree(temp_dir, ignore_errors=True)

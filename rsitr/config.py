@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import typing
 import uuid
 from dataclasses import dataclass, field
@@ -143,6 +144,14 @@ class TrainConfig:
     # model.test_views does at inference), so training and its val selection see what inference shows; that many
     # backbone passes per tile while the cache is built
     cache_views: int = 1
+
+    def __post_init__(self) -> None:
+        at_least = {"epochs": 1, "batch_size": 1, "num_workers": 1, "eval_batch_size": 1, "log_every_steps": 1}
+        at_least.update(dict.fromkeys(("max_minutes", "patience", "rerank_k", "rerank_reverse_weight"), 0))
+        for name, floor in at_least.items():
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < floor:
+                raise ConfigError(f"train.{name}={value!r}: expected a number ≥ {floor}")
 
 
 @dataclass

@@ -23,7 +23,15 @@ def test_dotted_overrides_are_typed() -> None:
 
 @pytest.mark.parametrize(
     ("overrides", "message"),
-    [(["train.epochz=3"], "unknown keys"), (["train.epochs=three"], "cannot read"), (["epochs"], "key=value")],
+    [
+        (["train.epochz=3"], "unknown keys"),
+        (["train.epochs=three"], "cannot read"),
+        (["epochs"], "key=value"),
+        (["train.epochs=0"], r"train.epochs=0: expected a number ≥ 1"),
+        (["train.rerank_k=-10"], r"train.rerank_k=-10: expected a number ≥ 0"),
+        (["train.rerank_reverse_weight=-0.5"], r"train.rerank_reverse_weight=-0.5: expected a number ≥ 0"),
+        (["train.rerank_reverse_weight=nan"], r"train.rerank_reverse_weight=nan: expected"),
+    ],
 )
 def test_bad_overrides_fail_clearly(overrides: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):

@@ -80,10 +80,10 @@ def test_ingest_train_index_search_end_to_end(
         config="demo",
         storage_path=str(tmp_path / "runs"),
         name="e2e",
-        epochs=4,
+        epochs=2,
     )
     history = result["history"]
-    assert len(history) == 4
+    assert len(history) == 2
     run_dir = tmp_path / "runs" / "e2e"
     with Image.open(run_dir / "training_curve.png") as curve:
         assert curve.size == (600, 350)

@@ -154,7 +154,7 @@ def test_a_run_that_loses_the_server_while_checkpointing_fails_clearly_and_a_rer
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RSITR_RAY_CLUSTER")}
     command = [
         sys.executable, "-m", "rsitr.train", "--config", "demo", "--data", str(demo_shards), "--storage", runs,
-        "--name", "cut", "--epochs", "2", "train.num_workers=1", "train.cpus_per_worker=1",
+        "--name", "cut", "--epochs", "1", "train.num_workers=1", "train.cpus_per_worker=1",
     ]  # fmt: skip
     log = tmp_path / "first.log"
     with log.open("wb") as out:
@@ -185,7 +185,7 @@ def test_a_run_that_loses_the_server_while_checkpointing_fails_clearly_and_a_rer
     best = storage.read_json(f"{runs}/cut/{RESULT}")["best_checkpoint"]
     assert all(storage.exists(f"{best}/{name}") for name in (WEIGHTS, CONFIG, STATE))
     _, config, state = load_checkpoint(f"{runs}/cut")
-    assert config.name == "demo" and state["epoch"] in (0, 1)
+    assert config.name == "demo" and state["epoch"] == 0
 
 
 def _checkpoint_objects(fs: Any, run_path: str) -> list[str]:

@@ -175,7 +175,7 @@ def test_the_served_nightly_deployment_indexes_scenes_dropped_into_the_archive(
                     assert time.monotonic() < deadline, "the nightly deployment did not register"
                     time.sleep(1)
             assert deployment.schedules and deployment.schedules[0].schedule.cron == "0 3 * * *"
-        for night, names in enumerate((["harbour.tif"], ["fields.tif", "forest.tif"], [])):
+        for night, names in enumerate((["harbour.tif"], ["fields.tif", "forest.tif"])):
             for name in names:  # scenes arriving in the archive during the day (different content: new seeds)
                 _scene(archive, name, seed=100 + sum(map(ord, name)))
             run = run_deployment("index-archive/nightly", timeout=600)  # what the 03:00 schedule starts
