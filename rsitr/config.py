@@ -270,6 +270,13 @@ def load_config(preset_or_path: str = DEFAULT_PRESET, overrides: list[str] | Non
     return Config.from_dict(data)
 
 
+def _count(text: str) -> int:
+    """argparse type: an integer ≥ 0."""
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a count ≥ 0")
+    return int(text)
+
+
 def build_train_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Adds the training arguments shared by ``python -m rsitr.train`` and ``rsitr train`` (here, not in
     ``rsitr.train``, so building the CLI imports neither torch nor Ray)."""
@@ -280,5 +287,8 @@ def build_train_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--max-minutes", type=float, default=None, help="wall-clock budget for training")
     parser.add_argument("--workers", type=int, default=None, help="Ray Train workers")
+    parser.add_argument(
+        "--max-failures", type=_count, default=1, help="worker-group restarts from the last checkpoint before giving up"
+    )
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4")
     return parser

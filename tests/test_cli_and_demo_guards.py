@@ -60,6 +60,15 @@ def test_cli_user_errors_exit_2_with_one_line(capsys: pytest.CaptureFixture[str]
     assert "not a checkpoint" in capsys.readouterr().err
 
 
+def test_a_negative_restart_count_is_refused_by_the_argument_parser(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        cli_main(["train", "--data", str(tmp_path), "--max-failures", "-1"])
+    assert exited.value.code == 2
+    assert "--max-failures: '-1': expected a count ≥ 0" in capsys.readouterr().err
+
+
 def test_the_cli_starts_without_torch_or_ray() -> None:
     # `rsitr --help` and one-line user errors must not wait seconds for torch and Ray to import
     probe = (

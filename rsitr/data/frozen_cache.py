@@ -94,6 +94,12 @@ def text_fully_frozen(config: ModelConfig) -> bool:
     return layers is not None and config.freeze_text_layers >= layers and not config.mscmat
 
 
+def state_tokens(config: ModelConfig) -> int:
+    """Tokens per caption state that the cache's batches carry: 1 where the cache stores pooled vectors (padding
+    them to ``max_tokens`` would ship 31 rows of zeros per caption to the trainer), else ``max_tokens``."""
+    return 1 if text_fully_frozen(config) else config.max_tokens
+
+
 def cache_key(config: Config, manifest: shards.Manifest) -> str:
     """A digest of the data's manifest and every setting the cached values depend on."""
     model = config.to_dict()["model"]
@@ -274,7 +280,8 @@ class CachedTrainBatches:
 
 
 def train_dataset(root: str, max_tokens: int, shuffle: str = "full") -> ray.data.Dataset:
-    """The training split of a cache, shuffled each epoch like :func:`rsitr.data.streams.train_dataset`.
+    """The training split of a cache, shuffled each epoch like :func:`rsitr.data.streams.train_dataset`; caption
+    states padded to ``max_tokens`` (:func:`state_tokens`).
 
     Raises:
         ValueError: an unknown ``shuffle``.
@@ -307,7 +314,8 @@ def _eval_captions(batch: pa.Table, max_tokens: int) -> dict[str, Any]:
 
 
 def eval_datasets(root: str, split: str, max_tokens: int) -> tuple[ray.data.Dataset, ray.data.Dataset]:
-    """Every image of a split once and every caption with its image id, from the cache."""
+    """Every image of a split once and every caption with its image id, from the cache (caption states padded to
+    ``max_tokens``: :func:`state_tokens`)."""
     images = _read(root, split).map_batches(
         _eval_images,
         batch_format="pyarrow",

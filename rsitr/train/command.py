@@ -31,7 +31,7 @@ def run_from_args(args: argparse.Namespace) -> FitResult:
     if args.workers is not None:
         overrides.append(f"train.num_workers={args.workers}")
     config = load_config(args.config, overrides)
-    result = fit(config, args.data, args.storage, args.name)
+    result = fit(config, args.data, args.storage, args.name, max_failures=args.max_failures)
     print(
         json.dumps(
             {

@@ -39,8 +39,9 @@ def training_datasets(config: Config, data: str, storage_path: str) -> dict[str,
     m, t = config.model, config.train
     if t.cache_frozen:
         cache = frozen_cache.build_cache(config, data, storage_path)
-        train_rows = frozen_cache.train_dataset(cache, m.max_tokens, t.shuffle)
-        val_images, val_captions = frozen_cache.eval_datasets(cache, "val", m.max_tokens)
+        tokens = frozen_cache.state_tokens(m)
+        train_rows = frozen_cache.train_dataset(cache, tokens, t.shuffle)
+        val_images, val_captions = frozen_cache.eval_datasets(cache, "val", tokens)
     else:
         train_rows = train_dataset(data, m.image_size, m.text_model, m.max_tokens, t.augment, t.shuffle)
         val_images, val_captions = eval_datasets(data, "val", m.image_size, m.text_model, m.max_tokens)

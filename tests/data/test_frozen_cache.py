@@ -104,7 +104,7 @@ def test_a_run_trains_from_the_cache_and_its_checkpoint_embeds_raw_pixels_alike(
 
 
 def test_a_fully_frozen_text_tower_caches_one_pooled_vector_per_caption(demo_shards: Path) -> None:
-    from rsitr.data.frozen_cache import _eval_captions
+    from rsitr.data.frozen_cache import _eval_captions, state_tokens
 
     overrides = ["model.freeze_text_layers=6", "model.image_pretrained=false", "model.fusion=mlp"]
     config = load_config("demo", overrides)
@@ -114,8 +114,9 @@ def test_a_fully_frozen_text_tower_caches_one_pooled_vector_per_caption(demo_sha
     cached = prefix(rows)
     width = prefix.model.text.width
     assert all(len(state) == width * 2 for caps in cached["captions"].to_pylist() for state in caps)  # float16
-    captions = _eval_captions(cached, config.model.max_tokens)
+    captions = _eval_captions(cached, state_tokens(config.model))
     flat = [c for caps in rows["captions"].to_pylist() for c in caps]
+    assert captions["text_states"].shape == (len(flat), 1, width)  # no padding rows travel to the trainer
     tokens = tokenize(flat, "all-MiniLM-L6-v2", config.model.max_tokens)
     model = prefix.model
     with torch.no_grad():
@@ -124,6 +125,7 @@ def test_a_fully_frozen_text_tower_caches_one_pooled_vector_per_caption(demo_sha
         )
         from_tokens = model.encode_text(torch.as_tensor(tokens["input_ids"]), torch.as_tensor(tokens["attention_mask"]))
     torch.testing.assert_close(from_cache, from_tokens, atol=2e-3, rtol=0)  # float16 storage
+    assert state_tokens(load_config("demo", ["model.freeze_text_layers=4"]).model) == config.model.max_tokens
 
 
 JOINED = ["model.image_backbone=efficientnet_lite0+efficientnet_lite0", "model.image_pretrained=false",
