@@ -56,21 +56,32 @@ def rerank_topk(
     column_sums = sim.sum(dim=0)
     forward_bonus = torch.exp(-DECAY * (torch.arange(k, dtype=sim.dtype, device=sim.device) + 1))
     reverse_bonus = reverse_weight * forward_bonus
-    order_out, score_out = [], []
     ranked = sim.shape[0] if queries is None else queries
+    above, slot = _queries_above(sim, candidates[:ranked])
+    order_out, score_out = [], []
     for start in range(0, ranked, chunk):
         rows = torch.arange(start, min(start + chunk, ranked), device=sim.device)
         picked = candidates[rows]  # (c, k)
         scores = sim[rows[:, None], picked]  # (c, k)
-        # rank of each query among all queries in its candidate's column
-        columns = sim[:, picked.reshape(-1)].view(sim.shape[0], len(rows), k)  # (queries, c, k)
-        reverse = (columns > scores[None]).sum(dim=0)  # (c, k)
+        reverse = above[slot[picked], rows[:, None]]  # (c, k): the query's rank in its candidate's column
         reverse_position = reverse.argsort(dim=1, stable=True).argsort(dim=1)
         new = scores / column_sums[picked] + forward_bonus[None, :] + reverse_bonus[reverse_position]
         order = new.argsort(dim=1, descending=True, stable=True)
         order_out.append(picked.gather(1, order))
         score_out.append(new.gather(1, order))
     return torch.cat(order_out), torch.cat(score_out)
+
+
+def _queries_above(sim: torch.Tensor, picked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For every column that ``picked`` names: how many queries score strictly above each query in that column
+    (``above[slot[c], q]``). One sort per column instead of comparing every query with every (query, candidate)
+    pair, which at K = 50 meant a (queries × chunk × K) temporary per chunk."""
+    columns = picked.reshape(-1).unique()
+    values = sim[:, columns].t().contiguous()  # (columns, queries)
+    at_or_below = torch.searchsorted(values.sort(dim=1).values, values, right=True)
+    slot = torch.full((sim.shape[1],), -1, dtype=torch.long, device=sim.device)
+    slot[columns] = torch.arange(len(columns), device=sim.device)
+    return sim.shape[0] - at_or_below, slot
 
 
 def rerank_matrix(

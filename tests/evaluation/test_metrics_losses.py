@@ -152,6 +152,18 @@ def test_rerank_equals_the_formula_by_hand_in_both_directions() -> None:
     assert not torch.equal(heavier_order, rerank_topk(sim, k=6)[0])  # the weight changes some order
 
 
+def test_reverse_ranks_count_only_strictly_higher_queries_when_scores_tie() -> None:
+    # RSICD's duplicate captions tie exactly; a tie must not push a query down its candidate's column
+    gen = torch.Generator().manual_seed(4)
+    sim = (torch.rand(12, 40, generator=gen) * 6).round() / 6 + 0.1
+    for matrix in (sim, sim.t()):
+        order, scores = rerank_topk(matrix, k=8, chunk=5, reverse_weight=2.0)
+        for query in range(matrix.shape[0]):
+            expected_order, expected_scores = _rerank_by_hand(matrix, query, 8, weight=2.0)
+            assert order[query].tolist() == expected_order
+            assert torch.allclose(scores[query], torch.tensor(expected_scores), atol=1e-5)
+
+
 def test_reranked_metrics_keep_order_at_k1_and_differ_at_k10() -> None:
     gen = torch.Generator().manual_seed(5)
     caption_image = torch.arange(100) // 5
