@@ -4,7 +4,7 @@ import numpy as np
 import torch
 
 from rsitr.evaluation.metrics import chance_metrics, retrieval_metrics, retrieval_metrics_from_embeddings
-from rsitr.evaluation.rerank import rerank_matrix, rerank_topk, reranked_metrics
+from rsitr.evaluation.rerank import _queries_above, rerank_matrix, rerank_topk, reranked_metrics
 from rsitr.train.losses import csmmc_loss, info_nce, intra_class_loss, mscma_loss, triplet_loss
 
 
@@ -162,6 +162,13 @@ def test_reverse_ranks_count_only_strictly_higher_queries_when_scores_tie() -> N
             expected_order, expected_scores = _rerank_by_hand(matrix, query, 8, weight=2.0)
             assert order[query].tolist() == expected_order
             assert torch.allclose(scores[query], torch.tensor(expected_scores), atol=1e-5)
+        # counted a few columns at a time (as a large split is), the ranks are the same
+        top = matrix.topk(8, dim=1).indices
+        by_definition = torch.tensor(
+            [[int((matrix[:, c] > matrix[q, c]).sum()) for c in top[q]] for q in range(matrix.shape[0])]
+        )
+        for cells in (1, 2 * matrix.shape[0] + 1, 10**6):
+            assert torch.equal(_queries_above(matrix, top, cells=cells), by_definition)
 
 
 def test_reranked_metrics_keep_order_at_k1_and_differ_at_k10() -> None:
