@@ -74,7 +74,8 @@ ROWS: list[Row] = [
     ),
     Row(
         "msa-four-towers",
-        "the four-tower recipe through the product: Ray Train from the frozen-prefix cache, Lite0 at 260 px",
+        "the CPU default through the product: Ray Train from the frozen-prefix cache, Lite0 at 260 px, val on 1 view "
+        "and test on 8, both SMR re-ranked (top 50, reverse weight 2.0)",
         preset="msa-four-towers",
         seeds=SEEDS3,
         decides_default=True,

@@ -84,9 +84,12 @@ def run_ablation(
     unknown = set(names or []) - {r.name for r in ablation.ROWS}
     if unknown:
         raise SystemExit(f"unknown ablation rows {sorted(unknown)}; rows: {[r.name for r in ablation.ROWS]}")
-    features = work / "features"
-    extract(data, features, tower_features.DEFAULT_IMAGE_TOWERS, tower_features.DEFAULT_TEXT_TOWERS)
-    runner = ablation.Ablation(results, Corpus(features), pipeline_runner(data, work, budget_minutes))
+    corpus = None
+    if any(r.heads is not None for r in rows):  # rows through the product need no tower features (≈ 65 min)
+        features = work / "features"
+        extract(data, features, tower_features.DEFAULT_IMAGE_TOWERS, tower_features.DEFAULT_TEXT_TOWERS)
+        corpus = Corpus(features)
+    runner = ablation.Ablation(results, corpus, pipeline_runner(data, work, budget_minutes))
     outcome = runner.run(rows)
     table = ablation.markdown(outcome)
     (results / "ablation.md").write_text(table)
