@@ -290,5 +290,10 @@ def build_train_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument(
         "--max-failures", type=_count, default=1, help="worker-group restarts from the last checkpoint before giving up"
     )
+    parser.add_argument(
+        "--no-test",
+        action="store_true",
+        help="leave the test split unread (runs compared on val; `rsitr eval --split test` reads it later)",
+    )
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4")
     return parser

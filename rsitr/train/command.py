@@ -31,7 +31,9 @@ def run_from_args(args: argparse.Namespace) -> FitResult:
     if args.workers is not None:
         overrides.append(f"train.num_workers={args.workers}")
     config = load_config(args.config, overrides)
-    result = fit(config, args.data, args.storage, args.name, max_failures=args.max_failures)
+    result = fit(
+        config, args.data, args.storage, args.name, max_failures=args.max_failures, evaluate_test=not args.no_test
+    )
     print(
         json.dumps(
             {

@@ -15,11 +15,12 @@ class CountedStream:
     """Batches of ``rows`` float32 values each, counting how often the stream is read from its start."""
 
     def __init__(self, batches: int, rows: int = 4) -> None:
-        self.batches, self.rows, self.reads = batches, rows, 0
+        self.batches, self.rows, self.reads, self.yielded = batches, rows, 0, 0
 
     def __call__(self) -> Iterator[dict[str, np.ndarray]]:
         self.reads += 1
         for i in range(self.batches):
+            self.yielded += 1
             yield {"value": np.full(self.rows, i, np.float32), "image_id": np.asarray([f"t{i}"] * self.rows, object)}
 
 
@@ -50,6 +51,19 @@ def test_a_pass_stopped_early_keeps_nothing() -> None:
     assert stream.reads == 2
     list(kept)
     assert stream.reads == 2
+
+
+def test_a_split_read_ahead_is_replayed_and_one_over_the_budget_stops_being_read() -> None:
+    stream = CountedStream(3)
+    kept = KeptBatches(stream)
+    kept.fill()
+    kept.fill()
+    assert [b["value"][0] for b in kept] == [0, 1, 2] and stream.reads == 1
+    large = CountedStream(10)
+    kept = KeptBatches(large, budget=2 * 4 * 4 + 2 * 4 * 8)  # two batches
+    kept.fill()
+    assert large.yielded == 3  # stopped at the batch that outgrew the budget, not at the end of the split
+    assert len(list(kept)) == 10 and large.reads == 2
 
 
 def test_patience_stops_only_after_that_many_epochs_without_a_gain() -> None:
