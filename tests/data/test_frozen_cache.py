@@ -170,7 +170,7 @@ def test_joined_towers_train_from_the_cache_and_embed_raw_pixels_alike(
     ray_local: None, demo_shards: Path, tmp_path: Path
 ) -> None:
     pretrained = ["model.image_backbone=efficientnet_lite0+efficientnet_lite2", "model.image_pretrained=true"]
-    config = load_config("demo", [*JOINED, *pretrained, "train.cache_frozen=true", "train.epochs=2"])
+    config = load_config("demo", [*JOINED, *pretrained, "train.cache_frozen=true", "train.epochs=1"])
     result = fit(config, str(demo_shards), str(tmp_path / "runs"), name="joined", evaluate_test=False)
     from_pixels = evaluate_checkpoint(result.best_checkpoint, str(demo_shards), "val")
     assert from_pixels["mR"] == pytest.approx(result.val["mR"], abs=1.5)
