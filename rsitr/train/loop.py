@@ -292,6 +292,52 @@ class Validation:
         return {f"val_{k}": v for k, v in val.items()}
 
 
+class EpochStream:
+    """A worker's train shard, an epoch at a time; the next epoch can be begun early, in a thread.
+
+    Each epoch's stream starts with a global shuffle of the split, which must finish before its first batch. Begun
+    as soon as the previous epoch's batches are used up, that shuffle runs while rank 0 validates and saves.
+    """
+
+    def __init__(self, shard: Any, batch_size: int, device: torch.device) -> None:
+        self.shard, self.batch_size, self.device = shard, batch_size, device
+        self._begun: threading.Thread | None = None
+        self._first: tuple[Iterator[dict[str, torch.Tensor]], dict[str, torch.Tensor] | None] | None = None
+        self._error: BaseException | None = None
+
+    def _open(self) -> Iterator[dict[str, torch.Tensor]]:
+        return iter(self.shard.iter_torch_batches(batch_size=self.batch_size, drop_last=True, device=self.device))
+
+    def begin_next(self) -> None:
+        """Start the next epoch's stream now (every worker must, as every worker reads each epoch)."""
+
+        def first_batch() -> None:
+            try:
+                batches = self._open()
+                self._first = (batches, next(batches, None))
+            except BaseException as error:  # raised in the training thread when the epoch is read
+                self._error = error
+
+        self._begun = threading.Thread(target=first_batch, name="next-epoch", daemon=True)
+        self._begun.start()
+
+    def epoch(self) -> Iterator[dict[str, torch.Tensor]]:
+        """This epoch's batches: the begun stream's, or a stream opened now."""
+        if self._begun is None:
+            yield from self._open()
+            return
+        self._begun.join()
+        self._begun, begun, self._first = None, self._first, None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        assert begun is not None
+        batches, first = begun
+        if first is not None:
+            yield first
+            yield from batches
+
+
 def train_loop(loop_config: dict[str, Any]) -> None:
     """The per-worker training loop (runs inside Ray Train)."""
     config = Config.from_dict(loop_config["config"])
@@ -318,13 +364,14 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             log.info("resuming at epoch %d", start_epoch)
     step = TrainStep(model, optimizer, scheduler, config, device)
     per_worker = max(2, train_cfg.batch_size // world)
-    shard = ray.train.get_dataset_shard("train")
     board = StepLog(loop_config.get("log_dir"), rank, train_cfg.log_every_steps, world)
     validate = Validation(train_cfg, device) if rank == 0 else None
+    stream = EpochStream(ray.train.get_dataset_shard("train"), per_worker, device)
     for epoch in range(start_epoch, train_cfg.epochs):
-        batches = shard.iter_torch_batches(batch_size=per_worker, drop_last=True, device=device)
-        metrics: dict[str, float] = {"epoch": epoch, **run_epoch(step, batches, board, epoch, world)}
+        metrics: dict[str, float] = {"epoch": epoch, **run_epoch(step, stream.epoch(), board, epoch, world)}
         out_of_time = bool(train_cfg.max_minutes) and time.monotonic() - started > 60 * train_cfg.max_minutes
+        if epoch + 1 < train_cfg.epochs and not out_of_time:
+            stream.begin_next()  # patience may still stop the run after validation: then this epoch goes unread
         if validate is not None:
             metrics.update(validate(model))
             board.epoch(epoch, metrics)

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from rsitr.train.loop import KeptBatches, _agree, stale_for
+from rsitr.train.loop import EpochStream, KeptBatches, _agree, stale_for
 
 
 class CountedStream:
@@ -64,6 +64,32 @@ def test_a_split_read_ahead_is_replayed_and_one_over_the_budget_stops_being_read
     kept.fill()
     assert large.yielded == 3  # stopped at the batch that outgrew the budget, not at the end of the split
     assert len(list(kept)) == 10 and large.reads == 2
+
+
+class EpochsOf:
+    """A train shard's interface (``iter_torch_batches``) over ``sizes[i]`` batches in epoch ``i``."""
+
+    def __init__(self, *sizes: int) -> None:
+        self.sizes, self.opened = list(sizes), 0
+
+    def iter_torch_batches(self, **_: object) -> Iterator[dict[str, torch.Tensor]]:
+        if self.opened >= len(self.sizes):
+            raise RuntimeError("the shard has no more epochs")
+        size, self.opened = self.sizes[self.opened], self.opened + 1
+        return iter([{"epoch": torch.tensor(self.opened), "batch": torch.tensor(i)} for i in range(size)])
+
+
+def test_an_epoch_begun_early_yields_the_same_batches_and_its_errors_surface_when_it_is_read() -> None:
+    shard = EpochsOf(3, 2, 0)
+    stream = EpochStream(shard, batch_size=4, device=torch.device("cpu"))
+    assert [int(b["batch"]) for b in stream.epoch()] == [0, 1, 2]
+    stream.begin_next()
+    assert [(int(b["epoch"]), int(b["batch"])) for b in stream.epoch()] == [(2, 0), (2, 1)]
+    stream.begin_next()
+    assert list(stream.epoch()) == [] and shard.opened == 3
+    stream.begin_next()
+    with pytest.raises(RuntimeError, match="no more epochs"):
+        list(stream.epoch())
 
 
 def test_patience_stops_only_after_that_many_epochs_without_a_gain() -> None:
