@@ -139,16 +139,21 @@ def _forward(ddp: Any, batch: dict[str, torch.Tensor]) -> Any:
     return ddp(batch["image"], batch["input_ids"], batch["attention_mask"])
 
 
+def leave_unread_modules_out(model: MSA, config: Config) -> None:
+    """Freeze MSCMAT when no loss term reads it: its parameters would get no gradient, which DDP (without its
+    unused-parameter search) refuses at the next step."""
+    if model.mscmat is not None and not (config.loss.mscma_weight or config.loss.csmmc_weight):
+        log.warning("model.mscmat is on but no loss term reads it (loss.mscma_weight, csmmc_weight): left as built")
+        model.mscmat.requires_grad_(False)
+
+
 class TrainStep:
     """One optimizer step: forward, the loss over the (gathered) batch, backward, update (AMP on GPU only)."""
 
     def __init__(
         self, model: MSA, optimizer: torch.optim.Optimizer, scheduler: Any, config: Config, device: torch.device
     ) -> None:
-        if model.mscmat is not None and not (config.loss.mscma_weight or config.loss.csmmc_weight):
-            # no loss term reads MSCMAT: its parameters would get no gradient, which DDP refuses
-            log.warning("model.mscmat is on but no loss term reads it (loss.mscma_weight, csmmc_weight): left as built")
-            model.mscmat.requires_grad_(False)
+        leave_unread_modules_out(model, config)
         self.ddp = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False})
         self.optimizer, self.scheduler, self.config, self.device = optimizer, scheduler, config, device
         self.amp = device.type == "cuda"

@@ -8,7 +8,11 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from rsitr.train.loop import EpochStream, KeptBatches, _agree, stale_for
+from rsitr.config import load_config
+from rsitr.data.preprocess import tokenize
+from rsitr.models.msa import MSA, build_model
+from rsitr.train.loop import EpochStream, KeptBatches, _agree, leave_unread_modules_out, stale_for
+from rsitr.train.losses import total_loss
 
 
 class CountedStream:
@@ -115,5 +119,36 @@ def test_rank_zeros_decision_travels_through_the_process_groups_backend(backend:
     try:
         assert _agree(True) is True
         assert _agree(False) is False
+    finally:
+        dist.destroy_process_group()
+
+
+def test_an_mscmat_that_no_loss_term_reads_is_left_out_of_ddp_training(tmp_path: Path) -> None:
+    # MSA's term ablation computes MSCMAT with its loss weights at 0
+    config = load_config("demo", ["model.mscmat=true", "loss.mscma_weight=0", "model.image_pretrained=false"])
+    images = torch.randint(0, 256, (4, 64, 64, 3), dtype=torch.uint8)
+    texts = ["a river", "two planes beside a terminal", "green fields", "a harbour with boats"]
+    tokens = {k: torch.as_tensor(v) for k, v in tokenize(texts, config.model.text_model, 16).items()}
+
+    def two_steps(model: MSA) -> None:
+        ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=False)
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        for _ in range(2):
+            out = ddp(images, tokens["input_ids"], tokens["attention_mask"])
+            image, text, temperature = out.members[0]
+            loss = total_loss(image @ text.t(), config.loss, out.mscmat, None, temperature)["loss"]
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        with pytest.raises(RuntimeError, match="did not receive grad"):
+            two_steps(build_model(config.model))
+        model = build_model(config.model)
+        leave_unread_modules_out(model, config)
+        two_steps(model)
+        assert model.mscmat is not None and not any(p.requires_grad for p in model.mscmat.parameters())
     finally:
         dist.destroy_process_group()
