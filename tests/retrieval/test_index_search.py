@@ -249,10 +249,12 @@ def test_an_interrupted_embedding_resumes_with_the_shards_it_had_not_finished(
     assert summary["resumed_shards"] == 3 and summary["rows"] == 432
     resumed, whole = pq.read_table(out / "embeddings.parquet"), pq.read_table(built_index / "embeddings.parquet")
     assert resumed["image_id"].to_pylist() == whole["image_id"].to_pylist()
+    # embedding runs in bf16 where the CPU has it (--precision auto), and a resumed run batches the tiles differently:
+    # a last-bit rounding may differ (one value of 110,592 by 3.1e-5 in one run); distinct tiles differ by >= 0.027
     np.testing.assert_allclose(
         np.stack(resumed["embedding"].to_numpy(zero_copy_only=False)),
         np.stack(whole["embedding"].to_numpy(zero_copy_only=False)),
-        atol=1e-5,
+        atol=2e-4,
     )
     assert not (out / "_parts").exists()
     # parts embedded with another view count are other vectors: a run with --test-views 4 resumes none of them
