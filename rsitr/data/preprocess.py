@@ -1,4 +1,8 @@
-"""Decoding and tokenising shared by training (in Ray Data) and inference (embedding, search): no Ray here."""
+"""Decoding and tokenising shared by training (in Ray Data) and inference (embedding, search).
+
+No Ray, and nothing imports torch or transformers until a text is tokenized: a Ray Data task that only decodes
+starts in a fraction of a second instead of ~5 s of imports, beside the actors that are loading the model.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +13,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 from PIL import Image
-
-from rsitr.models.text import load_tokenizer
 
 
 def decode_image(data: bytes, size: int) -> np.ndarray:
@@ -40,9 +42,11 @@ def tokenize(
 ) -> dict[str, np.ndarray]:
     """Token ids and attention mask, cut at ``max_tokens`` and padded to it (``padding="longest"``: only to the
     longest text; the masked pooling gives the same vectors for less work); ``tokenizer``: ``text_model``'s, loaded."""
-    tokens = (tokenizer or load_tokenizer(text_model))(
-        texts, padding=padding, truncation=True, max_length=max_tokens, return_tensors="np"
-    )
+    if tokenizer is None:
+        from rsitr.models.text import load_tokenizer
+
+        tokenizer = load_tokenizer(text_model)
+    tokens = tokenizer(texts, padding=padding, truncation=True, max_length=max_tokens, return_tensors="np")
     return {
         "input_ids": tokens["input_ids"].astype(np.int64),
         "attention_mask": tokens["attention_mask"].astype(np.int64),
@@ -54,4 +58,26 @@ def decode_images(batch: pa.Table, image_size: int) -> dict[str, Any]:
     return {
         "image_id": np.asarray(batch["image_id"].to_pylist(), dtype=object),
         "image": np.stack([decode_image(d, image_size) for d in batch["image"].to_pylist()]),
+    }
+
+
+def decode_with_paths(batch: pa.Table, image_size: int) -> dict[str, Any]:
+    """:func:`decode_images` that keeps each row's shard path (the unit of resumption)."""
+    return {**decode_images(batch, image_size), "path": np.asarray(batch["path"].to_pylist(), dtype=object)}
+
+
+def caption_rows(batch: pa.Table) -> dict[str, Any]:
+    """Shard rows → one row per caption: ``caption_id`` (``<image_id>#<n>``), ``caption`` and the shard path."""
+    ids, texts, paths = [], [], []
+    for image_id, captions, path in zip(
+        batch["image_id"].to_pylist(), batch["captions"].to_pylist(), batch["path"].to_pylist(), strict=True
+    ):
+        for n, caption in enumerate(captions or []):
+            ids.append(f"{image_id}#{n}")
+            texts.append(caption)
+            paths.append(path)
+    return {
+        "caption_id": np.asarray(ids, dtype=object),
+        "caption": np.asarray(texts, dtype=object),
+        "path": np.asarray(paths, dtype=object),
     }

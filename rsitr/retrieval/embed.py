@@ -25,7 +25,7 @@ import ray.data
 import torch
 
 from rsitr.config import checked_test_views
-from rsitr.data.preprocess import decode_images, tokenize
+from rsitr.data.preprocess import caption_rows, decode_with_paths, tokenize
 from rsitr.data.streams import DATA_TASK_CPUS
 from rsitr.io import shards, storage
 from rsitr.models.msa import MSA
@@ -80,28 +80,6 @@ class CaptionEmbedder:
         return {"key": batch["caption_id"], "path": batch["path"], "embedding": unit_float32(vectors).cpu().numpy()}
 
 
-def decode_with_paths(batch: pa.Table, image_size: int) -> dict[str, Any]:
-    """:func:`decode_images` that keeps each row's shard path (the unit of resumption)."""
-    return {**decode_images(batch, image_size), "path": np.asarray(batch["path"].to_pylist(), dtype=object)}
-
-
-def caption_rows(batch: pa.Table) -> dict[str, Any]:
-    """Shard rows → one row per caption: ``caption_id`` (``<image_id>#<n>``), ``caption`` and the shard path."""
-    ids, texts, paths = [], [], []
-    for image_id, captions, path in zip(
-        batch["image_id"].to_pylist(), batch["captions"].to_pylist(), batch["path"].to_pylist(), strict=True
-    ):
-        for n, caption in enumerate(captions or []):
-            ids.append(f"{image_id}#{n}")
-            texts.append(caption)
-            paths.append(path)
-    return {
-        "caption_id": np.asarray(ids, dtype=object),
-        "caption": np.asarray(texts, dtype=object),
-        "path": np.asarray(paths, dtype=object),
-    }
-
-
 def default_actors() -> int:
     """One single-threaded CPU actor per core of a local Ray (one per two logical CPUs on a cluster), or one per
     GPU when there are GPUs."""
@@ -141,22 +119,15 @@ def _embed_pending(
     done: dict[str, dict[str, np.ndarray]] = {name: {} for name in expected}
     for name in [n for n, count in expected.items() if count == 0]:
         write(name, done.pop(name))
-    context = ray.data.DataContext.get_current()
-    saved = context.target_max_block_size
-    # a block per decoded batch (they are ~10 MB): otherwise one shard is one block, which one actor embeds alone
-    context.target_max_block_size = 4 * 1024 * 1024
     started, first = time.monotonic(), None
-    try:
-        # blocks as they come (one per embedded batch): a shard is saved as soon as its last rows arrive
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            first = first or time.monotonic() - started
-            for key, path, vector in zip(batch["key"], batch["path"], batch["embedding"], strict=True):
-                name = posixpath.basename(str(path))
-                done[name][str(key)] = vector
-                if len(done[name]) == expected[name]:
-                    write(name, done.pop(name))
-    finally:
-        context.target_max_block_size = saved
+    # blocks as they come (one per embedded batch): a shard is saved as soon as its last rows arrive
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        first = first or time.monotonic() - started
+        for key, path, vector in zip(batch["key"], batch["path"], batch["embedding"], strict=True):
+            name = posixpath.basename(str(path))
+            done[name][str(key)] = vector
+            if len(done[name]) == expected[name]:
+                write(name, done.pop(name))
     if done:
         raise RuntimeError(f"embedding ended with shards incomplete: {sorted(done)}")
     return {"first_batch_s": first or 0.0, "stream_s": time.monotonic() - started}
@@ -188,6 +159,35 @@ def _read_parts(uris: list[str]) -> dict[str, np.ndarray]:
     return vectors
 
 
+def _read(uris: list[str]) -> ray.data.Dataset:
+    # a read task per shard: Ray would otherwise pack many small shards into one read task and one block
+    return ray.data.read_parquet(uris, include_paths=True, num_cpus=DATA_TASK_CPUS, override_num_blocks=len(uris))
+
+
+def decoded_tiles(uris: list[str], image_size: int, batch_size: int) -> ray.data.Dataset:
+    """The shards' tiles decoded (``image_id``, ``image``, ``path``), in blocks of about one batch.
+
+    Each block reaches the embedding actors as one input, so they share a shard's batches. With Ray Data's
+    default block size (128 MB) a shard of a few thousand tiles was one or two blocks, and one actor embedded them
+    alone while the others waited (1,024 tiles, 2 actors: one had 896 of them).
+    """
+    context = ray.data.DataContext.get_current()
+    saved = context.target_max_block_size
+    # a block is cut once it holds more than the target: just under one decoded batch cuts after each batch
+    context.target_max_block_size = int(0.9 * batch_size * image_size * image_size * 3)
+    try:
+        ds = _read(uris)  # a dataset keeps the context it was created with
+    finally:
+        context.target_max_block_size = saved
+    return ds.select_columns(["image_id", "image", "path"]).map_batches(
+        decode_with_paths,  # type: ignore[arg-type]
+        fn_kwargs={"image_size": image_size},
+        batch_format="pyarrow",
+        batch_size=batch_size,
+        num_cpus=DATA_TASK_CPUS,
+    )
+
+
 def _embed_kind(
     kind: str, checkpoint: str, data: str, parts: str, actors: int, batch_size: int, options: dict[str, Any]
 ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
@@ -200,24 +200,15 @@ def _embed_kind(
     stats = {"resumed_shards": float(len(by_name) - len(pending))}
     if pending:
         uris = [storage.join(data, s["path"]) for s in pending.values()]
-        # a read task per shard: Ray would otherwise pack many small shards into one read task and one block
-        ds = ray.data.read_parquet(uris, include_paths=True, num_cpus=DATA_TASK_CPUS, override_num_blocks=len(uris))
         embedder: type
         if kind == "images":
-            image_size = ckpt.read_meta(checkpoint).config.model.image_size
-            ds = ds.select_columns(["image_id", "image", "path"]).map_batches(
-                decode_with_paths,  # type: ignore[arg-type]
-                fn_kwargs={"image_size": image_size},
-                batch_format="pyarrow",
-                batch_size=batch_size,
-                num_cpus=DATA_TASK_CPUS,
-            )
+            ds = decoded_tiles(uris, ckpt.read_meta(checkpoint).config.model.image_size, batch_size)
             embedder = ImageEmbedder
         else:
-            ds = ds.select_columns(["image_id", "captions", "path"]).map_batches(
-                caption_rows,
-                batch_format="pyarrow",
-                num_cpus=DATA_TASK_CPUS,
+            ds = (
+                _read(uris)
+                .select_columns(["image_id", "captions", "path"])
+                .map_batches(caption_rows, batch_format="pyarrow", num_cpus=DATA_TASK_CPUS)
             )
             embedder = CaptionEmbedder
         ds = ds.map_batches(

@@ -1,4 +1,6 @@
 import json
+import subprocess
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -268,6 +270,22 @@ def test_an_interrupted_embedding_resumes_with_the_shards_it_had_not_finished(
     averaged = np.stack(pq.read_table(out / "embeddings.parquet")["embedding"].to_numpy(zero_copy_only=False))
     np.testing.assert_allclose(np.linalg.norm(averaged, axis=1), 1.0, atol=1e-4)
     assert not np.allclose(averaged, np.stack(whole["embedding"].to_numpy(zero_copy_only=False)), atol=1e-3)
+
+
+def test_decoded_tiles_reach_the_embedding_actors_a_batch_at_a_time(ray_local: None, demo_shards: Path) -> None:
+    # each block is one input of the actor pool: a shard decoded into one block would be embedded by one actor alone
+    uri = shards.shard_uris(str(demo_shards))[0]
+    rows = pq.read_metadata(uri).num_rows
+    decoded = embed.decoded_tiles([uri], image_size=64, batch_size=16)
+    sizes = [len(block["image_id"]) for block in decoded.iter_batches(batch_size=None)]
+    assert rows > 32 and sum(sizes) == rows
+    assert max(sizes) <= 16 and len(sizes) >= rows / 16, sizes
+
+
+def test_decoding_imports_no_model_library() -> None:
+    # Ray Data's decode tasks import this module: ~5 s of torch/transformers imports there competed with the actors
+    probe = "import sys, rsitr.data.preprocess; print(sorted({'torch', 'transformers', 'timm'} & set(sys.modules)))"
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout == "[]\n"
 
 
 def test_the_index_lives_on_s3_too(ray_local: None, built_index: Path, demo_shards: Path, s3_bucket: str) -> None:
