@@ -31,7 +31,7 @@ import torch
 from rsitr.config import Config, load_config
 from rsitr.evaluation.metrics import retrieval_metrics_from_embeddings
 from rsitr.models.msa import build_model
-from rsitr.models.text import load_tokenizer
+from rsitr.models.tokenizers import load_tokenizer
 from rsitr.train import make_optimizer
 from rsitr.train.losses import total_loss
 

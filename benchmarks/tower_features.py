@@ -21,9 +21,11 @@ import torch
 
 from rsitr.data.preprocess import decode_image
 from rsitr.io import shards
-from rsitr.models.backbone import JOIN, build_backbone
+from rsitr.models.backbone import build_backbone
 from rsitr.models.msa import dihedral_views
-from rsitr.models.text import TextEncoder, load_tokenizer
+from rsitr.models.naming import JOIN
+from rsitr.models.text import TextEncoder
+from rsitr.models.tokenizers import load_tokenizer
 from rsitr.runtime.precision import inference
 
 LITE_TAPS = ("blocks.2", "blocks.3", "blocks.4", "blocks.5", "blocks.6")

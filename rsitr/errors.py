@@ -34,3 +34,7 @@ class StorageUnreachableError(ConnectionError):
 
 class UnsafeFileError(ValueError):
     """A ``torch.save`` file (optimizer state, ``.pth`` weights) that holds more than tensors: it could run code."""
+
+
+class WeightsError(RuntimeError):
+    """Pretrained weights that are missing or do not fit the architecture."""

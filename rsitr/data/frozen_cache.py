@@ -27,7 +27,8 @@ from rsitr.data.preprocess import decode_image, label_id
 from rsitr.data.streams import DATA_TASK_CPUS, read_shards, shuffled
 from rsitr.io import shards, storage
 from rsitr.models.msa import dihedral_views
-from rsitr.models.text import load_tokenizer, text_layer_count
+from rsitr.models.text import text_layer_count
+from rsitr.models.tokenizers import load_tokenizer
 from rsitr.runtime.precision import inference, use_bf16
 
 log = logging.getLogger("rsitr.data.frozen_cache")

