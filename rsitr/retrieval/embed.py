@@ -165,15 +165,16 @@ def _read(uris: list[str]) -> ray.data.Dataset:
 
 
 def decoded_tiles(uris: list[str], image_size: int, batch_size: int) -> ray.data.Dataset:
-    """The shards' tiles decoded (``image_id``, ``image``, ``path``), in blocks of about one batch.
+    """The shards' tiles decoded (``image_id``, ``image``, ``path``), in blocks of one batch.
 
-    Each block reaches the embedding actors as one input, so they share a shard's batches. With Ray Data's
-    default block size (128 MB) a shard of a few thousand tiles was one or two blocks, and one actor embedded them
-    alone while the others waited (1,024 tiles, 2 actors: one had 896 of them).
+    Each block reaches the embedding actors as one input, so they share a shard's batches. With Ray Data's default
+    block size (128 MB) a shard of a few thousand tiles was one or two blocks, and one actor embedded them alone
+    while the others waited (1,024 tiles, 2 actors: one had 896 of them).
     """
     context = ray.data.DataContext.get_current()
     saved = context.target_max_block_size
-    # a block is cut once it holds more than the target: just under one decoded batch cuts after each batch
+    # the decode task cuts a block once it holds more than the target: just under one decoded batch (uint8, HWC)
+    # cuts after each batch, in the task itself (a repartition after it would be one more task per batch)
     context.target_max_block_size = int(0.9 * batch_size * image_size * image_size * 3)
     try:
         ds = _read(uris)  # a dataset keeps the context it was created with
@@ -185,6 +186,17 @@ def decoded_tiles(uris: list[str], image_size: int, batch_size: int) -> ray.data
         batch_format="pyarrow",
         batch_size=batch_size,
         num_cpus=DATA_TASK_CPUS,
+    )
+
+
+def caption_texts(uris: list[str], batch_size: int) -> ray.data.Dataset:
+    """The shards' captions, one row each (``caption_id``, ``caption``, ``path``), in blocks of one batch (so the
+    embedding actors share a shard, as with :func:`decoded_tiles`; text rows are too small to cut by bytes)."""
+    return (
+        _read(uris)
+        .select_columns(["image_id", "captions", "path"])
+        .map_batches(caption_rows, batch_format="pyarrow", num_cpus=DATA_TASK_CPUS)
+        .repartition(target_num_rows_per_block=batch_size)
     )
 
 
@@ -205,12 +217,7 @@ def _embed_kind(
             ds = decoded_tiles(uris, ckpt.read_meta(checkpoint).config.model.image_size, batch_size)
             embedder = ImageEmbedder
         else:
-            ds = (
-                _read(uris)
-                .select_columns(["image_id", "captions", "path"])
-                .map_batches(caption_rows, batch_format="pyarrow", num_cpus=DATA_TASK_CPUS)
-            )
-            embedder = CaptionEmbedder
+            ds, embedder = caption_texts(uris, batch_size), CaptionEmbedder
         ds = ds.map_batches(
             embedder,
             fn_constructor_kwargs={"checkpoint": checkpoint, **options},

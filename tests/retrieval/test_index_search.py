@@ -249,12 +249,13 @@ def test_an_interrupted_embedding_resumes_with_the_shards_it_had_not_finished(
     assert summary["resumed_shards"] == 3 and summary["rows"] == 432
     resumed, whole = pq.read_table(out / "embeddings.parquet"), pq.read_table(built_index / "embeddings.parquet")
     assert resumed["image_id"].to_pylist() == whole["image_id"].to_pylist()
-    # embedding runs in bf16 where the CPU has it (--precision auto), and a resumed run batches the tiles differently:
-    # a last-bit rounding may differ (one value of 110,592 by 3.1e-5 in one run); distinct tiles differ by >= 0.027
+    # embedding runs in bf16 where the CPU has it (--precision auto), and a resumed run batches the tiles differently,
+    # so kernels may round a value one bf16 step apart (5 values of 110,592 by up to 4.9e-4, bf16's step at ~0.1);
+    # distinct tiles differ by >= 0.027
     np.testing.assert_allclose(
         np.stack(resumed["embedding"].to_numpy(zero_copy_only=False)),
         np.stack(whole["embedding"].to_numpy(zero_copy_only=False)),
-        atol=2e-4,
+        atol=2e-3,
     )
     assert not (out / "_parts").exists()
     # parts embedded with another view count are other vectors: a run with --test-views 4 resumes none of them
@@ -270,14 +271,18 @@ def test_an_interrupted_embedding_resumes_with_the_shards_it_had_not_finished(
     assert not np.allclose(averaged, np.stack(whole["embedding"].to_numpy(zero_copy_only=False)), atol=1e-3)
 
 
-def test_decoded_tiles_reach_the_embedding_actors_a_batch_at_a_time(ray_local: None, demo_shards: Path) -> None:
-    # each block is one input of the actor pool: a shard decoded into one block would be embedded by one actor alone
+def test_tiles_and_captions_reach_the_embedding_actors_a_batch_at_a_time(ray_local: None, demo_shards: Path) -> None:
+    # each block is one input of the actor pool: a shard in one block would be embedded by one actor alone
     uri = shards.shard_uris(str(demo_shards))[0]
     rows = pq.read_metadata(uri).num_rows
-    decoded = embed.decoded_tiles([uri], image_size=64, batch_size=16)
-    sizes = [len(block["image_id"]) for block in decoded.iter_batches(batch_size=None)]
-    assert rows > 32 and sum(sizes) == rows
-    assert max(sizes) <= 16 and len(sizes) >= rows / 16, sizes
+    captions = sum(len(c) for c in pq.read_table(uri, columns=["captions"])["captions"].to_pylist())
+    assert rows > 32 and captions > rows
+    for stream, count in [
+        (embed.decoded_tiles([uri], 64, batch_size=16), rows),
+        (embed.caption_texts([uri], 16), captions),
+    ]:
+        sizes = [len(block["path"]) for block in stream.iter_batches(batch_size=None)]
+        assert sum(sizes) == count and max(sizes) <= 16 and len(sizes) >= count / 16, sizes
 
 
 def test_the_index_lives_on_s3_too(ray_local: None, built_index: Path, demo_shards: Path, s3_bucket: str) -> None:
