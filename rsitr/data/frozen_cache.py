@@ -23,7 +23,8 @@ import ray.data
 import torch
 
 from rsitr.config import TEST_VIEW_COUNTS, Config, ConfigError, ModelConfig
-from rsitr.data.preprocess import decode_image, label_id
+from rsitr.data.cached_rows import CachedTrainBatches, eval_caption_rows, eval_image_rows
+from rsitr.data.preprocess import decode_image
 from rsitr.data.streams import DATA_TASK_CPUS, read_shards, shuffled
 from rsitr.io import shards, storage
 from rsitr.models.msa import dihedral_views
@@ -241,45 +242,6 @@ def _read(root: str, split: str) -> ray.data.Dataset:
     return ds.filter(expr=f"split == '{split}'")
 
 
-def _maps(batch: pa.Table) -> tuple[np.ndarray, np.ndarray]:
-    shape = tuple(batch["map_shape"][0].as_py())
-    maps = np.stack([np.frombuffer(b, np.float16).reshape(shape) for b in batch["feature_map"].to_pylist()])
-    scales = np.stack([np.frombuffer(b, np.float16) for b in batch["frozen_scales"].to_pylist()])
-    return maps.astype(np.float32), scales.astype(np.float32)
-
-
-def _pad_states(states: list[bytes], width: int, max_tokens: int) -> tuple[np.ndarray, np.ndarray]:
-    padded = np.zeros((len(states), max_tokens, width), np.float32)
-    mask = np.zeros((len(states), max_tokens), np.int64)
-    for i, data in enumerate(states):
-        values = np.frombuffer(data, np.float16).reshape(-1, width)
-        padded[i, : len(values)] = values
-        mask[i, : len(values)] = 1
-    return padded, mask
-
-
-class CachedTrainBatches:
-    """Cache rows → ``feature_map``, ``frozen_scales``, ``text_states``, ``attention_mask``, ``label``: one random
-    caption per image."""
-
-    def __init__(self, max_tokens: int, seed: int = 0) -> None:
-        self.max_tokens = max_tokens
-        self.rng = np.random.default_rng(seed)
-
-    def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
-        maps, scales = _maps(batch)
-        chosen = [c[int(self.rng.integers(len(c)))] for c in batch["captions"].to_pylist()]
-        states, mask = _pad_states(chosen, int(batch["text_width"][0].as_py()), self.max_tokens)
-        labels = np.asarray([label_id(x) for x in batch["label"].to_pylist()], dtype=np.int64)
-        return {
-            "feature_map": maps,
-            "frozen_scales": scales,
-            "text_states": states,
-            "attention_mask": mask,
-            "label": labels,
-        }
-
-
 def train_dataset(root: str, max_tokens: int, shuffle: str = "full") -> ray.data.Dataset:
     """The training split of a cache, shuffled each epoch like :func:`rsitr.data.streams.train_dataset`; caption
     states padded to ``max_tokens`` (:func:`state_tokens`).
@@ -297,34 +259,17 @@ def train_dataset(root: str, max_tokens: int, shuffle: str = "full") -> ray.data
     )
 
 
-def _eval_images(batch: pa.Table) -> dict[str, Any]:
-    maps, scales = _maps(batch)
-    return {
-        "image_id": np.asarray(batch["image_id"].to_pylist(), dtype=object),
-        "feature_map": maps,
-        "frozen_scales": scales,
-    }
-
-
-def _eval_captions(batch: pa.Table, max_tokens: int) -> dict[str, Any]:
-    flat = pc.list_flatten(batch["captions"]).to_pylist()
-    owners = pc.list_parent_indices(batch["captions"]).to_numpy()
-    states, mask = _pad_states(flat, int(batch["text_width"][0].as_py()), max_tokens)
-    image_ids = np.asarray(batch["image_id"].to_pylist(), dtype=object)[owners]
-    return {"image_id": image_ids, "text_states": states, "attention_mask": mask}
-
-
 def eval_datasets(root: str, split: str, max_tokens: int) -> tuple[ray.data.Dataset, ray.data.Dataset]:
     """Every image of a split once and every caption with its image id, from the cache (caption states padded to
     ``max_tokens``: :func:`state_tokens`)."""
     images = _read(root, split).map_batches(
-        _eval_images,
+        eval_image_rows,
         batch_format="pyarrow",
         batch_size=64,
         num_cpus=DATA_TASK_CPUS,
     )
     captions = _read(root, split).map_batches(
-        _eval_captions,  # type: ignore[arg-type]
+        eval_caption_rows,  # type: ignore[arg-type]
         fn_kwargs={"max_tokens": max_tokens},
         batch_format="pyarrow",
         batch_size=64,

@@ -101,7 +101,8 @@ def test_a_run_trains_from_the_cache_and_its_checkpoint_embeds_raw_pixels_alike(
 
 
 def test_a_fully_frozen_text_tower_caches_one_pooled_vector_per_caption(demo_shards: Path) -> None:
-    from rsitr.data.frozen_cache import _eval_captions, state_tokens
+    from rsitr.data.cached_rows import eval_caption_rows
+    from rsitr.data.frozen_cache import state_tokens
 
     overrides = ["model.freeze_text_layers=6", "model.image_pretrained=false", "model.fusion=mlp"]
     config = load_config("demo", overrides)
@@ -111,7 +112,7 @@ def test_a_fully_frozen_text_tower_caches_one_pooled_vector_per_caption(demo_sha
     cached = prefix(rows)
     width = prefix.model.text.width
     assert all(len(state) == width * 2 for caps in cached["captions"].to_pylist() for state in caps)  # float16
-    captions = _eval_captions(cached, state_tokens(config.model))
+    captions = eval_caption_rows(cached, state_tokens(config.model))
     flat = [c for caps in rows["captions"].to_pylist() for c in caps]
     assert captions["text_states"].shape == (len(flat), 1, width)  # no padding rows travel to the trainer
     tokens = tokenize(flat, "all-MiniLM-L6-v2", config.model.max_tokens)
