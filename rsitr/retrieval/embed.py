@@ -164,8 +164,9 @@ def _read(uris: list[str]) -> ray.data.Dataset:
     return ray.data.read_parquet(uris, include_paths=True, num_cpus=DATA_TASK_CPUS, override_num_blocks=len(uris))
 
 
-def decoded_tiles(uris: list[str], image_size: int, batch_size: int) -> ray.data.Dataset:
-    """The shards' tiles decoded (``image_id``, ``image``, ``path``), in blocks of one batch.
+def decoded_tiles(uris: list[str], image_size: int, batch_size: int, decoders: int) -> ray.data.Dataset:
+    """The shards' tiles decoded (``image_id``, ``image``, ``path``) by at most ``decoders`` tasks at once, in blocks
+    of one batch.
 
     Each block reaches the embedding actors as one input, so they share a shard's batches. With Ray Data's default
     block size (128 MB) a shard of a few thousand tiles was one or two blocks, and one actor embedded them alone
@@ -186,7 +187,15 @@ def decoded_tiles(uris: list[str], image_size: int, batch_size: int) -> ray.data
         batch_format="pyarrow",
         batch_size=batch_size,
         num_cpus=DATA_TASK_CPUS,
+        concurrency=decoders,
     )
+
+
+def decoders_for(actors: int) -> int:
+    """Decode tasks to run at once beside ``actors``: one per CPU actor (decoding a tile costs ~1/30 of embedding it
+    on a core), four per GPU. Unbounded, each shard's read started a decode process at once (12 for RSICD's 6
+    shards, 2 cores), and the actors' start waited behind them: first embeddings after 26 s instead of 16 s."""
+    return actors * (4 if torch.cuda.is_available() else 1)
 
 
 def caption_texts(uris: list[str], batch_size: int) -> ray.data.Dataset:
@@ -214,7 +223,8 @@ def _embed_kind(
         uris = [storage.join(data, s["path"]) for s in pending.values()]
         embedder: type
         if kind == "images":
-            ds = decoded_tiles(uris, ckpt.read_meta(checkpoint).config.model.image_size, batch_size)
+            image_size = ckpt.read_meta(checkpoint).config.model.image_size
+            ds = decoded_tiles(uris, image_size, batch_size, decoders_for(actors))
             embedder = ImageEmbedder
         else:
             ds, embedder = caption_texts(uris, batch_size), CaptionEmbedder

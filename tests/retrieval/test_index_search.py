@@ -278,8 +278,8 @@ def test_tiles_and_captions_reach_the_embedding_actors_a_batch_at_a_time(ray_loc
     captions = sum(len(c) for c in pq.read_table(uri, columns=["captions"])["captions"].to_pylist())
     assert rows > 32 and captions > rows
     for stream, count in [
-        (embed.decoded_tiles([uri], 64, batch_size=16), rows),
-        (embed.caption_texts([uri], 16), captions),
+        (embed.decoded_tiles([uri], image_size=64, batch_size=16, decoders=1), rows),
+        (embed.caption_texts([uri], batch_size=16), captions),
     ]:
         sizes = [len(block["path"]) for block in stream.iter_batches(batch_size=None)]
         assert sum(sizes) == count and max(sizes) <= 16 and len(sizes) >= count / 16, sizes
