@@ -267,20 +267,24 @@ class Validation:
     """Rank 0's val metrics, keyed ``val_*``, from the whole val split (kept in memory between epochs).
 
     The split is read ahead, in a thread, while the first epoch trains: starting its datasets (planning, decode
-    tasks, the tokenizer's actor) is mostly waiting, which the first validation would otherwise wait through.
+    tasks, the tokenizer's actor) is mostly waiting, which the first validation would otherwise wait through. The
+    read starts once ``start`` is set (by :class:`EpochStream` at the first training batch): started at once, it
+    competed with the first epoch's own cold start, and that first batch came 4–5 s later on 2 cores.
     """
 
-    def __init__(self, train_cfg: TrainConfig, device: torch.device) -> None:
+    def __init__(self, train_cfg: TrainConfig, device: torch.device, start: threading.Event) -> None:
         images, captions = ray.train.get_dataset_shard("val_images"), ray.train.get_dataset_shard("val_captions")
         self.images = KeptBatches(lambda: images.iter_batches(batch_size=train_cfg.eval_batch_size))
         self.captions = KeptBatches(lambda: captions.iter_batches(batch_size=256))
         self.rerank_k, self.reverse_weight, self.device = train_cfg.rerank_k, train_cfg.rerank_reverse_weight, device
+        self._start = start
         self._read_error: BaseException | None = None
         self._reader: threading.Thread | None = threading.Thread(target=self._read_ahead, name="val-read-ahead")
         self._reader.daemon = True
         self._reader.start()
 
     def _read_ahead(self) -> None:
+        self._start.wait()
         try:
             self.images.fill()
             self.captions.fill()
@@ -289,6 +293,7 @@ class Validation:
 
     def __call__(self, model: MSA) -> dict[str, float]:
         if self._reader is not None:
+            self._start.set()  # an epoch without a single batch never set it
             self._reader.join()
             self._reader = None
             if self._read_error is not None:
@@ -306,6 +311,7 @@ class EpochStream:
 
     def __init__(self, shard: Any, batch_size: int, device: torch.device) -> None:
         self.shard, self.batch_size, self.device = shard, batch_size, device
+        self.flowing = threading.Event()  # set at the first batch of the run
         self._begun: threading.Thread | None = None
         self._first: tuple[Iterator[dict[str, torch.Tensor]], dict[str, torch.Tensor] | None] | None = None
         self._error: BaseException | None = None
@@ -328,6 +334,11 @@ class EpochStream:
 
     def epoch(self) -> Iterator[dict[str, torch.Tensor]]:
         """This epoch's batches: the begun stream's, or a stream opened now."""
+        for batch in self._epoch():
+            self.flowing.set()
+            yield batch
+
+    def _epoch(self) -> Iterator[dict[str, torch.Tensor]]:
         if self._begun is None:
             yield from self._open()
             return
@@ -370,8 +381,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     step = TrainStep(model, optimizer, scheduler, config, device)
     per_worker = max(2, train_cfg.batch_size // world)
     board = StepLog(loop_config.get("log_dir"), rank, train_cfg.log_every_steps, world)
-    validate = Validation(train_cfg, device) if rank == 0 else None
     stream = EpochStream(ray.train.get_dataset_shard("train"), per_worker, device)
+    validate = Validation(train_cfg, device, start=stream.flowing) if rank == 0 else None
     for epoch in range(start_epoch, train_cfg.epochs):
         metrics: dict[str, float] = {"epoch": epoch, **run_epoch(step, stream.epoch(), board, epoch, world)}
         out_of_time = bool(train_cfg.max_minutes) and time.monotonic() - started > 60 * train_cfg.max_minutes
