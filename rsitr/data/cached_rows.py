@@ -1,7 +1,7 @@
 """Rows of the frozen-prefix cache (:mod:`rsitr.data.frozen_cache`) turned into training and evaluation batches.
 
-numpy and pyarrow only: Ray Data's actors and tasks import this module when they start (the training stream starts
-one actor each epoch), and importing the model libraries there took seconds each time.
+numpy and pyarrow only: Ray Data's tasks import this module when their worker process first runs one, and importing
+the model libraries there took seconds each time.
 """
 
 from __future__ import annotations
@@ -34,26 +34,21 @@ def padded_states(states: list[bytes], width: int, max_tokens: int) -> tuple[np.
     return padded, mask
 
 
-class CachedTrainBatches:
+def cached_train_rows(batch: pa.Table, max_tokens: int) -> dict[str, np.ndarray]:
     """Cache rows → ``feature_map``, ``frozen_scales``, ``text_states``, ``attention_mask``, ``label``: one random
-    caption per image."""
-
-    def __init__(self, max_tokens: int, seed: int = 0) -> None:
-        self.max_tokens = max_tokens
-        self.rng = np.random.default_rng(seed)
-
-    def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
-        maps, scales = feature_maps(batch)
-        chosen = [c[int(self.rng.integers(len(c)))] for c in batch["captions"].to_pylist()]
-        states, mask = padded_states(chosen, int(batch["text_width"][0].as_py()), self.max_tokens)
-        labels = np.asarray([label_id(x) for x in batch["label"].to_pylist()], dtype=np.int64)
-        return {
-            "feature_map": maps,
-            "frozen_scales": scales,
-            "text_states": states,
-            "attention_mask": mask,
-            "label": labels,
-        }
+    caption per image (a task, and a generator per batch, like :func:`rsitr.data.streams.train_rows`)."""
+    rng = np.random.default_rng()
+    maps, scales = feature_maps(batch)
+    chosen = [c[int(rng.integers(len(c)))] for c in batch["captions"].to_pylist()]
+    states, mask = padded_states(chosen, int(batch["text_width"][0].as_py()), max_tokens)
+    labels = np.asarray([label_id(x) for x in batch["label"].to_pylist()], dtype=np.int64)
+    return {
+        "feature_map": maps,
+        "frozen_scales": scales,
+        "text_states": states,
+        "attention_mask": mask,
+        "label": labels,
+    }
 
 
 def eval_image_rows(batch: pa.Table) -> dict[str, Any]:

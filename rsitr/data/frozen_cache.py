@@ -23,7 +23,7 @@ import ray.data
 import torch
 
 from rsitr.config import TEST_VIEW_COUNTS, Config, ConfigError, ModelConfig
-from rsitr.data.cached_rows import CachedTrainBatches, eval_caption_rows, eval_image_rows
+from rsitr.data.cached_rows import cached_train_rows, eval_caption_rows, eval_image_rows
 from rsitr.data.preprocess import decode_image
 from rsitr.data.streams import DATA_TASK_CPUS, read_shards, shuffled
 from rsitr.io import shards, storage
@@ -250,8 +250,8 @@ def train_dataset(root: str, max_tokens: int, shuffle: str = "full") -> ray.data
         ValueError: an unknown ``shuffle``.
     """
     return shuffled(_read(root, "train"), shuffle).map_batches(
-        CachedTrainBatches,
-        fn_constructor_kwargs={"max_tokens": max_tokens},
+        cached_train_rows,  # type: ignore[arg-type]
+        fn_kwargs={"max_tokens": max_tokens},
         batch_format="pyarrow",
         batch_size=64,
         concurrency=1,

@@ -3,6 +3,7 @@ tokenize; importing the model libraries there cost seconds at every pipeline's s
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -44,3 +45,11 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase | JoinedTokenizer:
 
 def _single_tokenizer(name: str) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(resolve_text_model(OFFLINE_VOCABULARIES.get(name, name)))
+
+
+@functools.lru_cache(maxsize=8)
+def process_tokenizer(name: str) -> PreTrainedTokenizerBase | JoinedTokenizer:
+    """:func:`load_tokenizer`, once per process: for Ray Data tasks, whose worker processes Ray reuses from one
+    epoch's pipeline to the next. Only where one thread tokenizes at a time (one task at a time per Ray worker):
+    a fast tokenizer used by two threads at once raises "Already borrowed"."""
+    return load_tokenizer(name)

@@ -267,7 +267,7 @@ class Validation:
     """Rank 0's val metrics, keyed ``val_*``, from the whole val split (kept in memory between epochs).
 
     The split is read ahead, in a thread, while the first epoch trains: starting its datasets (planning, decode
-    tasks, the tokenizer's actor) is mostly waiting, which the first validation would otherwise wait through. The
+    and tokenizing tasks) is mostly waiting, which the first validation would otherwise wait through. The
     read starts once ``start`` is set (by :class:`EpochStream` at the first training batch): started at once, it
     competed with the first epoch's own cold start, and that first batch came 4–5 s later on 2 cores.
     """

@@ -96,6 +96,17 @@ def test_an_epoch_begun_early_yields_the_same_batches_and_its_errors_surface_whe
         list(stream.epoch())
 
 
+def test_the_stream_says_when_its_first_batch_has_arrived() -> None:
+    # the val read-ahead waits for it, so as not to compete with the first epoch's cold start
+    stream = EpochStream(EpochsOf(0, 2), batch_size=4, device=torch.device("cpu"))
+    assert list(stream.epoch()) == [] and not stream.flowing.is_set()
+    stream.begin_next()
+    batches = stream.epoch()
+    assert not stream.flowing.is_set()  # begun, but no batch has been read yet
+    next(batches)
+    assert stream.flowing.is_set()
+
+
 def test_patience_stops_only_after_that_many_epochs_without_a_gain() -> None:
     history = [{"val_mR": v} for v in (10.0, 12.0, 11.0, 12.0)]
     assert stale_for(history, 2) and not stale_for(history, 3) and not stale_for(history, 0)
