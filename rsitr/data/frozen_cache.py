@@ -221,7 +221,7 @@ def build_cache(config: Config, data: str, storage_path: str) -> str:
         },
         batch_format="pyarrow",
         batch_size=64,
-        concurrency=actors,
+        compute=ray.data.ActorPoolStrategy(size=actors),
         num_cpus=max(DATA_TASK_CPUS, min(1.0, cpus / actors - DATA_TASK_CPUS)),
     )
     path, filesystem = storage.arrow_filesystem(storage.join(root, "rows"))
@@ -254,7 +254,7 @@ def train_dataset(root: str, max_tokens: int, shuffle: str = "full") -> ray.data
         fn_kwargs={"max_tokens": max_tokens},
         batch_format="pyarrow",
         batch_size=64,
-        concurrency=1,
+        compute=ray.data.TaskPoolStrategy(size=1),
         num_cpus=DATA_TASK_CPUS,
     )
 

@@ -103,7 +103,7 @@ def train_dataset(
         fn_kwargs={"image_size": image_size, "text_model": text_model, "max_tokens": max_tokens, "augment": augment},
         batch_format="pyarrow",
         batch_size=64,
-        concurrency=1,
+        compute=ray.data.TaskPoolStrategy(size=1),
         num_cpus=DATA_TASK_CPUS,
     )
 
@@ -124,7 +124,7 @@ def eval_datasets(
         fn_kwargs={"text_model": text_model, "max_tokens": max_tokens},
         batch_format="pyarrow",
         batch_size=256,
-        concurrency=1,
+        compute=ray.data.TaskPoolStrategy(size=1),
         num_cpus=DATA_TASK_CPUS,
     )
     return images, captions

@@ -187,7 +187,7 @@ def decoded_tiles(uris: list[str], image_size: int, batch_size: int, decoders: i
         batch_format="pyarrow",
         batch_size=batch_size,
         num_cpus=DATA_TASK_CPUS,
-        concurrency=decoders,
+        compute=ray.data.TaskPoolStrategy(size=decoders),
     )
 
 
@@ -232,7 +232,7 @@ def _embed_kind(
             embedder,
             fn_constructor_kwargs={"checkpoint": checkpoint, **options},
             batch_size=batch_size,
-            concurrency=actors,
+            compute=ray.data.ActorPoolStrategy(size=actors),
             num_cpus=0.5,
             num_gpus=1 if torch.cuda.is_available() else 0,
         )
