@@ -25,7 +25,8 @@ import torch
 from rsitr.config import TEST_VIEW_COUNTS, Config, ConfigError, ModelConfig
 from rsitr.data.cached_rows import cached_train_rows, eval_caption_rows, eval_image_rows
 from rsitr.data.preprocess import decode_image
-from rsitr.data.streams import DATA_TASK_CPUS, read_shards, shuffled
+from rsitr.data.run_rows import read_run
+from rsitr.data.streams import DATA_TASK_CPUS, read_shards
 from rsitr.io import shards, storage
 from rsitr.models.msa import dihedral_views
 from rsitr.models.text import text_layer_count
@@ -33,10 +34,15 @@ from rsitr.models.tokenizers import load_tokenizer
 from rsitr.runtime.precision import inference, use_bf16
 
 log = logging.getLogger("rsitr.data.frozen_cache")
-CACHE_FORMAT = 1
+# 2: rows written in a seeded random order (read in file order by rsitr.data.run_rows)
+CACHE_FORMAT = 2
 CACHE_META = "cache.json"
 # block size while building a cache (each block's rows are written as soon as it is done): a few hundred tiles
 CACHE_BLOCK_BYTES = 4 * 1024 * 1024
+# the cache's rows are written in this seeded order, so that any one of its files is a random sample of the data
+CACHE_ORDER_SEED = 0
+# what a training batch reads from a cache row
+TRAIN_COLUMNS = ["frozen_scales", "feature_map", "map_shape", "captions", "text_width", "label"]
 # what the cached values depend on, besides the data
 PREFIX_FIELDS = (
     "image_backbone",
@@ -211,7 +217,10 @@ def build_cache(config: Config, data: str, storage_path: str) -> str:
     context = ray.data.DataContext.get_current()
     default_block_size = context.target_max_block_size
     context.target_max_block_size = CACHE_BLOCK_BYTES
-    rows = read_shards(data, ["image_id", "split", "label", "image", "captions"]).map_batches(
+    # Rows in random order: training reads whole files, in a new order each epoch (rsitr.data.run_rows), and
+    # shards keep ingest order (RSICD's is by class name), whose batches would hold few classes.
+    source = read_shards(data, ["image_id", "split", "label", "image", "captions"])
+    rows = source.random_shuffle(seed=CACHE_ORDER_SEED).map_batches(
         FrozenPrefix,
         fn_constructor_kwargs={
             "model_config": config.to_dict()["model"],
@@ -242,14 +251,19 @@ def _read(root: str, split: str) -> ray.data.Dataset:
     return ds.filter(expr=f"split == '{split}'")
 
 
-def train_dataset(root: str, max_tokens: int, shuffle: str = "full") -> ray.data.Dataset:
-    """The training split of a cache, shuffled each epoch like :func:`rsitr.data.streams.train_dataset`; caption
-    states padded to ``max_tokens`` (:func:`state_tokens`).
+def train_dataset(
+    root: str, max_tokens: int, shuffle: str = "full", epochs: int = 1, seed: int = 0
+) -> ray.data.Dataset:
+    """The training split of a cache for a whole run: ``epochs`` epochs in one stream, each in a new order
+    (:class:`rsitr.data.run_rows.RunOfEpochs`, ``shuffle`` its ``order``); caption states padded to ``max_tokens``
+    (:func:`state_tokens`).
 
     Raises:
         ValueError: an unknown ``shuffle``.
+        FileNotFoundError: the cache holds no rows.
     """
-    return shuffled(_read(root, "train"), shuffle).map_batches(
+    rows = read_run(storage.join(root, "rows"), TRAIN_COLUMNS, "train", epochs, seed, shuffle, DATA_TASK_CPUS)
+    return rows.map_batches(
         cached_train_rows,  # type: ignore[arg-type]
         fn_kwargs={"max_tokens": max_tokens},
         batch_format="pyarrow",

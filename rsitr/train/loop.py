@@ -355,6 +355,37 @@ class EpochStream:
             yield from batches
 
 
+class RunStream:
+    """A worker's train shard that holds the whole run (:mod:`rsitr.data.run_rows`), read as one stream and cut into
+    epochs of ``steps`` batches.
+
+    It is iterated once, so Ray Data never starts it again: between epochs, while rank 0 validates, it goes on
+    reading. Every worker's share has the same number of rows (Ray Train's split is ``equal``), so all workers
+    take the same number of steps, even when the last epoch comes up short.
+    """
+
+    def __init__(self, shard: Any, batch_size: int, device: torch.device, steps: int) -> None:
+        self.shard, self.batch_size, self.device, self.steps = shard, batch_size, device, max(1, steps)
+        self.flowing = threading.Event()  # set at the first batch of the run
+        self._batches: Iterator[dict[str, torch.Tensor]] | None = None
+
+    def begin_next(self) -> None:
+        """Nothing to begin: the stream runs on between epochs."""
+
+    def epoch(self) -> Iterator[dict[str, torch.Tensor]]:
+        """The next ``steps`` batches of the run (fewer where the run's rows end)."""
+        if self._batches is None:
+            self._batches = iter(
+                self.shard.iter_torch_batches(batch_size=self.batch_size, drop_last=True, device=self.device)
+            )
+        for _ in range(self.steps):
+            batch = next(self._batches, None)
+            if batch is None:
+                return
+            self.flowing.set()
+            yield batch
+
+
 def train_loop(loop_config: dict[str, Any]) -> None:
     """The per-worker training loop (runs inside Ray Train)."""
     config = Config.from_dict(loop_config["config"])
@@ -382,7 +413,12 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     step = TrainStep(model, optimizer, scheduler, config, device)
     per_worker = max(2, train_cfg.batch_size // world)
     board = StepLog(loop_config.get("log_dir"), rank, train_cfg.log_every_steps, world)
-    stream = EpochStream(ray.train.get_dataset_shard("train"), per_worker, device)
+    shard = ray.train.get_dataset_shard("train")
+    stream: EpochStream | RunStream
+    if loop_config.get("one_stream"):  # the train dataset holds every epoch of the run
+        stream = RunStream(shard, per_worker, device, steps_per_epoch)
+    else:
+        stream = EpochStream(shard, per_worker, device)
     validate = Validation(train_cfg, device, start=stream.flowing) if rank == 0 else None
     for epoch in range(start_epoch, train_cfg.epochs):
         metrics: dict[str, float] = {"epoch": epoch, **run_epoch(step, stream.epoch(), board, epoch, world)}

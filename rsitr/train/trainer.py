@@ -35,12 +35,13 @@ class FitResult:
 
 def training_datasets(config: Config, data: str, storage_path: str) -> dict[str, Any]:
     """``train`` (shuffled, decoded, tokenised) and the val streams, from shards or from the frozen-prefix cache
-    (built first when ``train.cache_frozen`` and missing)."""
+    (built first when ``train.cache_frozen`` and missing). From the cache, ``train`` holds every epoch of the run
+    (``train.epochs``, in one stream); from shards, one epoch, which Ray Data executes again each epoch."""
     m, t = config.model, config.train
     if t.cache_frozen:
         cache = frozen_cache.build_cache(config, data, storage_path)
         tokens = frozen_cache.state_tokens(m)
-        train_rows = frozen_cache.train_dataset(cache, tokens, t.shuffle)
+        train_rows = frozen_cache.train_dataset(cache, tokens, t.shuffle, epochs=t.epochs, seed=t.seed)
         val_images, val_captions = frozen_cache.eval_datasets(cache, "val", tokens)
     else:
         train_rows = train_dataset(data, m.image_size, m.text_model, m.max_tokens, t.augment, t.shuffle)
@@ -78,6 +79,7 @@ def fit(
         train_loop_config={
             "config": config.to_dict(),
             "steps_per_epoch": steps_per_epoch,
+            "one_stream": config.train.cache_frozen,  # frozen_cache.train_dataset holds every epoch of the run
             # TensorBoard events under a local run folder; with S3 storage the per-step log stays in the job log
             "log_dir": None if storage.is_remote(storage_path) else storage.join(storage_path, name, "tensorboard"),
         },

@@ -9,6 +9,7 @@ import torch
 from rsitr.config import ConfigError, LossConfig, load_config
 from rsitr.data.frozen_cache import CACHE_META, FrozenPrefix, build_cache, cache_key, check_cacheable
 from rsitr.data.preprocess import tokenize
+from rsitr.data.run_rows import RunOfEpochs, read_run
 from rsitr.evaluation.evaluate import evaluate_checkpoint
 from rsitr.io import shards
 from rsitr.models.msa import build_model
@@ -93,6 +94,18 @@ def test_a_run_trains_from_the_cache_and_its_checkpoint_embeds_raw_pixels_alike(
     from_pixels = evaluate_checkpoint(result.best_checkpoint, str(demo_shards), "val")
     assert from_pixels["mR"] == pytest.approx(result.val["mR"], abs=1.5)
     assert result.val["mR"] > 10  # chance on 57 val images is ~ 3
+    # Rows are written in random order: no file holds a run of the shards' (ingest) order.
+    ingest_order = {row["image_id"]: i for i, row in enumerate(shards.iter_rows(str(demo_shards), ["image_id"]))}
+    in_files = [[ingest_order[x] for x in pq.read_table(f)["image_id"].to_pylist()] for f in files]
+    steps = [b - a for order in in_files for a, b in zip(order, order[1:], strict=False)]
+    assert sum(step == 1 for step in steps) < 0.2 * len(steps)
+    # Training reads it as one stream of the run's epochs: each train row once per epoch, files in a new order.
+    train_ids = [r["image_id"] for r in shards.iter_rows(str(demo_shards), ["image_id"], split="train")]
+    run = read_run(str(cache / "rows"), ["image_id"], "train", epochs=2, seed=0, order="full", num_cpus=0.25)
+    assert sorted(run.to_pandas()["image_id"]) == sorted(train_ids * 2)
+    source = RunOfEpochs({str(f): 1 for f in files}, ["image_id"], "train", epochs=2, seed=0)
+    first, second = source.epoch_order(0), source.epoch_order(1)
+    assert sorted(first) == sorted(second) and first != second
     # A second run of the same model on the same data reuses the finished cache.
     stamp = (cache / CACHE_META).stat().st_mtime_ns
     assert build_cache(config, str(demo_shards), str(tmp_path / "runs")) == str(cache)

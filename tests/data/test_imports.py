@@ -11,8 +11,10 @@ import pytest
     [
         # decode tasks (embedding, evaluation): ~5 s of imports there competed with the actors loading the model
         ("rsitr.data.preprocess", ["torch", "transformers", "timm"]),
-        # the frozen-prefix cache's training actor (a new one each epoch) and evaluation tasks
+        # the frozen-prefix cache's training and evaluation tasks
         ("rsitr.data.cached_rows", ["torch", "transformers", "timm"]),
+        # the frozen-prefix cache's read tasks (a whole run's epochs)
+        ("rsitr.data.run_rows", ["torch", "transformers", "timm"]),
         # the training and evaluation pipelines' tokenizing actors: tokenizers, not the image or text models
         ("rsitr.data.streams", ["timm", "transformers.modeling_utils"]),
     ],

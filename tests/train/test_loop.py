@@ -11,7 +11,7 @@ import torch.distributed as dist
 from rsitr.config import load_config
 from rsitr.data.preprocess import tokenize
 from rsitr.models.msa import MSA, build_model
-from rsitr.train.loop import EpochStream, KeptBatches, _agree, leave_unread_modules_out, stale_for
+from rsitr.train.loop import EpochStream, KeptBatches, RunStream, _agree, leave_unread_modules_out, stale_for
 from rsitr.train.losses import total_loss
 
 
@@ -105,6 +105,17 @@ def test_the_stream_says_when_its_first_batch_has_arrived() -> None:
     assert not stream.flowing.is_set()  # begun, but no batch has been read yet
     next(batches)
     assert stream.flowing.is_set()
+
+
+def test_a_run_stream_is_opened_once_and_cut_into_epochs_of_its_steps() -> None:
+    shard = EpochsOf(7)  # a dataset of the whole run: one epoch for Ray Data
+    stream = RunStream(shard, batch_size=4, device=torch.device("cpu"), steps=3)
+    assert not stream.flowing.is_set()
+    assert [int(b["batch"]) for b in stream.epoch()] == [0, 1, 2] and stream.flowing.is_set()
+    stream.begin_next()
+    assert [int(b["batch"]) for b in stream.epoch()] == [3, 4, 5]
+    assert [int(b["batch"]) for b in stream.epoch()] == [6]  # the run's rows end: a short last epoch
+    assert list(stream.epoch()) == [] and shard.opened == 1
 
 
 def test_patience_stops_only_after_that_many_epochs_without_a_gain() -> None:

@@ -1,0 +1,109 @@
+"""A whole training run's rows as one Ray Data dataset: every epoch, each in a new seeded order, read in turn.
+
+Ray Data executes a dataset anew each time a trainer iterates it: it plans, starts read tasks, shuffles every row
+before the first batch and (Ray 2.60's Parquet reader) starts an actor to read file footers. On 2 cores that is
+seconds at each epoch's start, which the trainer waits through unless validation happens to hide it. Read as one
+stream, the run's reads go on between epochs and the next epoch's rows are already on their way.
+
+The order comes from the files, so this needs files whose rows are already in random order (the frozen-prefix
+cache is written that way): each epoch reads the files in a new seeded order, :data:`FILES_PER_READ` at a time, with
+those files' rows permuted together.
+
+numpy, pyarrow and fsspec only in what the read tasks run, as in :mod:`rsitr.data.cached_rows`.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray.data
+from ray.data.block import BlockMetadata
+from ray.data.datasource import Datasource, ReadTask
+
+from rsitr.io import storage
+
+# Files read and permuted together. Each cache file is a random sample of its dataset, so this only varies which
+# rows share a batch from one epoch to the next: 4 files of ~2-4 MB (the cache's block size) make ~8-16 MB blocks.
+FILES_PER_READ = 4
+ORDERS = ("full", "blocks", "none")
+
+
+def read_permuted(
+    uris: Sequence[str], columns: list[str], split: str, seed: Sequence[int] | None
+) -> Iterator[pa.Table]:
+    """The ``split`` rows of some Parquet files, as one table; with ``seed``, in an order drawn from it."""
+    tables = []
+    for uri in uris:
+        fs, path = storage.filesystem(uri)
+        with fs.open(path, "rb") as handle:
+            table = pq.ParquetFile(handle).read(columns=sorted({*columns, "split"}))
+        tables.append(table.filter(pc.equal(table["split"], split)).select(columns))
+    rows = pa.concat_tables(tables)
+    if seed is not None:
+        rows = rows.take(np.random.default_rng(list(seed)).permutation(rows.num_rows))
+    yield rows
+
+
+class RunOfEpochs(Datasource):
+    """Ray Data datasource: the ``split`` rows of some Parquet files, ``epochs`` times over, one epoch after another.
+
+    ``order``: ``full`` (each epoch a new seeded file order, rows permuted :data:`FILES_PER_READ` files at a time),
+    ``blocks`` (file order only) or ``none`` (the files as listed, every epoch).
+    """
+
+    def __init__(
+        self, files: dict[str, int], columns: list[str], split: str, epochs: int, seed: int, order: str = "full"
+    ) -> None:
+        super().__init__()
+        if order not in ORDERS:
+            raise ValueError(f"train.shuffle {order!r}: expected one of {', '.join(ORDERS)}")
+        self.files, self.columns, self.split = dict(sorted(files.items())), columns, split
+        self.epochs, self.seed, self.order = max(1, epochs), seed, order
+
+    def estimate_inmemory_data_size(self) -> int | None:
+        return sum(self.files.values()) * self.epochs
+
+    def epoch_order(self, epoch: int) -> list[str]:
+        """The files in the order ``epoch`` reads them."""
+        names = list(self.files)
+        if self.order == "none":
+            return names
+        return [names[i] for i in np.random.default_rng([self.seed, epoch]).permutation(len(names))]
+
+    def get_read_tasks(
+        self, parallelism: int, per_task_row_limit: int | None = None, data_context: Any = None
+    ) -> list[ReadTask]:
+        tasks = []
+        for epoch in range(self.epochs):
+            names = self.epoch_order(epoch)
+            for start in range(0, len(names), FILES_PER_READ):
+                group = names[start : start + FILES_PER_READ]
+                seed = (self.seed, epoch, start) if self.order == "full" else None
+                read = functools.partial(read_permuted, group, self.columns, self.split, seed)
+                size = sum(self.files[name] for name in group)
+                metadata = BlockMetadata(num_rows=None, size_bytes=size, input_files=tuple(group), exec_stats=None)
+                tasks.append(ReadTask(read, metadata, per_task_row_limit=per_task_row_limit))
+        return tasks
+
+
+def read_run(
+    folder: str, columns: list[str], split: str, epochs: int, seed: int, order: str, num_cpus: float
+) -> ray.data.Dataset:
+    """Every Parquet file under ``folder`` as :class:`RunOfEpochs` reads it.
+
+    Raises:
+        FileNotFoundError: no Parquet file under ``folder``.
+        ValueError: an unknown ``order``.
+    """
+    files = {storage.join(folder, name): size for name, size in storage.list_files(folder).items()}
+    files = {uri: size for uri, size in files.items() if uri.endswith(".parquet")}
+    if not files:
+        raise FileNotFoundError(f"no Parquet files under {folder}")
+    source = RunOfEpochs(files, columns, split, epochs, seed, order)
+    return ray.data.read_datasource(source, num_cpus=num_cpus)
