@@ -133,7 +133,8 @@ class TrainConfig:
     rerank_reverse_weight: float = 0.7
     # contrast each worker's batch against every worker's (the global batch) rather than its own slice only
     gather_negatives: bool = True
-    # row order each epoch: full (global shuffle), blocks (block order only) or none; see rsitr.data.streams
+    # row order each epoch: full (global shuffle; from a cache: file order and rows within reads), blocks (block or
+    # file order only) or none; see rsitr.data.streams and rsitr.data.run_rows
     shuffle: str = "full"
     # Ray placement of the train workers: PACK (fewest nodes) or SPREAD (one per node where possible)
     placement_strategy: str = "PACK"
