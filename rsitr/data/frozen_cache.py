@@ -25,7 +25,7 @@ import torch
 from rsitr.config import TEST_VIEW_COUNTS, Config, ConfigError, ModelConfig
 from rsitr.data.cached_rows import cached_train_rows, eval_caption_rows, eval_image_rows
 from rsitr.data.preprocess import decode_image
-from rsitr.data.run_rows import read_run
+from rsitr.data.run_rows import pausing_while_held_back, read_run
 from rsitr.data.streams import DATA_TASK_CPUS, read_shards
 from rsitr.io import shards, storage
 from rsitr.models.msa import dihedral_views
@@ -263,13 +263,15 @@ def train_dataset(
         FileNotFoundError: the cache holds no rows.
     """
     rows = read_run(storage.join(root, "rows"), TRAIN_COLUMNS, "train", epochs, seed, shuffle, DATA_TASK_CPUS)
-    return rows.map_batches(
-        cached_train_rows,  # type: ignore[arg-type]
-        fn_kwargs={"max_tokens": max_tokens},
-        batch_format="pyarrow",
-        batch_size=64,
-        compute=ray.data.TaskPoolStrategy(size=1),
-        num_cpus=DATA_TASK_CPUS,
+    return pausing_while_held_back(
+        rows.map_batches(
+            cached_train_rows,  # type: ignore[arg-type]
+            fn_kwargs={"max_tokens": max_tokens},
+            batch_format="pyarrow",
+            batch_size=64,
+            compute=ray.data.TaskPoolStrategy(size=1),
+            num_cpus=DATA_TASK_CPUS,
+        )
     )
 
 

@@ -15,6 +15,7 @@ numpy, pyarrow and fsspec only in what the read tasks run, as in :mod:`rsitr.dat
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -23,6 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray.data
+from ray.data._internal.execution.execution_callback import ExecutionCallback
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
@@ -32,6 +34,8 @@ from rsitr.io import storage
 # rows share a batch from one epoch to the next: 4 files of ~2-4 MB (the cache's block size) make ~8-16 MB blocks.
 FILES_PER_READ = 4
 ORDERS = ("full", "blocks", "none")
+# how long Ray Data's scheduler sleeps per step while the trainer holds every stage of a run's stream back
+HELD_BACK_PAUSE_S = 0.05
 
 
 def read_permuted(
@@ -90,6 +94,39 @@ class RunOfEpochs(Datasource):
                 metadata = BlockMetadata(num_rows=None, size_bytes=size, input_files=tuple(group), exec_stats=None)
                 tasks.append(ReadTask(read, metadata, per_task_row_limit=per_task_row_limit))
         return tasks
+
+
+class PauseWhileHeldBack(ExecutionCallback):
+    """Ray Data execution callback: sleep :data:`HELD_BACK_PAUSE_S` after a scheduling step that moved nothing.
+
+    A run's stream spends most of the run held back, waiting for training to take its batches. Ray Data 2.60's
+    scheduler loop blocks only on tasks still running (a finished task whose output is held back does not block
+    it), so it spun at 0.9 of a core beside the trainer instead.
+    """
+
+    def __init__(self) -> None:
+        self.last: tuple[int, ...] = ()
+
+    def on_execution_step(self, executor: Any) -> None:
+        moved = tuple(
+            count
+            for op in executor._topology
+            for count in (
+                op.metrics.num_tasks_submitted,
+                op.metrics.num_task_outputs_generated,
+                op.metrics.num_outputs_taken,
+            )
+        )
+        if moved == self.last:
+            time.sleep(HELD_BACK_PAUSE_S)
+        self.last = moved
+
+
+def pausing_while_held_back(ds: ray.data.Dataset) -> ray.data.Dataset:
+    """``ds``, its execution pausing while held back (:class:`PauseWhileHeldBack`; the dataset's own context)."""
+    context = ds.context
+    context.custom_execution_callback_classes = [*context.custom_execution_callback_classes, PauseWhileHeldBack]
+    return ds
 
 
 def read_run(

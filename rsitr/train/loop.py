@@ -268,7 +268,7 @@ class Validation:
 
     The split is read ahead, in a thread, while the first epoch trains: starting its datasets (planning, decode
     and tokenizing tasks) is mostly waiting, which the first validation would otherwise wait through. The
-    read starts once ``start`` is set (by :class:`EpochStream` at the first training batch): started at once, it
+    read starts once ``start`` is set (by the train stream at the first training batch): started at once, it
     competed with the first epoch's own cold start, and that first batch came 4–6 s later on 2 cores. (The run is
     no shorter there: the read then shares the cores with the epoch's steps, which do not wait on it.)
     """
