@@ -26,7 +26,7 @@ from typing import Any
 import ray.train
 import ray.train.torch
 import torch
-from ray.train import RunConfig, ScalingConfig
+from ray.train import DataConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from rsitr.config import Config, load_config
@@ -35,7 +35,6 @@ from rsitr.models.msa import build_model
 from rsitr.runtime.raysession import init_ray
 from rsitr.train import StepLog, TrainStep, make_optimizer, make_scheduler, run_epoch, training_datasets
 from rsitr.train.loop import EpochStream, RunStream
-from rsitr.train.trainer import data_config
 
 ROOT = Path(__file__).resolve().parents[1]
 RSICD = ROOT / ".rsitr" / "quality" / "data" / "rsicd"
@@ -128,7 +127,7 @@ def main() -> None:
                 num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker={"CPU": t.cpus_per_worker}
             ),
             datasets={"train": train if one_stream else train.limit(rows), "bound": bound},
-            dataset_config=data_config(one_stream, split=("train", "bound")),
+            dataset_config=DataConfig(datasets_to_split=["train", "bound"]),
             run_config=RunConfig(name="train-throughput", storage_path=work),
         ).fit()
         if result.error is not None:

@@ -64,6 +64,7 @@ def fit(
         StorageUnreachableError: the object store holding the run stopped answering; the same call, once it is back,
             resumes from the last checkpoint Ray Train recorded as saved (or starts over when there is none).
     """
+    from ray.train import DataConfig
     from ray.train.torch import TorchTrainer
 
     data = storage.resolve(data)
@@ -84,7 +85,7 @@ def fit(
         },
         scaling_config=_scaling(config),
         datasets=training_datasets(config, data, storage_path),
-        dataset_config=data_config(one_stream=config.train.cache_frozen),
+        dataset_config=DataConfig(datasets_to_split=["train"]),
         run_config=_run_config(name, storage_path, max_failures),
     )
     run_dir = storage.join(storage_path, name)
@@ -107,22 +108,6 @@ def fit(
     storage.write_json_atomic(storage.join(run_dir, ckpt.RESULT), out.__dict__)
     storage.write_json_atomic(storage.join(storage_path, ckpt.LATEST), {"run": name, **out.__dict__})
     return out
-
-
-# how far a stream of the whole run may read ahead of training (Ray Data's object store budget for it): a few hundred
-# batches. Unbounded, it read every later epoch while the first trained, on the same cores (2,100 images, 20
-# epochs: the first took 46 s instead of 19 s) and it would hold them all in memory.
-RUN_READ_AHEAD_BYTES = 256 * 1024**2
-
-
-def data_config(one_stream: bool, split: tuple[str, ...] = ("train",)) -> ray.train.DataConfig:
-    """Ray Train's data settings: the ``split`` datasets shared out between the workers; a ``train`` that holds the
-    whole run (``one_stream``) reads at most :data:`RUN_READ_AHEAD_BYTES` ahead."""
-    if not one_stream:
-        return ray.train.DataConfig(datasets_to_split=list(split))
-    options = ray.train.DataConfig.default_ingest_options()
-    options.resource_limits = options.resource_limits.copy(object_store_memory=RUN_READ_AHEAD_BYTES)
-    return ray.train.DataConfig(datasets_to_split=list(split), execution_options={"train": options})
 
 
 def _scaling(config: Config) -> ray.train.ScalingConfig:
