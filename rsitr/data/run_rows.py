@@ -9,7 +9,7 @@ The order comes from the files, so this needs files whose rows are already in ra
 cache is written that way): each epoch reads the files in a new seeded order, :data:`FILES_PER_READ` at a time, with
 those files' rows permuted together.
 
-numpy, pyarrow and fsspec only in what the read tasks run, as in :mod:`rsitr.data.cached_rows`.
+numpy and pyarrow only in what the read tasks run, as in :mod:`rsitr.data.cached_rows`.
 """
 
 from __future__ import annotations
@@ -39,14 +39,16 @@ HELD_BACK_PAUSE_S = 0.05
 
 
 def read_permuted(
-    uris: Sequence[str], columns: list[str], split: str, seed: Sequence[int] | None
+    paths: Sequence[str], filesystem: Any, columns: list[str], split: str, seed: Sequence[int] | None
 ) -> Iterator[pa.Table]:
-    """The ``split`` rows of some Parquet files, as one table; with ``seed``, in an order drawn from it."""
+    """The ``split`` rows of some Parquet files, as one table; with ``seed``, in an order drawn from it.
+
+    ``filesystem``: a pyarrow filesystem, or None for local paths and ``s3://`` URIs (:func:`storage.arrow_filesystem`:
+    it carries a custom S3 endpoint to the read tasks).
+    """
     tables = []
-    for uri in uris:
-        fs, path = storage.filesystem(uri)
-        with fs.open(path, "rb") as handle:
-            table = pq.ParquetFile(handle).read(columns=sorted({*columns, "split"}))
+    for path in paths:
+        table = pq.read_table(path, filesystem=filesystem, columns=sorted({*columns, "split"}))
         tables.append(table.filter(pc.equal(table["split"], split)).select(columns))
     rows = pa.concat_tables(tables)
     if seed is not None:
@@ -55,19 +57,28 @@ def read_permuted(
 
 
 class RunOfEpochs(Datasource):
-    """Ray Data datasource: the ``split`` rows of some Parquet files, ``epochs`` times over, one epoch after another.
+    """Ray Data datasource: the ``split`` rows of some Parquet files (``{path: bytes}`` on ``filesystem``, as
+    :func:`read_permuted` takes them), ``epochs`` times over, one epoch after another.
 
     ``order``: ``full`` (each epoch a new seeded file order, rows permuted :data:`FILES_PER_READ` files at a time),
     ``blocks`` (file order only) or ``none`` (the files as listed, every epoch).
     """
 
     def __init__(
-        self, files: dict[str, int], columns: list[str], split: str, epochs: int, seed: int, order: str = "full"
+        self,
+        files: dict[str, int],
+        columns: list[str],
+        split: str,
+        epochs: int,
+        seed: int,
+        order: str = "full",
+        filesystem: Any = None,
     ) -> None:
         super().__init__()
         if order not in ORDERS:
             raise ValueError(f"train.shuffle {order!r}: expected one of {', '.join(ORDERS)}")
         self.files, self.columns, self.split = dict(sorted(files.items())), columns, split
+        self.filesystem = filesystem
         self.epochs, self.seed, self.order = max(1, epochs), seed, order
 
     def estimate_inmemory_data_size(self) -> int | None:
@@ -89,7 +100,7 @@ class RunOfEpochs(Datasource):
             for start in range(0, len(names), FILES_PER_READ):
                 group = names[start : start + FILES_PER_READ]
                 seed = (self.seed, epoch, start) if self.order == "full" else None
-                read = functools.partial(read_permuted, group, self.columns, self.split, seed)
+                read = functools.partial(read_permuted, group, self.filesystem, self.columns, self.split, seed)
                 size = sum(self.files[name] for name in group)
                 metadata = BlockMetadata(num_rows=None, size_bytes=size, input_files=tuple(group), exec_stats=None)
                 tasks.append(ReadTask(read, metadata, per_task_row_limit=per_task_row_limit))
@@ -138,11 +149,12 @@ def read_run(
         FileNotFoundError: no Parquet file under ``folder``.
         ValueError: an unknown ``order``.
     """
-    files = {storage.join(folder, name): size for name, size in storage.list_files(folder).items()}
-    files = {uri: size for uri, size in files.items() if uri.endswith(".parquet")}
+    base, filesystem = storage.arrow_filesystem(folder)
+    files = {f"{base.rstrip('/')}/{name}": size for name, size in storage.list_files(folder).items()}
+    files = {path: size for path, size in files.items() if path.endswith(".parquet")}
     if not files:
         raise FileNotFoundError(f"no Parquet files under {folder}")
-    source = RunOfEpochs(files, columns, split, epochs, seed, order)
+    source = RunOfEpochs(files, columns, split, epochs, seed, order, filesystem)
     # One read at a time: each is a few files (~0.2 s of a ~2 s epoch here). Unbounded, Ray Data began 11 at once
     # in new processes on 2 cores, and the first batch came 11 s after the stream started.
     return ray.data.read_datasource(source, num_cpus=num_cpus, compute=ray.data.TaskPoolStrategy(size=1))
