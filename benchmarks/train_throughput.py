@@ -65,7 +65,7 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
     # ahead while the bound ran
     shard = ray.train.get_dataset_shard("train")
     stream: EpochStream | RunStream
-    if loop_config["one_stream"]:
+    if config.train.cache_frozen:  # as rsitr.train.loop.train_loop streams it
         stream = RunStream(shard, per_worker, device, len(in_memory))
     else:
         stream = EpochStream(shard, per_worker, device)
@@ -125,7 +125,6 @@ def main() -> None:
             train_loop_config={
                 "config": config.to_dict(),
                 "rounds": args.rounds,
-                "one_stream": one_stream,
                 "rounds_file": str(Path(work) / "rounds.json"),
             },
             scaling_config=ScalingConfig(

@@ -8,6 +8,7 @@ import pyarrow.compute as pc
 import ray.data
 
 from rsitr.data.preprocess import augment_rs, decode_image, decode_images, label_id, tokenize
+from rsitr.data.run_rows import check_shuffle
 from rsitr.io import shards
 from rsitr.models.tokenizers import process_tokenizer
 
@@ -69,17 +70,13 @@ def caption_tokens(batch: pa.Table, text_model: str, max_tokens: int) -> dict[st
     return {"image_id": image_ids, **tokenize(flat, text_model, max_tokens, process_tokenizer(text_model))}
 
 
-SHUFFLES = ("full", "blocks", "none")
-
-
 def shuffled(ds: ray.data.Dataset, shuffle: str) -> ray.data.Dataset:
     """``ds`` in a new order each epoch: ``full`` (global shuffle), ``blocks`` (block order only) or ``none``.
 
     Raises:
         ValueError: an unknown ``shuffle``.
     """
-    if shuffle not in SHUFFLES:
-        raise ValueError(f"train.shuffle {shuffle!r}: expected one of {', '.join(SHUFFLES)}")
+    check_shuffle(shuffle)
     if shuffle == "full":
         return ds.random_shuffle()
     return ds.randomize_block_order() if shuffle == "blocks" else ds

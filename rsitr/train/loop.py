@@ -415,7 +415,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     board = StepLog(loop_config.get("log_dir"), rank, train_cfg.log_every_steps, world)
     shard = ray.train.get_dataset_shard("train")
     stream: EpochStream | RunStream
-    if loop_config.get("one_stream"):  # the train dataset holds every epoch of the run
+    if train_cfg.cache_frozen:  # the cache's train dataset holds every epoch of the run (training_datasets)
         stream = RunStream(shard, per_worker, device, steps_per_epoch)
     else:
         stream = EpochStream(shard, per_worker, device)

@@ -79,7 +79,6 @@ def fit(
         train_loop_config={
             "config": config.to_dict(),
             "steps_per_epoch": steps_per_epoch,
-            "one_stream": config.train.cache_frozen,  # frozen_cache.train_dataset holds every epoch of the run
             # TensorBoard events under a local run folder; with S3 storage the per-step log stays in the job log
             "log_dir": None if storage.is_remote(storage_path) else storage.join(storage_path, name, "tensorboard"),
         },
