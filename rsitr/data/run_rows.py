@@ -33,9 +33,20 @@ from rsitr.io import storage
 # Files read and permuted together. Each cache file is a random sample of its dataset, so this only varies which
 # rows share a batch from one epoch to the next: 4 files of ~2-4 MB (the cache's block size) make ~8-16 MB blocks.
 FILES_PER_READ = 4
-ORDERS = ("full", "blocks", "none")
+# train.shuffle's values, for a run's stream and for a per-epoch one (rsitr.data.streams)
+SHUFFLES = ("full", "blocks", "none")
 # how long Ray Data's scheduler sleeps per step while the trainer holds every stage of a run's stream back
 HELD_BACK_PAUSE_S = 0.05
+
+
+def check_shuffle(shuffle: str) -> None:
+    """Refuse a ``shuffle`` that is not one of :data:`SHUFFLES`.
+
+    Raises:
+        ValueError: naming it and the values allowed.
+    """
+    if shuffle not in SHUFFLES:
+        raise ValueError(f"train.shuffle {shuffle!r}: expected one of {', '.join(SHUFFLES)}")
 
 
 def read_permuted(
@@ -43,12 +54,18 @@ def read_permuted(
 ) -> Iterator[pa.Table]:
     """The ``split`` rows of some Parquet files, as one table; with ``seed``, in an order drawn from it.
 
+    Raises:
+        ValueError: a file that cannot be read, or lacks a column (named, with the reason).
+
     ``filesystem``: a pyarrow filesystem, or None for local paths and ``s3://`` URIs (:func:`storage.arrow_filesystem`:
     it carries a custom S3 endpoint to the read tasks).
     """
     tables = []
     for path in paths:
-        table = pq.read_table(path, filesystem=filesystem, columns=sorted({*columns, "split"}))
+        try:
+            table = pq.read_table(path, filesystem=filesystem, columns=sorted({*columns, "split"}))
+        except (OSError, pa.ArrowException) as err:  # the task's error names no file otherwise
+            raise ValueError(f"{path}: not a readable Parquet file with columns {columns} and split ({err})") from err
         tables.append(table.filter(pc.equal(table["split"], split)).select(columns))
     rows = pa.concat_tables(tables)
     if seed is not None:
@@ -75,8 +92,7 @@ class RunOfEpochs(Datasource):
         filesystem: Any = None,
     ) -> None:
         super().__init__()
-        if order not in ORDERS:
-            raise ValueError(f"train.shuffle {order!r}: expected one of {', '.join(ORDERS)}")
+        check_shuffle(order)
         self.files, self.columns, self.split = dict(sorted(files.items())), columns, split
         self.filesystem = filesystem
         self.epochs, self.seed, self.order = max(1, epochs), seed, order
