@@ -8,6 +8,7 @@ atomically from the parts, which are then removed.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
@@ -26,6 +27,7 @@ import torch
 
 from rsitr.config import checked_test_views
 from rsitr.data.preprocess import caption_rows, decode_with_paths, tokenize
+from rsitr.data.shard_reads import read_shard_slices
 from rsitr.data.streams import DATA_TASK_CPUS
 from rsitr.io import shards, storage
 from rsitr.models.msa import MSA
@@ -159,35 +161,23 @@ def _read_parts(uris: list[str]) -> dict[str, np.ndarray]:
     return vectors
 
 
-def _read(uris: list[str]) -> ray.data.Dataset:
-    # a read task per shard: Ray would otherwise pack many small shards into one read task and one block
-    return ray.data.read_parquet(uris, include_paths=True, num_cpus=DATA_TASK_CPUS, override_num_blocks=len(uris))
-
-
 def decoded_tiles(uris: list[str], image_size: int, batch_size: int, decoders: int) -> ray.data.Dataset:
-    """The shards' tiles decoded (``image_id``, ``image``, ``path``) by at most ``decoders`` tasks at once, in blocks
-    of one batch.
+    """The shards' tiles decoded (``image_id``, ``image``, ``path``) in their read tasks, at most ``decoders`` at
+    once, in blocks of one batch.
 
     Each block reaches the embedding actors as one input, so they share a shard's batches. With Ray Data's default
     block size (128 MB) a shard of a few thousand tiles was one or two blocks, and one actor embedded them alone
     while the others waited (1,024 tiles, 2 actors: one had 896 of them).
     """
-    context = ray.data.DataContext.get_current()
-    saved = context.target_max_block_size
-    # the decode task cuts a block once it holds more than the target: just under one decoded batch (uint8, HWC)
-    # cuts after each batch, in the task itself (a repartition after it would be one more task per batch)
-    context.target_max_block_size = int(0.9 * batch_size * image_size * image_size * 3)
-    try:
-        ds = _read(uris)  # a dataset keeps the context it was created with
-    finally:
-        context.target_max_block_size = saved
-    return ds.select_columns(["image_id", "image", "path"]).map_batches(
-        decode_with_paths,  # type: ignore[arg-type]
-        fn_kwargs={"image_size": image_size},
-        batch_format="pyarrow",
-        batch_size=batch_size,
+    return read_shard_slices(
+        uris,
+        ["image_id", "image"],
+        functools.partial(decode_with_paths, image_size=image_size),
+        slice_rows=batch_size,
+        tasks=decoders,
         num_cpus=DATA_TASK_CPUS,
-        compute=ray.data.TaskPoolStrategy(size=decoders),
+        # a read cuts a block once it holds more than this: just under one decoded batch (uint8, HWC) cuts after each
+        block_bytes=int(0.9 * batch_size * image_size * image_size * 3),
     )
 
 
@@ -198,15 +188,12 @@ def decoders_for(actors: int) -> int:
     return actors * (4 if torch.cuda.is_available() else 1)
 
 
-def caption_texts(uris: list[str], batch_size: int) -> ray.data.Dataset:
-    """The shards' captions, one row each (``caption_id``, ``caption``, ``path``), in blocks of one batch (so the
-    embedding actors share a shard, as with :func:`decoded_tiles`; text rows are too small to cut by bytes)."""
-    return (
-        _read(uris)
-        .select_columns(["image_id", "captions", "path"])
-        .map_batches(caption_rows, batch_format="pyarrow", num_cpus=DATA_TASK_CPUS)
-        .repartition(target_num_rows_per_block=batch_size)
-    )
+def caption_texts(uris: list[str], batch_size: int, readers: int) -> ray.data.Dataset:
+    """The shards' captions, one row each (``caption_id``, ``caption``, ``path``), read by at most ``readers`` tasks
+    at once, in blocks of one batch (so the embedding actors share a shard, as with :func:`decoded_tiles`; text rows
+    are too small to cut by bytes)."""
+    rows = read_shard_slices(uris, ["image_id", "captions"], caption_rows, batch_size, readers, DATA_TASK_CPUS)
+    return rows.repartition(target_num_rows_per_block=batch_size)
 
 
 def _embed_kind(
@@ -227,7 +214,7 @@ def _embed_kind(
             ds = decoded_tiles(uris, image_size, batch_size, decoders_for(actors))
             embedder = ImageEmbedder
         else:
-            ds, embedder = caption_texts(uris, batch_size), CaptionEmbedder
+            ds, embedder = caption_texts(uris, batch_size, decoders_for(actors)), CaptionEmbedder
         ds = ds.map_batches(
             embedder,
             fn_constructor_kwargs={"checkpoint": checkpoint, **options},

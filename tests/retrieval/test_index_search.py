@@ -279,7 +279,7 @@ def test_tiles_and_captions_reach_the_embedding_actors_a_batch_at_a_time(ray_loc
     assert rows > 32 and captions > rows
     for stream, count in [
         (embed.decoded_tiles([uri], image_size=64, batch_size=16, decoders=1), rows),
-        (embed.caption_texts([uri], batch_size=16), captions),
+        (embed.caption_texts([uri], batch_size=16, readers=1), captions),
     ]:
         sizes = [len(block["path"]) for block in stream.iter_batches(batch_size=None)]
         assert sum(sizes) == count and max(sizes) <= 16 and len(sizes) >= count / 16, sizes
