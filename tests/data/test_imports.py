@@ -13,6 +13,8 @@ import pytest
         ("rsitr.data.preprocess", ["torch", "transformers", "timm"]),
         # the frozen-prefix cache's training and evaluation tasks
         ("rsitr.data.cached_rows", ["torch", "transformers", "timm"]),
+        # the embedding's read tasks, which decode too
+        ("rsitr.data.shard_reads", ["torch", "transformers", "timm"]),
         # the frozen-prefix cache's read tasks (a whole run's epochs)
         ("rsitr.data.run_rows", ["torch", "transformers", "timm"]),
         # the training and evaluation pipelines' tokenizing actors: tokenizers, not the image or text models
