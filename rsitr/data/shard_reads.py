@@ -84,8 +84,8 @@ def read_shard_slices(
     num_cpus: float,
     block_bytes: int | None = None,
 ) -> ray.data.Dataset:
-    """The shards at ``uris`` (local paths or ``s3://``) as :class:`ShardSlices` reads them, ``tasks`` reads at a
-    time. The ``path`` column of each row is the shard's path as the reads saw it (its file name is the shard's).
+    """The shards at ``uris`` (local paths or ``s3://``) as :class:`ShardSlices` reads them, at most ``tasks`` reads
+    at a time. The ``path`` column of each row is the shard's path as the reads saw it (its file name is the shard's).
 
     ``block_bytes``: cut a read's output into blocks once they hold more than this (Ray Data's default, 128 MB,
     otherwise joins a shard's slices into one block, which one consumer then takes alone).
@@ -100,7 +100,7 @@ def read_shard_slices(
         return ray.data.read_datasource(
             source,
             num_cpus=num_cpus,
-            compute=ray.data.TaskPoolStrategy(size=tasks),
+            compute=ray.data.TaskPoolStrategy(size=max(1, min(tasks, len(uris)))),
             override_num_blocks=len(uris),  # else Ray splits each read's blocks to reach its default parallelism
         )
     finally:
