@@ -149,10 +149,10 @@ class FrozenPrefix:
         )
         if self.pooled_text:
             # nothing above the cache reads tokens: one "token", the pooled vector (its mean pool is itself)
-            prefix = self.model.text.frozen_pooled(tokens["input_ids"], tokens["attention_mask"]).unsqueeze(1)
+            prefix = self.model.text_tower().frozen_pooled(tokens["input_ids"], tokens["attention_mask"]).unsqueeze(1)
             lengths = [1] * len(distinct)
         else:
-            prefix = self.model.text.frozen_prefix(tokens["input_ids"], tokens["attention_mask"])
+            prefix = self.model.text_tower().frozen_prefix(tokens["input_ids"], tokens["attention_mask"])
             lengths = tokens["attention_mask"].sum(1).tolist()
         states = prefix.half().numpy()
         return {text: state[:length].tobytes() for text, state, length in zip(distinct, states, lengths, strict=True)}
@@ -173,7 +173,7 @@ class FrozenPrefix:
         captions: list[list[bytes]] = [[] for _ in range(batch.num_rows)]
         for owner, text in zip(owners, flat, strict=True):
             captions[owner].append(states[text])
-        width = self.model.text.width
+        width = self.model.text_tower().width
         maps = feature_map.half().numpy()
         return pa.table(
             {

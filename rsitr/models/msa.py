@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -12,7 +13,12 @@ from torch import nn
 from rsitr.config import TEST_VIEW_COUNTS, ModelConfig
 from rsitr.models.backbone import build_backbone
 from rsitr.models.mscmat import MSCMAT
-from rsitr.models.text import JoinedTextEncoder, build_text_encoder
+from rsitr.models.naming import JOIN
+
+if TYPE_CHECKING:
+    from rsitr.models.text import JoinedTextEncoder, TextEncoder
+
+WITHOUT_TEXT = "this model was built without its text side (image embedding only): it cannot embed captions"
 
 
 class GatedFusion(nn.Module):
@@ -48,7 +54,7 @@ class HeadOutputs:
 
     scale_proj: nn.ModuleList
     fusion: nn.Module
-    text_proj: nn.Module
+    text_proj: nn.Module | None  # None in a model built without its text side
     log_temperature: nn.Parameter | None
 
     def embed_image(self, scales: list[torch.Tensor]) -> torch.Tensor:
@@ -58,6 +64,8 @@ class HeadOutputs:
 
     def embed_text(self, pooled: torch.Tensor) -> torch.Tensor:
         """Unit-norm e_t from the pooled caption vector."""
+        if self.text_proj is None:
+            raise RuntimeError(WITHOUT_TEXT)
         return F.normalize(self.text_proj(pooled), dim=-1)
 
     def temperature(self) -> torch.Tensor | None:
@@ -66,9 +74,10 @@ class HeadOutputs:
 
 
 def head_modules(
-    config: ModelConfig, channels: list[int], text_width: int
-) -> tuple[nn.ModuleList, nn.Module, nn.Module, nn.Parameter | None]:
-    """One set of heads: W_s per scale, F, the text projection and (``model.learn_temperature``) a temperature.
+    config: ModelConfig, channels: list[int], text_width: int | None
+) -> tuple[nn.ModuleList, nn.Module, nn.Module | None, nn.Parameter | None]:
+    """One set of heads: W_s per scale, F, the text projection (none without a ``text_width``) and
+    (``model.learn_temperature``) a temperature.
 
     gated: W_s map to the joint space and F is MSA's gated map. mlp: W_s map to a hidden width and F = LayerNorm,
     GELU, dropout, Linear — together a two-layer MLP over all scales at once; the text side gets the same MLP.
@@ -83,8 +92,8 @@ def head_modules(
     else:
         raise ValueError(f"model.fusion {config.fusion!r}: expected 'gated' or 'mlp'")
     scale_proj = nn.ModuleList(linear_in(c, width, config.standardize) for c in channels)
-    text_proj: nn.Module = linear_in(text_width, width, config.standardize)
-    if config.fusion == "mlp":
+    text_proj: nn.Module | None = None if text_width is None else linear_in(text_width, width, config.standardize)
+    if text_proj is not None and config.fusion == "mlp":
         text_proj = nn.Sequential(text_proj, mlp_tail(width, config.embed_dim, config.head_dropout))
     temperature = nn.Parameter(torch.tensor(math.log(config.initial_temperature))) if config.learn_temperature else None
     return scale_proj, fusion, text_proj, temperature
@@ -93,7 +102,7 @@ def head_modules(
 class Heads(HeadOutputs, nn.Module):
     """A further member of a head ensemble (``model.head_ensemble``)."""
 
-    def __init__(self, config: ModelConfig, channels: list[int], text_width: int) -> None:
+    def __init__(self, config: ModelConfig, channels: list[int], text_width: int | None) -> None:
         super().__init__()
         self.scale_proj, self.fusion, self.text_proj, self.log_temperature = head_modules(config, channels, text_width)
 
@@ -144,7 +153,7 @@ class MSA(HeadOutputs, nn.Module):
 
     use_pairwise_reference: bool = False
 
-    def __init__(self, config: ModelConfig, pretrained: bool | None = None) -> None:
+    def __init__(self, config: ModelConfig, pretrained: bool | None = None, text: bool = True) -> None:
         super().__init__()
         self.config = config
         self.backbone = build_backbone(
@@ -160,12 +169,17 @@ class MSA(HeadOutputs, nn.Module):
             pooling=config.scale_pooling,
             normalization=config.image_normalization,
         )
-        self.text = build_text_encoder(
-            config.text_model,
-            config.text_pooling,
-            config.freeze_text_layers,
-            pretrained=config.text_pretrained if pretrained is None else pretrained,
-        )
+        self.text: TextEncoder | JoinedTextEncoder | None = None
+        if text:  # imported here: a model of the image side alone (tile embedding) never imports transformers
+            from rsitr.models.text import build_text_encoder
+
+            self.text = build_text_encoder(
+                config.text_model,
+                config.text_pooling,
+                config.freeze_text_layers,
+                pretrained=config.text_pretrained if pretrained is None else pretrained,
+            )
+        text_width = None if self.text is None else self.text.width
         if config.test_views not in TEST_VIEW_COUNTS:
             raise ValueError(f"model.test_views {config.test_views}: expected one of {TEST_VIEW_COUNTS}")
         if config.head_ensemble < 1:
@@ -174,14 +188,14 @@ class MSA(HeadOutputs, nn.Module):
             raise ValueError("model.head_ensemble > 1 and model.mscmat do not combine: MSCMAT's terms have one head")
         # the first set of heads lives on MSA itself, under the names every single-head checkpoint uses
         self.scale_proj, self.fusion, self.text_proj, self.log_temperature = head_modules(
-            config, self.backbone.channels, self.text.width
+            config, self.backbone.channels, text_width
         )
         self.extra_heads = nn.ModuleList(
-            Heads(config, self.backbone.channels, self.text.width) for _ in range(config.head_ensemble - 1)
+            Heads(config, self.backbone.channels, text_width) for _ in range(config.head_ensemble - 1)
         )
         self.mscmat: MSCMAT | None = None
-        if config.mscmat:
-            if isinstance(self.text, JoinedTextEncoder):
+        if config.mscmat and self.text is not None:  # MSCMAT scores image-caption pairs: training only
+            if JOIN in config.text_model:
                 raise ValueError("model.mscmat reads one text tower's token states: it needs a single text_model")
             self.mscmat = MSCMAT(
                 self.backbone.channels,
@@ -190,6 +204,16 @@ class MSA(HeadOutputs, nn.Module):
                 heads=config.mscmat_heads,
                 mask_padding=config.mscmat_mask_padding,
             )
+
+    def text_tower(self) -> TextEncoder | JoinedTextEncoder:
+        """The text tower.
+
+        Raises:
+            RuntimeError: the model was built without it (``text=False``).
+        """
+        if self.text is None:
+            raise RuntimeError(WITHOUT_TEXT)
+        return self.text
 
     def _members(self) -> list[HeadOutputs]:
         return [self, *(member for member in self.extra_heads if isinstance(member, Heads))]
@@ -206,7 +230,7 @@ class MSA(HeadOutputs, nn.Module):
 
     def encode_text_from_prefix(self, states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """:meth:`encode_text` from the frozen layers' cached token states."""
-        pooled, _ = self.text.from_prefix(states, attention_mask)
+        pooled, _ = self.text_tower().from_prefix(states, attention_mask)
         return self._project_text(pooled)
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
@@ -219,7 +243,7 @@ class MSA(HeadOutputs, nn.Module):
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Unit-norm caption embeddings."""
-        pooled, _ = self.text(input_ids, attention_mask)
+        pooled, _ = self.text_tower()(input_ids, attention_mask)
         return self._project_text(pooled)
 
     def forward(
@@ -237,9 +261,9 @@ class MSA(HeadOutputs, nn.Module):
         """
         scales = self.backbone(images) if frozen_scales is None else self.backbone.from_prefix(frozen_scales, images)
         if text_states is not None:
-            pooled, tokens = self.text.from_prefix(text_states, attention_mask)
+            pooled, tokens = self.text_tower().from_prefix(text_states, attention_mask)
         elif input_ids is not None:
-            pooled, tokens = self.text(input_ids, attention_mask)
+            pooled, tokens = self.text_tower()(input_ids, attention_mask)
         else:
             raise ValueError("forward needs input_ids or text_states")
         members = [(head.embed_image(scales), head.embed_text(pooled), head.temperature()) for head in self._members()]
@@ -251,6 +275,7 @@ class MSA(HeadOutputs, nn.Module):
         return MSAOutput(image, text, scales, scores, members[0][2], members)
 
 
-def build_model(config: ModelConfig, pretrained: bool | None = None) -> MSA:
-    """The model a config describes; ``pretrained=False`` skips loading weights (for a checkpoint load)."""
-    return MSA(config, pretrained=pretrained)
+def build_model(config: ModelConfig, pretrained: bool | None = None, text: bool = True) -> MSA:
+    """The model a config describes; ``pretrained=False`` skips loading weights (for a checkpoint load);
+    ``text=False`` builds the image side alone (backbone and image heads: what embedding tiles needs)."""
+    return MSA(config, pretrained=pretrained, text=text)

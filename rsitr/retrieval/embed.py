@@ -26,13 +26,13 @@ import ray.data
 import torch
 
 from rsitr.config import checked_test_views
-from rsitr.data.preprocess import caption_rows, decode_with_paths, tokenize
+from rsitr.data.preprocess import caption_rows, decode_with_paths
 from rsitr.data.shard_reads import read_shard_slices
 from rsitr.data.streams import DATA_TASK_CPUS
 from rsitr.io import shards, storage
-from rsitr.models.msa import MSA
+from rsitr.retrieval.embedders import CaptionEmbedder, ImageEmbedder
 from rsitr.retrieval.index import CAPTIONS_FILE, EMBEDDINGS_FILE
-from rsitr.runtime.precision import checked, inference, unit_float32, use_bf16
+from rsitr.runtime.precision import checked
 from rsitr.runtime.raysession import init_ray
 from rsitr.train import checkpoint as ckpt
 
@@ -41,45 +41,6 @@ PARTS_DIR = "_parts"
 # schema metadata naming the ingested dataset the embeddings came from (result sheets read thumbnails there)
 PROVENANCE_KEY = b"rsitr"
 META_COLUMNS = ["image_id", "geometry", "acquired_at", "source_uri", "window", "split"]
-
-
-def _load_model(checkpoint: str, test_views: int | None = None) -> tuple[MSA, Any, torch.device]:
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.set_num_threads(1)  # one actor per core: threads inside an actor would only contend
-    model, config, _ = ckpt.load_checkpoint(checkpoint, map_location=device, test_views=test_views)
-    return model, config, device
-
-
-class ImageEmbedder:
-    """Holds one model per actor; turns decoded image batches into embeddings."""
-
-    def __init__(self, checkpoint: str, precision: str = "auto", test_views: int | None = None) -> None:
-        self.model, _, self.device = _load_model(checkpoint, test_views)
-        self.bf16 = use_bf16(precision, self.device)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        with inference(self.bf16):
-            vectors = self.model.encode_image(torch.as_tensor(batch["image"]).to(self.device))
-        return {"key": batch["image_id"], "path": batch["path"], "embedding": unit_float32(vectors).cpu().numpy()}
-
-
-class CaptionEmbedder:
-    """Holds one model per actor; tokenizes and embeds caption batches."""
-
-    def __init__(self, checkpoint: str, precision: str = "auto") -> None:
-        self.model, self.config, self.device = _load_model(checkpoint)
-        self.bf16 = use_bf16(precision, self.device)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        tokens = tokenize(
-            [str(c) for c in batch["caption"]], self.config.model.text_model, self.config.model.max_tokens
-        )
-        with inference(self.bf16):
-            vectors = self.model.encode_text(
-                torch.as_tensor(tokens["input_ids"]).to(self.device),
-                torch.as_tensor(tokens["attention_mask"]).to(self.device),
-            )
-        return {"key": batch["caption_id"], "path": batch["path"], "embedding": unit_float32(vectors).cpu().numpy()}
 
 
 def default_actors() -> int:

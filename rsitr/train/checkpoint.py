@@ -131,15 +131,16 @@ def read_meta(uri: str) -> CheckpointMeta:
 
 
 def load_checkpoint(
-    uri: str, map_location: str | torch.device = "cpu", test_views: int | None = None
+    uri: str, map_location: str | torch.device = "cpu", test_views: int | None = None, text: bool = True
 ) -> tuple[MSA, Config, dict[str, Any]]:
     """Model (eval mode), config and state (epoch, metrics, model_version) of a checkpoint or run folder;
-    ``test_views`` replaces the checkpoint's ``model.test_views`` (an inference setting: the weights are the same).
+    ``test_views`` replaces the checkpoint's ``model.test_views`` (an inference setting: the weights are the same);
+    ``text=False`` loads the image side alone (:func:`rsitr.models.msa.build_model`), reading only its weights.
 
     Raises:
         CheckpointError: missing files or weights that do not fit the configured architecture.
     """
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
     from rsitr.models.msa import build_model
 
@@ -152,9 +153,13 @@ def load_checkpoint(
         if test_views is not None:
             config.model.test_views = test_views
         state = json.loads((folder / STATE).read_text())
-        model = build_model(config.model, pretrained=False)
+        model = build_model(config.model, pretrained=False, text=text)
         try:
-            model.load_state_dict(load_file(str(folder / WEIGHTS)), strict=True)
+            with safe_open(str(folder / WEIGHTS), framework="pt") as weights:
+                stored = set(weights.keys())
+                # a whole model's checkpoint holds more than an image side needs; a key it lacks fails below
+                wanted = stored if text else stored & set(model.state_dict())
+                model.load_state_dict({key: weights.get_tensor(key) for key in wanted}, strict=True)
         except RuntimeError as err:
             raise CheckpointError(f"checkpoint {uri}: weights do not fit the config ({err})") from err
     model.to(map_location).eval()

@@ -15,6 +15,8 @@ import pytest
         ("rsitr.data.cached_rows", ["torch", "transformers", "timm"]),
         # the embedding's read tasks, which decode too
         ("rsitr.data.shard_reads", ["torch", "transformers", "timm"]),
+        # the embedding actors: the image side alone needs neither the tokenizers nor Ray Data's pipelines
+        ("rsitr.retrieval.embedders", ["transformers", "timm", "rsitr.data.streams"]),
         # the frozen-prefix cache's read tasks (a whole run's epochs)
         ("rsitr.data.run_rows", ["torch", "transformers", "timm"]),
         # the training and evaluation pipelines' tokenizing actors: tokenizers, not the image or text models

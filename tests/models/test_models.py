@@ -1,4 +1,6 @@
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -236,6 +238,28 @@ def test_checkpoint_round_trip_is_bit_exact(tmp_path: Path) -> None:
     for name, tensor in loaded.state_dict().items():
         assert torch.equal(tensor, original[name]), name
     assert set(load_file(str(tmp_path / WEIGHTS))) == set(original)
+
+
+def test_the_image_side_loads_alone_embeds_the_same_and_refuses_captions(tmp_path: Path) -> None:
+    config = load_config("demo", ["model.head_ensemble=2", "model.fusion=mlp"])
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path, build_model(config.model), None, config, epoch=0, metrics={})
+    whole, _, _ = load_checkpoint(str(tmp_path))
+    image_side, _, _ = load_checkpoint(str(tmp_path), text=False)
+    assert image_side.text is None and image_side.mscmat is None
+    assert set(image_side.state_dict()) < set(whole.state_dict())
+    assert not any(name.startswith(("text.", "text_proj.")) for name in image_side.state_dict())
+    images, ids, mask = _batch()
+    with torch.no_grad():
+        assert torch.equal(image_side.encode_image(images), whole.encode_image(images))
+        with pytest.raises(RuntimeError, match="built without its text side"):
+            image_side.encode_text(ids, mask)
+    # the embedding actors' imports: the image side of a checkpoint never loads transformers
+    probe = (
+        "import sys; from rsitr.retrieval.embedders import ImageEmbedder; "
+        f"ImageEmbedder({str(tmp_path)!r}, 'float32'); print('transformers' in sys.modules)"
+    )
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout == "False\n"
 
 
 def test_cpu_default_fuses_every_lite0_block_and_the_head_with_the_image_tower_frozen() -> None:

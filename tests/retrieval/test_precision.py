@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from rsitr.retrieval.embed import ImageEmbedder
+from rsitr.retrieval.embedders import ImageEmbedder
 from rsitr.runtime.precision import inference, use_bf16, with_text_weights_in_bf16
 
 
