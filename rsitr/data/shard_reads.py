@@ -2,10 +2,10 @@
 tiles, caption rows), a slice of rows at a time.
 
 Ray 2.60's ``read_parquet`` lists the files in a task and reads their footers in an actor before the first read,
-then hands each block to a separate map stage. Embedding 2,048 tiles on 2 cores, those were three more processes
-starting beside the embedding actors: the first embeddings came after 13.6-14.0 s, and 11.2-12.6 s with the decode
-in the read task (``benchmarks/README.md``). A shard's rows and how many there are are known from the manifest, so
-nothing needs listing.
+then hands each block to a separate map stage. Embedding 2,048 tiles on 2 cores, those were more processes starting
+beside the embedding actors: with the decode in the read task the first embeddings came after 12.0-13.0 s instead of
+13.9-15.0 s, and the whole embedding took 38.7-40.7 s instead of 41.0-43.7 s (four runs each, alternating). A
+shard's files are named by the manifest, so nothing needs listing.
 
 numpy and pyarrow only in what the read tasks run, as in :mod:`rsitr.data.cached_rows`.
 """
