@@ -173,4 +173,12 @@ def read_run(
     source = RunOfEpochs(files, columns, split, epochs, seed, order, filesystem)
     # One read at a time: each is a few files (~0.2 s of a ~2 s epoch here). Unbounded, Ray Data began 11 at once
     # in new processes on 2 cores, and the first batch came 11 s after the stream started.
-    return ray.data.read_datasource(source, num_cpus=num_cpus, compute=ray.data.TaskPoolStrategy(size=1))
+    reads = source.epochs * -(-len(files) // FILES_PER_READ)
+    return ray.data.read_datasource(
+        source,
+        num_cpus=num_cpus,
+        compute=ray.data.TaskPoolStrategy(size=1),
+        # else Ray Data cuts each read's block into pieces to reach its default parallelism: 10-11 pieces each
+        # in the demo's run, ~1 MB blocks each passing on through every later stage
+        override_num_blocks=reads,
+    )
