@@ -28,25 +28,32 @@ from rsitr.io import storage
 SliceTransform = Callable[[pa.Table], dict[str, Any]]
 
 
+def _record_batches(path: str, filesystem: Any, columns: Sequence[str], rows: int) -> Iterator[pa.RecordBatch]:
+    """One Parquet file's ``columns``, ``rows`` rows at a time.
+
+    Raises:
+        ValueError: the file cannot be read, or lacks a column (named, with the reason).
+    """
+    try:
+        yield from pq.ParquetFile(path, filesystem=filesystem).iter_batches(batch_size=rows, columns=columns)
+    except (OSError, pa.ArrowException) as err:  # the task's error names no file otherwise
+        raise ValueError(f"{path}: not a readable Parquet file with columns {list(columns)} ({err})") from err
+
+
 def read_slices(
     path: str, filesystem: Any, columns: Sequence[str], transform: SliceTransform, slice_rows: int
 ) -> Iterator[Block]:
     """``transform`` of each ``slice_rows`` rows of one Parquet file, in order, each slice with a ``path`` column.
 
     Raises:
-        ValueError: the file cannot be read, or lacks a column (named, with the reason).
+        ValueError: the file cannot be read, or lacks a column (named, with the reason). A transform's own errors
+            (a tile that does not decode) pass through as they are.
 
     ``filesystem``: a pyarrow filesystem, or None for local paths (as :func:`storage.arrow_filesystem` gives it).
     """
-    try:
-        batches = pq.ParquetFile(path, filesystem=filesystem).iter_batches(batch_size=slice_rows, columns=columns)
-        for batch in batches:
-            rows = pa.Table.from_batches([batch])
-            yield BlockAccessor.batch_to_block(
-                transform(rows.append_column("path", pa.array([path] * rows.num_rows, pa.string())))
-            )
-    except (OSError, pa.ArrowException) as err:  # the task's error names no file otherwise
-        raise ValueError(f"{path}: not a readable Parquet file with columns {list(columns)} ({err})") from err
+    for batch in _record_batches(path, filesystem, columns, slice_rows):
+        rows = pa.Table.from_batches([batch])
+        yield BlockAccessor.batch_to_block(transform(rows.append_column("path", pa.array([path] * rows.num_rows))))
 
 
 class ShardSlices(Datasource):

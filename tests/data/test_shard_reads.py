@@ -1,13 +1,14 @@
 """Shards read and transformed a slice at a time in Ray Data's read tasks (rsitr.data.shard_reads), on real Parquet
 files and a real local Ray."""
 
+import functools
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from rsitr.data.preprocess import caption_rows
+from rsitr.data.preprocess import caption_rows, decode_with_paths
 from rsitr.data.shard_reads import read_shard_slices
 
 
@@ -56,3 +57,11 @@ def test_an_unreadable_shard_is_named_with_the_reason(ray_local: None, tmp_path:
     )
     with pytest.raises(Exception, match=r"gone\.parquet: not a readable Parquet file"):
         missing.take_all()
+
+
+def test_a_tile_that_does_not_decode_is_not_blamed_on_the_shard(ray_local: None, tmp_path: Path) -> None:
+    uris = write_shards(tmp_path / "shards", shards=1, rows=4)  # their "image" bytes are no image
+    ds = read_shard_slices(uris, ["image_id", "image"], functools.partial(decode_with_paths, image_size=8), 4, 1, 0.25)
+    with pytest.raises(Exception, match="cannot identify image file") as raised:
+        ds.take_all()
+    assert "not a readable Parquet file" not in str(raised.value)
