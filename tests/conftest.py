@@ -114,3 +114,14 @@ def untrained_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("ckpt") / "checkpoint"
     save_checkpoint(folder, build_model(config.model), None, config, epoch=0, metrics={})
     return folder
+
+
+@pytest.fixture(scope="session")
+def demo_index_folder(
+    ray_local: None, demo_shards: Path, untrained_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """A real index of the demo shards, tiles and captions, by the untrained checkpoint: built once and shared, so a
+    test must not change it (copy it first)."""
+    from generators.data import demo_index
+
+    return demo_index(tmp_path_factory.mktemp("demo-index"), demo_shards, untrained_checkpoint)

@@ -48,7 +48,7 @@ def own_s3(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[SeaweedS
         fs.mkdir(path)
         yield server
     finally:
-        server.stop()
+        server.stop(kill=True)  # its data is thrown away
 
 
 def _corpus(root: Path, images: int) -> tuple[Path, Path]:
@@ -75,8 +75,9 @@ def test_ingest_to_s3_survives_the_server_stopping_mid_write(
     def write_while_the_server_dies(uri: str, data: bytes) -> None:
         if "/shards/" in uri:
             shard_writes.append(uri)
-            if len(shard_writes) == 2:  # the server is stopped while the second shard uploads
-                threading.Thread(target=own_s3.stop).start()
+            if len(shard_writes) == 2:  # the server dies while the second shard uploads (weed would serve on for
+                # 5-15 s after a SIGTERM, so it is killed)
+                threading.Thread(target=own_s3.stop, kwargs={"kill": True}).start()
         real_write(uri, data)
 
     monkeypatch.setattr(storage, "write_bytes_atomic", write_while_the_server_dies)
@@ -132,7 +133,7 @@ def test_an_index_commit_cut_off_by_the_server_keeps_the_previous_version(
             self.db = real_connect(uri)
 
         def create_table(self, *args: object, **kwargs: object) -> object:
-            own_s3.stop()  # the new version's data is read and checked; the server goes before LanceDB commits it
+            own_s3.stop(kill=True)  # the new version's data is read and checked; the server dies before LanceDB commits
             return self.db.create_table(*args, **kwargs)
 
     monkeypatch.setattr(index, "connect", DiesDuringTheCommit)

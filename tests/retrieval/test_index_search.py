@@ -9,7 +9,6 @@ import pytest
 import shapely
 import torch
 from contracts_doc import documented
-from generators.data import demo_index
 
 from rsitr.cli import main as cli_main
 from rsitr.config import load_config
@@ -29,8 +28,8 @@ PROJECT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def built_index(ray_local: None, demo_shards: Path, untrained_checkpoint: Path, tmp_path_factory) -> Path:
-    return demo_index(tmp_path_factory.mktemp("index"), demo_shards, untrained_checkpoint)
+def built_index(demo_index_folder: Path) -> Path:
+    return demo_index_folder  # shared with other modules: these tests only read it
 
 
 def test_embeddings_are_geoparquet_with_one_row_per_tile(built_index: Path) -> None:

@@ -18,7 +18,6 @@ from typing import Any
 
 import httpx
 import pytest
-from generators.data import demo_index
 from PIL import Image
 
 from rsitr.cli import main as cli_main
@@ -45,8 +44,9 @@ def _wait_until(predicate: Any, timeout: float, what: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def served_index(ray_local: None, demo_shards: Path, untrained_checkpoint: Path, tmp_path_factory) -> Path:
-    return demo_index(tmp_path_factory.mktemp("served-index"), demo_shards, untrained_checkpoint)
+def served_index(demo_index_folder: Path, tmp_path_factory) -> Path:
+    # a copy: a test here publishes a new version of it
+    return Path(shutil.copytree(demo_index_folder, tmp_path_factory.mktemp("served") / "index"))
 
 
 @pytest.fixture(scope="module")
