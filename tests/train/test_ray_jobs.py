@@ -1,12 +1,15 @@
-"""The training entry point as a Ray job on a real local head: `ray job submit`, and a flow run cancelled through
-Prefect stops its job."""
+"""The training entry point as a Ray job on a real local cluster of two raylets: `ray job submit` trains across
+both, and a flow run cancelled through Prefect stops its job."""
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 import textwrap
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +17,8 @@ from typing import Any
 import pytest
 from ray.job_submission import JobStatus, JobSubmissionClient
 
-from pipelines.raycluster import _ray_executable, local_ray_head, stop_process_group
+from pipelines.raycluster import _ray_executable, free_port, local_ray_head, stop_process_group
+from rsitr.runtime.raysession import local_ray_environment
 from rsitr.train.checkpoint import RESULT
 
 PROJECT = Path(__file__).resolve().parents[2]
@@ -22,9 +26,29 @@ PROJECT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A Ray head with its job server on 127.0.0.1 (its dashboard URL)."""
-    with local_ray_head(num_cpus=4, log=tmp_path_factory.mktemp("ray-head") / "head.log") as url:
-        yield url
+    """A Ray head with its job server on 127.0.0.1 (its dashboard URL), and a second raylet joined to it, as a node
+    of a cluster would join: two nodes on one machine."""
+    logs, gcs_port = tmp_path_factory.mktemp("ray-head"), free_port()
+    with local_ray_head(num_cpus=4, gcs_port=gcs_port, log=logs / "head.log") as url:
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        env.update(local_ray_environment(), RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
+        command = [
+            _ray_executable(), "start", f"--address=127.0.0.1:{gcs_port}", "--block", "--num-cpus=2",
+            "--disable-usage-stats", "--metrics-export-port=0", "--runtime-env-agent-port=0",
+            f"--dashboard-agent-listen-port={free_port()}",
+        ]  # fmt: skip
+        with (logs / "node.log").open("wb") as log:
+            node = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            _wait("the second raylet to join", lambda: node.poll() is None and _alive_nodes(url) == 2, 120)
+            yield url
+        finally:
+            stop_process_group(node, signal.SIGINT)
+
+
+def _alive_nodes(url: str) -> int:
+    with urllib.request.urlopen(f"{url}/api/v0/nodes?detail=false", timeout=30) as answer:
+        return sum(node["state"] == "ALIVE" for node in json.load(answer)["data"]["result"]["result"])
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -42,12 +66,13 @@ def _wait(what: str, check: Callable[[], Any], timeout: float) -> Any:
     raise TimeoutError(f"{what} within {timeout:.0f} s")
 
 
-def test_ray_job_submit_runs_the_training_entry_point(ray_head: str, demo_shards: Path, tmp_path: Path) -> None:
+def test_ray_job_submit_trains_across_two_raylets(ray_head: str, demo_shards: Path, tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     command = [
         _ray_executable(), "job", "submit", "--address", ray_head, "--submission-id", "submitted-demo", "--",
         "python", "-m", "rsitr.train", "--config", "demo", "--data", str(demo_shards), "--storage", str(runs),
         "--name", "submitted", "--epochs", "1", "--no-test",
+        "train.num_workers=2", "train.cpus_per_worker=1", "train.placement_strategy=SPREAD",
     ]  # fmt: skip
     run = subprocess.run(command, capture_output=True, text=True, cwd=PROJECT, env=_env(), timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
@@ -55,6 +80,8 @@ def test_ray_job_submit_runs_the_training_entry_point(ray_head: str, demo_shards
     result = json.loads((runs / "submitted" / RESULT).read_text())
     assert len(result["history"]) == 1 and result["test"] is None  # --no-test reached the entry point
     assert '"best_checkpoint"' in run.stdout  # the job's own output came back through `ray job submit`
+    placed = set(re.findall(r"train worker \d/2 on node (\w+)", run.stdout + run.stderr))
+    assert len(placed) == 2, placed  # one DDP worker on each raylet
 
 
 SERVE = textwrap.dedent(
