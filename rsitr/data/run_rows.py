@@ -28,7 +28,7 @@ from ray.data._internal.execution.execution_callback import ExecutionCallback
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from rsitr.io import storage
+from rsitr.io import shards, storage
 
 # Files read and permuted together. Each cache file is a random sample of its dataset, so this only varies which
 # rows share a batch from one epoch to the next: 4 files of ~2-4 MB (the cache's block size) make ~8-16 MB blocks.
@@ -62,10 +62,9 @@ def read_permuted(
     """
     tables = []
     for path in paths:
-        try:
-            table = pq.read_table(path, filesystem=filesystem, columns=sorted({*columns, "split"}))
-        except (OSError, pa.ArrowException) as err:  # the task's error names no file otherwise
-            raise ValueError(f"{path}: not a readable Parquet file with columns {columns} and split ({err})") from err
+        read = sorted({*columns, "split"})
+        with shards.parquet_read_named(path, read):
+            table = pq.read_table(path, filesystem=filesystem, columns=read)
         tables.append(table.filter(pc.equal(table["split"], split)).select(columns))
     rows = pa.concat_tables(tables)
     if seed is not None:
@@ -106,6 +105,10 @@ class RunOfEpochs(Datasource):
         if self.order == "none":
             return names
         return [names[i] for i in np.random.default_rng([self.seed, epoch]).permutation(len(names))]
+
+    def read_count(self) -> int:
+        """How many read tasks :meth:`get_read_tasks` makes: one per :data:`FILES_PER_READ` files per epoch."""
+        return self.epochs * -(-len(self.files) // FILES_PER_READ)
 
     def get_read_tasks(
         self, parallelism: int, per_task_row_limit: int | None = None, data_context: Any = None
@@ -173,12 +176,11 @@ def read_run(
     source = RunOfEpochs(files, columns, split, epochs, seed, order, filesystem)
     # One read at a time: each is a few files (~0.2 s of a ~2 s epoch here). Unbounded, Ray Data began 11 at once
     # in new processes on 2 cores, and the first batch came 11 s after the stream started.
-    reads = source.epochs * -(-len(files) // FILES_PER_READ)
     return ray.data.read_datasource(
         source,
         num_cpus=num_cpus,
         compute=ray.data.TaskPoolStrategy(size=1),
         # else Ray Data cuts each read's block into pieces to reach its default parallelism: 10-11 pieces each
         # in the demo's run, ~1 MB blocks each passing on through every later stage
-        override_num_blocks=reads,
+        override_num_blocks=source.read_count(),
     )

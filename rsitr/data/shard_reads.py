@@ -22,7 +22,7 @@ import ray.data
 from ray.data.block import Block, BlockAccessor, BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from rsitr.io import storage
+from rsitr.io import shards, storage
 
 # what a slice of a shard's rows (with a ``path`` column naming the shard) becomes: one block of the dataset
 SliceTransform = Callable[[pa.Table], dict[str, Any]]
@@ -34,10 +34,8 @@ def _record_batches(path: str, filesystem: Any, columns: Sequence[str], rows: in
     Raises:
         ValueError: the file cannot be read, or lacks a column (named, with the reason).
     """
-    try:
+    with shards.parquet_read_named(path, columns):
         yield from pq.ParquetFile(path, filesystem=filesystem).iter_batches(batch_size=rows, columns=columns)
-    except (OSError, pa.ArrowException) as err:  # the task's error names no file otherwise
-        raise ValueError(f"{path}: not a readable Parquet file with columns {list(columns)} ({err})") from err
 
 
 def read_slices(

@@ -4,7 +4,8 @@
 import hashlib
 import io
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, NotRequired, TypedDict, cast
 
 import pyarrow as pa
@@ -197,3 +198,17 @@ def iter_rows(root: str, columns: list[str] | None = None, split: str | None = N
                 for row in batch.to_pylist():
                     if split is None or row.get("split") == split:
                         yield row
+
+
+@contextmanager
+def parquet_read_named(path: str, columns: Sequence[str]) -> Iterator[None]:
+    """Reading ``columns`` of the Parquet file at ``path`` inside: a file that cannot be read, or lacks a column,
+    fails naming the file, the columns and the reason (a Ray read task's error names no file otherwise).
+
+    Raises:
+        ValueError: as above, from the read's ``OSError`` or Arrow error.
+    """
+    try:
+        yield
+    except (OSError, pa.ArrowException) as err:
+        raise ValueError(f"{path}: not a readable Parquet file with columns {list(columns)} ({err})") from err

@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from rsitr.data.run_rows import RunOfEpochs, pausing_while_held_back, read_run
+from rsitr.data.run_rows import FILES_PER_READ, RunOfEpochs, pausing_while_held_back, read_run
 
 
 def write_files(folder: Path, files: int, rows: int, payload: int = 0) -> list[int]:
@@ -44,6 +44,9 @@ def test_file_orders_are_seeded_and_unknown_orders_refused() -> None:
     one, again = (RunOfEpochs(files, ["id"], "train", epochs=2, seed=3) for _ in range(2))
     assert one.epoch_order(1) == again.epoch_order(1) != one.epoch_order(0)
     assert RunOfEpochs(files, ["id"], "train", epochs=2, seed=3, order="none").epoch_order(1) == sorted(files)
+    for count in (1, FILES_PER_READ, FILES_PER_READ + 1, 12):  # read_run asks Ray Data for one block per read
+        run = RunOfEpochs(dict(list(files.items())[:count]), ["id"], "train", epochs=3, seed=3)
+        assert run.read_count() == len(run.get_read_tasks(1)) == 3 * -(-count // FILES_PER_READ)
     with pytest.raises(ValueError, match="train.shuffle 'random'"):
         RunOfEpochs(files, ["id"], "train", epochs=2, seed=3, order="random")
     with pytest.raises(FileNotFoundError, match="no Parquet files"):

@@ -246,7 +246,7 @@ def test_the_image_side_loads_alone_embeds_the_same_and_refuses_captions(tmp_pat
     save_checkpoint(tmp_path, build_model(config.model), None, config, epoch=0, metrics={})
     whole, _, _ = load_checkpoint(str(tmp_path))
     image_side, _, _ = load_checkpoint(str(tmp_path), text=False)
-    assert image_side.text is None and image_side.mscmat is None
+    assert image_side.text is None
     assert set(image_side.state_dict()) < set(whole.state_dict())
     assert not any(name.startswith(("text.", "text_proj.")) for name in image_side.state_dict())
     images, ids, mask = _batch()
@@ -254,6 +254,13 @@ def test_the_image_side_loads_alone_embeds_the_same_and_refuses_captions(tmp_pat
         assert torch.equal(image_side.encode_image(images), whole.encode_image(images))
         with pytest.raises(RuntimeError, match="built without its text side"):
             image_side.encode_text(ids, mask)
+    # MSCMAT (a head ensemble has none) reads captions: the image side leaves it out too
+    with_mscmat = load_config("demo", ["model.mscmat=true", "model.fusion=mlp"])
+    save_checkpoint(tmp_path / "mscmat", build_model(with_mscmat.model), None, with_mscmat, epoch=0, metrics={})
+    assert load_checkpoint(str(tmp_path / "mscmat"))[0].mscmat is not None
+    image_side_of_mscmat, _, _ = load_checkpoint(str(tmp_path / "mscmat"), text=False)
+    assert image_side_of_mscmat.mscmat is None
+    assert not any(name.startswith("mscmat.") for name in image_side_of_mscmat.state_dict())
     # the embedding actors' imports: the image side of a checkpoint never loads transformers
     probe = (
         "import sys; from rsitr.retrieval.embedders import ImageEmbedder; "
