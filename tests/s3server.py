@@ -88,7 +88,7 @@ class SeaweedServer:
             # the gateway's side listeners default to fixed ports (Iceberg 8181, Lance 9101) a busy machine may hold
             "-s3.port.iceberg=0", "-s3.port.lance=0", f"-s3.config={config}",
             # one master elects itself: a restart after a kill waits 1 s for that, not the default 10 s; a stopping
-            # volume server has no peers to drain to, so it stops at once instead of after 10 s of goodbyes
+            # volume server has no peers to drain to, so it does not wait its default 10 s before shutting down
             "-master.electionTimeout=1s", "-volume.preStopSeconds=0",
         ]  # fmt: skip
         self.process: subprocess.Popen[bytes] | None = None

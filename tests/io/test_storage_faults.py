@@ -210,7 +210,10 @@ def test_a_run_cut_off_while_checkpointing_to_s3_fails_clearly_and_a_rerun_resum
 
 
 def _checkpoint_folders(fs: Any, run_path: str) -> list[str]:
-    return sorted({p.split("/checkpoint_")[1].split("/")[0] for p in _checkpoint_objects(fs, run_path)})
+    """The run's ``checkpoint_<time>/`` folders with anything in them, their marker included (Ray Train's
+    ``checkpoint_manager_snapshot.json`` beside them is a file, not a checkpoint)."""
+    inside = (p.split("/checkpoint_", 1)[1] for p in _checkpoint_objects(fs, run_path))
+    return sorted({rest.split("/")[0] for rest in inside if "/" in rest})
 
 
 def _checkpoint_objects(fs: Any, run_path: str) -> list[str]:
