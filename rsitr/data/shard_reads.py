@@ -51,7 +51,8 @@ def read_slices(
     """
     for batch in _record_batches(path, filesystem, columns, slice_rows):
         rows = pa.Table.from_batches([batch])
-        yield BlockAccessor.batch_to_block(transform(rows.append_column("path", pa.array([path] * rows.num_rows))))
+        paths = pa.array([path] * rows.num_rows, pa.string())  # typed even for a slice of no rows
+        yield BlockAccessor.batch_to_block(transform(rows.append_column("path", paths)))
 
 
 class ShardSlices(Datasource):
