@@ -38,8 +38,9 @@ test-quick: $(STAMP)
 	$(PY) -m pytest -q -ra -m "not slow"
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check rsitr pipelines tests benchmarks
-	$(VENV)/bin/ruff format --check -q rsitr pipelines tests benchmarks
+	$(VENV)/bin/ruff check rsitr pipelines tests benchmarks experiments
+	$(VENV)/bin/ruff format --check -q rsitr pipelines tests benchmarks experiments
+	$(VENV)/bin/lint-imports
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy

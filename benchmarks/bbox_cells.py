@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,9 +29,8 @@ import lancedb
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from index import RSICD, real_shaped, tiles_table  # noqa: E402  (benchmarks/index.py: the same rows)
-
+from benchmarks.common import RESULTS, RSICD, require
+from benchmarks.index import real_shaped, tiles_table  # the same rows as the index benchmark
 from rsitr.config import load_config  # noqa: E402
 from rsitr.data.preprocess import decode_image  # noqa: E402
 from rsitr.models.msa import build_model  # noqa: E402
@@ -40,7 +38,6 @@ from rsitr.retrieval.index import ANN, CELL_COLUMN, add_cell_index, add_vector_i
 from rsitr.retrieval.query import CELL_DEGREES, SearchFilter  # noqa: E402
 from rsitr.retrieval.search import nearest  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 BBOX_DEGREES = 20.0
 
 
@@ -64,10 +61,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--queries", type=int, default=400)
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bbox_cells.json"))
+    parser.add_argument("--out", default=str(RESULTS / "bbox_cells.json"))
     args = parser.parse_args()
-    if not (RSICD / "images").is_dir():
-        raise SystemExit(f"RSICD is absent at {RSICD} (see ../shared/data/README.md)")
+    require(RSICD / "images", "RSICD")
     rng = np.random.default_rng(0)
     real = pretrained_vectors(512, rng)
     vectors = real_shaped(real, args.rows, rng)

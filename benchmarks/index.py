@@ -39,10 +39,12 @@ import pyarrow as pa
 import shapely
 import torch
 
+from benchmarks.common import RESULTS, RSICD, require
 from rsitr.config import load_config
 from rsitr.data.preprocess import decode_image, tokenize
 from rsitr.ingest import ingest_corpus
 from rsitr.io.captions import read_corpus
+from rsitr.models import checkpoint as ckpt
 from rsitr.models.msa import build_model
 from rsitr.retrieval.embed import embed_archive
 from rsitr.retrieval.index import (
@@ -58,10 +60,7 @@ from rsitr.retrieval.query import CellGrid
 from rsitr.retrieval.search import SearchFilter, nearest
 from rsitr.runtime.precision import inference, use_bf16
 from rsitr.runtime.raysession import init_ray
-from rsitr.train import checkpoint as ckpt
 
-ROOT = Path(__file__).resolve().parents[1]
-RSICD = ROOT.parent / "shared" / "data" / "rsicd"
 log = logging.getLogger("benchmarks.index")
 # ANN settings compared with --variants (the product's are rsitr.retrieval.index.ANN)
 VARIANTS = {
@@ -225,14 +224,13 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--checkpoint", default=None)
     parser.add_argument("--variants", nargs="+", default=["product"], choices=sorted(VARIANTS))
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "index.json"))
+    parser.add_argument("--out", default=str(RESULTS / "index.json"))
     parser.add_argument("--quick", action="store_true", help="2,048 images, 10⁶ vectors, 100 queries, product only")
     args = parser.parse_args()
     if args.quick:
         args.images, args.sizes, args.queries, args.variants = 2048, [1_000_000], 100, ["product"]
     logging.basicConfig(level=logging.WARNING)
-    if not (RSICD / "images").is_dir():
-        raise SystemExit(f"RSICD is absent at {RSICD} (see ../shared/data/README.md)")
+    require(RSICD / "images", "RSICD")
     rng = np.random.default_rng(0)
     report: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -32,10 +32,10 @@ import numpy as np
 import rasterio
 from PIL import Image
 
+from benchmarks.common import DATA, RESULTS, ROOT
 from rsitr.ingest import IMAGE_SUFFIXES, ingest_corpus, ingest_scenes
 from rsitr.io.geotiff import TileOptions, plan_scene
 
-ROOT = Path(__file__).resolve().parents[1]
 TILE = 256
 SHARD_MB = 16  # several units per run, so two workers have work to share
 
@@ -109,8 +109,8 @@ def peak_memory(spec: str) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "ingest.json"))
+    parser.add_argument("--data", default=str(DATA))
+    parser.add_argument("--out", default=str(RESULTS / "ingest.json"))
     parser.add_argument("--quick", action="store_true", help="the corpus with one worker only")
     args = parser.parse_args()
     data = Path(args.data)

@@ -28,14 +28,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from benchmarks.common import RESULTS, RSICD
 from rsitr.config import Config, load_config
 from rsitr.evaluation.metrics import retrieval_metrics_from_embeddings
 from rsitr.models.msa import build_model
 from rsitr.models.tokenizers import load_tokenizer
-from rsitr.train import make_optimizer
 from rsitr.train.losses import total_loss
+from rsitr.train.optim import make_optimizer
 
-ROOT = Path(__file__).resolve().parents[1]
 PRESETS = {
     "msa-resnet50-bert": ["model.image_pretrained=false", "model.text_pretrained=false"],
     "msa-lite0-minilm-mscmat": [],
@@ -125,8 +125,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=2, help="measured steps per variant (after one warm-up)")
     parser.add_argument("--skip-eval", action="store_true")
-    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "rsicd"))
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "model.json"))
+    parser.add_argument("--data", default=str(RSICD))
+    parser.add_argument("--out", default=str(RESULTS / "model.json"))
     args = parser.parse_args()
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     rows: list[dict[str, Any]] = []

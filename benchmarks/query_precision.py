@@ -20,14 +20,14 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.common import RESULTS, RSICD
 from rsitr.config import DEFAULT_PRESET, load_config
 from rsitr.data.preprocess import tokenize
+from rsitr.models import checkpoint as ckpt
 from rsitr.models.msa import MSA, build_model
 from rsitr.runtime.precision import cpu_has_native_bf16, with_text_weights_in_bf16
-from rsitr.train import checkpoint as ckpt
 
-ROOT = Path(__file__).resolve().parents[1]
-RSICD_CAPTIONS = ROOT.parent / "shared" / "data" / "rsicd" / "captions" / "vt-rsbs_RSICD.csv"
+RSICD_CAPTIONS = RSICD / "captions" / "vt-rsbs_RSICD.csv"
 FALLBACK = ["storage tanks beside a river", "a bridge crosses a wide river", "a harbor with many boats"]
 
 
@@ -51,7 +51,7 @@ def main() -> None:
     parser.add_argument("--checkpoint", default=None, help="a checkpoint or run folder (default: untrained --config)")
     parser.add_argument("--config", default=DEFAULT_PRESET)
     parser.add_argument("--batches", type=int, default=16)
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "query-precision.json"))
+    parser.add_argument("--out", default=str(RESULTS / "query-precision.json"))
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.checkpoint:

@@ -19,9 +19,8 @@ from typing import Any
 
 import torch
 
+from benchmarks.common import RESULTS
 from rsitr.evaluation import rerank
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def pairwise_reverse_ranks(sim: torch.Tensor, k: int, weight: float, chunk: int = 256) -> torch.Tensor:
@@ -59,7 +58,7 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=50)
     parser.add_argument("--weight", type=float, default=2.0)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "rerank_speed.json"))
+    parser.add_argument("--out", default=str(RESULTS / "rerank_speed.json"))
     args = parser.parse_args()
     gen = torch.Generator().manual_seed(0)
     sim = (torch.rand(args.images, args.captions, generator=gen) * 1000).round() / 1000

@@ -15,7 +15,6 @@ import argparse
 import json
 import logging
 import socket
-import sys
 import tempfile
 import threading
 import time
@@ -27,16 +26,14 @@ import lancedb
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from index import tiles_table  # noqa: E402  (benchmarks/index.py: the same synthetic tile rows)
+from benchmarks.common import RESULTS, write_result
+from benchmarks.index import tiles_table  # the same synthetic tile rows as the index benchmark
+from rsitr.config import DEFAULT_PRESET, load_config
+from rsitr.models import checkpoint as ckpt
+from rsitr.models.msa import build_model
+from rsitr.retrieval.index import index_rows, publish
+from rsitr.service import deployment
 
-from rsitr.config import DEFAULT_PRESET, load_config  # noqa: E402
-from rsitr.models.msa import build_model  # noqa: E402
-from rsitr.retrieval.index import index_rows, publish  # noqa: E402
-from rsitr.service import deployment  # noqa: E402
-from rsitr.train import checkpoint as ckpt  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
 QUERIES = [
     "storage tanks beside a river",
     "many buildings and green trees are around a playground",
@@ -184,9 +181,7 @@ def main() -> None:
     print(f"{'clients':>8} {'qps':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}")
     for run in [*report["runs"], {**report["swap"], "clients": f"{report['swap']['clients']}+swap"}]:
         print(f"{run['clients']!s:>8} {run['qps']:8.1f} {run['p50_ms']:8.1f} {run['p99_ms']:8.1f} {run['errors']:7d}")
-    out = Path(args.out or ROOT / "benchmarks" / "results" / f"serve-{args.config}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
+    write_result(args.out or RESULTS / f"serve-{args.config}.json", report)
     eight = next((run for run in report["runs"] if run["clients"] == 8), report["runs"][-1])
     summary = {
         "qps": round(eight["qps"], 1),

@@ -1,15 +1,15 @@
 """Training-loop throughput fed by Ray Data (the product's path) vs by the same batches held in memory (the bound).
 
-One TorchTrainer worker group runs the real training step (:class:`rsitr.train.TrainStep`): ``rounds`` epochs on
+One TorchTrainer worker group runs the real training step (:class:`rsitr.train.step.TrainStep`): ``rounds`` epochs on
 batches held in memory (read by a stream of their own beforehand; half of these epochs run before the streamed ones
 and half after, none beside them) and ``1 + rounds`` epochs back to back, streamed exactly as ``rsitr.train`` streams
-them: from the frozen-prefix cache, one stream for the whole run (:class:`rsitr.train.loop.RunStream`); from shards,
+them: from the frozen-prefix cache, one stream for the whole run (:class:`rsitr.train.feed.RunStream`); from shards,
 one per epoch (read, shuffle, decode, tokenise). Samples/s are over all workers; data wait is the fraction of epoch
 time spent waiting for the next batch. The first streamed epoch carries the stream's start; the later ones show
 whether the stream keeps up. Nothing validates between epochs here, so nothing hides a per-epoch start, and on a
 small machine the stream's work shares the cores with the steps. Prints a table, writes JSON.
 
-Usage: ``python benchmarks/train_throughput.py [--config msa-lite0-minilm] [--data URI] [--rounds 3] [key=value …]``
+Usage: ``python -m benchmarks.train_throughput [--config msa-lite0-minilm] [--data URI] [--rounds 3] [key=value …]``
 (without ``--data``: RSICD as benchmarks/quality.py ingests it, else the generated demo corpus). ``--quick``: the
 generated demo corpus (306 train rows), 6 rounds (a few minutes). The last line printed is one JSON object:
 ``fed_vs_bound`` (the later streamed epochs' samples/s over the bound's), ``data_wait`` (their wait fraction),
@@ -27,28 +27,25 @@ from typing import Any
 
 import ray.train
 import ray.train.torch
-import torch
 from ray.train import DataConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from benchmarks.common import RESULTS, ROOT
 from rsitr.config import Config, load_config
 from rsitr.io import shards, storage
-from rsitr.models.msa import build_model
 from rsitr.runtime.raysession import init_ray
-from rsitr.train import StepLog, TrainStep, make_optimizer, make_scheduler, run_epoch, training_datasets
-from rsitr.train.loop import EpochStream, RunStream
+from rsitr.train.feed import open_train_stream
+from rsitr.train.loop import run_epoch, start_worker
+from rsitr.train.optim import make_optimizer, make_scheduler
+from rsitr.train.step import StepLog, TrainStep
+from rsitr.train.trainer import training_datasets
 
-ROOT = Path(__file__).resolve().parents[1]
-RSICD = ROOT / ".rsitr" / "quality" / "data" / "rsicd"
+INGESTED_RSICD = ROOT / ".rsitr" / "quality" / "data" / "rsicd"  # where benchmarks.quality ingests it
 
 
 def worker_loop(loop_config: dict[str, Any]) -> None:
     config = Config.from_dict(loop_config["config"])
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    torch.set_num_threads(max(1, int(config.train.cpus_per_worker)))
-    device = ray.train.torch.get_device()
-    model = build_model(config.model).to(device)
+    rank, world, device, model = start_worker(config)  # as rsitr.train.loop.train_loop starts a worker
     optimizer = make_optimizer(model, config.train)
     step = TrainStep(model, optimizer, make_scheduler(optimizer, 10**6, 10), config, device)
     board = StepLog(None, rank, 10**9, world)
@@ -63,12 +60,7 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
     bound = [run_epoch(step, in_memory, board, 1 + i, world) for i in range(before)]
     # then the product's stream (rsitr.train.loop), epochs back to back; it is opened only now, so nothing read
     # ahead while the bound ran
-    shard = ray.train.get_dataset_shard("train")
-    stream: EpochStream | RunStream
-    if config.train.cache_frozen:  # as rsitr.train.loop.train_loop streams it
-        stream = RunStream(shard, per_worker, device, len(in_memory))
-    else:
-        stream = EpochStream(shard, per_worker, device)
+    stream = open_train_stream(ray.train.get_dataset_shard("train"), config.train, per_worker, device, len(in_memory))
     fed = []
     for i in range(1 + rounds):
         fed.append(run_epoch(step, stream.epoch(), board, 1 + rounds + i, world))
@@ -82,8 +74,8 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
 
 
 def _default_data(work: Path, demo: bool = False) -> str:
-    if not demo and (RSICD / "manifest.json").is_file():
-        return str(RSICD)
+    if not demo and (INGESTED_RSICD / "manifest.json").is_file():
+        return str(INGESTED_RSICD)
     from rsitr.ingest import ingest_folder
     from rsitr.synthetic import generate_demo_corpus
 
@@ -99,7 +91,7 @@ def main() -> None:
     parser.add_argument("--storage", default=str(ROOT / ".rsitr" / "quality" / "runs"), help="where caches live")
     parser.add_argument("--rounds", type=int, default=3, help="epochs of each kind (one more streamed)")
     parser.add_argument("--max-rows", type=int, default=2048, help="train rows per epoch (0: the whole split)")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "train_throughput.json"))
+    parser.add_argument("--out", default=str(RESULTS / "train_throughput.json"))
     parser.add_argument("--quick", action="store_true", help="the demo corpus (306 train rows), 6 rounds")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()

@@ -120,8 +120,7 @@ def run_deployment(env: dict[str, str], name: str, params: dict[str, object], lo
 
 def report(run_dir: Path, index: Path) -> None:
     """Print the test metrics next to chance, then the top hits of a few queries."""
-    from rsitr.cli import format_metrics
-    from rsitr.evaluation.metrics import chance_metrics
+    from rsitr.evaluation.metrics import chance_metrics, format_metrics
     from rsitr.retrieval.search import Searcher
 
     result = json.loads((run_dir / "result.json").read_text())

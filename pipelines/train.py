@@ -23,7 +23,7 @@ from pipelines.raycluster import local_ray_head
 from rsitr.config import DEFAULT_PRESET, unique_run_name
 from rsitr.evaluation.metrics import METRIC_KEYS
 from rsitr.io import shards, storage
-from rsitr.train.checkpoint import RESULT
+from rsitr.models.checkpoint import RESULT
 
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 

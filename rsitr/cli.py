@@ -8,33 +8,13 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from typing import Any
 
-from rsitr.config import PRECISIONS, TEST_VIEW_COUNTS, ConfigError, build_train_parser
-from rsitr.errors import (
-    CheckpointError,
-    EmbeddingsNotFoundError,
-    IndexBusyError,
-    IndexNotFoundError,
-    IngestError,
-    StorageUnreachableError,
-)
-from rsitr.io.captions import FORMATS, CaptionFormatError
+from rsitr.config import PRECISIONS, TEST_VIEW_COUNTS
+from rsitr.errors import UserError
+from rsitr.io.captions import FORMATS
 from rsitr.io.geotiff import BAND_PRESETS, EDGE_MODES, SCENE_TILE_SIZE, TileOptions
-from rsitr.io.shards import ShardsNotFoundError
-
-# Errors that carry a message meant for the user: printed on one line, exit status 2.
-USER_ERRORS = (
-    ConfigError,
-    IngestError,
-    CaptionFormatError,
-    ShardsNotFoundError,
-    IndexNotFoundError,
-    CheckpointError,
-    IndexBusyError,
-    EmbeddingsNotFoundError,
-    StorageUnreachableError,
-    ValueError,
-)
+from rsitr.train.command import add_train_arguments
 
 
 def _demo_data(args: argparse.Namespace) -> None:
@@ -82,8 +62,8 @@ def _inputs_exist(checkpoint: str | None = None, data: str | None = None, index:
         CheckpointError, ShardsNotFoundError, IndexNotFoundError: naming the path.
     """
     from rsitr.io import shards
+    from rsitr.models.checkpoint import read_meta
     from rsitr.retrieval.query import require_index
-    from rsitr.train.checkpoint import read_meta
 
     if checkpoint is not None:
         read_meta(checkpoint)
@@ -95,7 +75,7 @@ def _inputs_exist(checkpoint: str | None = None, data: str | None = None, index:
 
 def _train(args: argparse.Namespace) -> None:
     _inputs_exist(data=args.data)
-    from rsitr.train import run_from_args
+    from rsitr.train.command import run_from_args
 
     run_from_args(args)
 
@@ -103,20 +83,13 @@ def _train(args: argparse.Namespace) -> None:
 def _eval(args: argparse.Namespace) -> None:
     _inputs_exist(checkpoint=args.checkpoint, data=args.data)
     from rsitr.evaluation.evaluate import evaluate_checkpoint
+    from rsitr.evaluation.metrics import format_metrics
 
     metrics = evaluate_checkpoint(args.checkpoint, args.data, args.split, args.rerank, args.test_views)
     if args.json:
         print(json.dumps(metrics))
     else:
         print(format_metrics(metrics, f"{args.split} ({int(metrics['images'])} images)"))
-
-
-def format_metrics(metrics: dict[str, float], title: str) -> str:
-    """A one-table text rendering of R@K and mR."""
-    keys = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "mR")
-    head = " ".join(f"{k:>8}" for k in keys)
-    row = " ".join(f"{metrics[k]:8.2f}" for k in keys)
-    return f"{title}\n{head}\n{row}"
 
 
 def _embed(args: argparse.Namespace) -> None:
@@ -202,17 +175,30 @@ def _add_test_views(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``rsitr`` argument parser."""
+    """The ``rsitr`` argument parser: one sub-command per stage."""
     parser = argparse.ArgumentParser(prog="rsitr", description="Remote-sensing image-text retrieval")
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_demo_data(sub)
+    _add_ingest(sub)
+    _add_train(sub)
+    _add_eval(sub)
+    _add_embed(sub)
+    _add_index(sub)
+    _add_search(sub)
+    _add_serve(sub)
+    return parser
 
+
+def _add_demo_data(sub: Any) -> None:
     p = sub.add_parser("demo-data", help="generate the demo corpus (GeoTIFF scenes + captions)")
     p.add_argument("--out", default=".rsitr/demo-data")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scenes", type=int, default=12)
     p.set_defaults(func=_demo_data)
 
+
+def _add_ingest(sub: Any) -> None:
     p = sub.add_parser("ingest", help="images/scenes + captions → Parquet shards")
     kinds = p.add_subparsers(dest="kind", required=True)
     k = kinds.add_parser("scenes", help="tile raster scenes (paths, globs, folders, s3:// URIs; a,b,c = band files)")
@@ -246,10 +232,14 @@ def build_parser() -> argparse.ArgumentParser:
         k.add_argument("--shard-mb", type=int, default=64, help="target shard size")
     p.set_defaults(func=_ingest)
 
+
+def _add_train(sub: Any) -> None:
     p = sub.add_parser("train", help="train MSA with Ray Train")
-    build_train_parser(p)
+    add_train_arguments(p)
     p.set_defaults(func=_train)
 
+
+def _add_eval(sub: Any) -> None:
     p = sub.add_parser("eval", help="R@K and mR of a checkpoint on a split")
     p.add_argument("--checkpoint", required=True, help="checkpoint folder or finished run folder")
     p.add_argument("--data", required=True)
@@ -259,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_test_views(p)
     p.set_defaults(func=_eval)
 
+
+def _add_embed(sub: Any) -> None:
     p = sub.add_parser("embed", help="embed an ingested archive's tiles")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data", required=True)
@@ -271,6 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_test_views(p)
     p.set_defaults(func=_embed)
 
+
+def _add_index(sub: Any) -> None:
     p = sub.add_parser("index", help="retrieval index")
     actions = p.add_subparsers(dest="action", required=True)
     b = actions.add_parser("build", help="build an index from embeddings")
@@ -288,6 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--tile-size", type=int, default=SCENE_TILE_SIZE, help="window side in source pixels")
     u.set_defaults(func=_index_update)
 
+
+def _add_search(sub: Any) -> None:
     p = sub.add_parser("search", help="text → tiles, or --image FILE → captions")
     p.add_argument("query", nargs="?", default=None)
     p.add_argument("--image", default=None, help="an image file: search the index's captions instead (image → text)")
@@ -302,6 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--html", default=None, help="also write a result sheet (thumbnails, scores, footprint map)")
     p.set_defaults(func=_search)
 
+
+def _add_serve(sub: Any) -> None:
     v = sub.add_parser("serve", help="the search service: HTTP API and web page on Ray Serve")
     v.add_argument("--index", required=True, help="the index to answer from (re-opened when a new version appears)")
     v.add_argument("--checkpoint", default=None, help="default: the checkpoint the index records")
@@ -309,7 +307,6 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--port", type=int, default=8000)
     v.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas, each with its own copy of the model")
     v.set_defaults(func=_serve)
-    return parser
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -350,7 +347,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         args.func(args)
-    except USER_ERRORS as err:
+    except UserError as err:  # anything else is a bug: its traceback is kept
         print(f"rsitr {args.command}: {err}", file=sys.stderr)
         return 2
     return 0

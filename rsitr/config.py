@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -15,6 +14,8 @@ from typing import Any
 
 import yaml
 
+from rsitr.errors import ConfigError
+
 CONFIG_DIR = Path(__file__).parent / "configs"
 # the CPU default: the best val mR measured on RSICD within 3 h on 2 cores (README "Quality on RSICD")
 DEFAULT_PRESET = "msa-four-towers"
@@ -22,10 +23,6 @@ DEFAULT_PRESET = "msa-four-towers"
 PRECISIONS = ("auto", "float32", "bfloat16")
 # model.test_views: the image alone, with its flips and half turn, or with every flip and quarter turn
 TEST_VIEW_COUNTS = (1, 4, 8)
-
-
-class ConfigError(ValueError):
-    """A preset, file or override that does not describe a valid configuration."""
 
 
 def checked_test_views(views: int | None) -> int | None:
@@ -269,32 +266,3 @@ def load_config(preset_or_path: str = DEFAULT_PRESET, overrides: list[str] | Non
                 raise ConfigError(f"override {item!r}: {part} is not a section")
         node[parts[-1]] = yaml.safe_load(raw) if raw else raw
     return Config.from_dict(data)
-
-
-def _count(text: str) -> int:
-    """argparse type: an integer ≥ 0."""
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a count ≥ 0")
-    return int(text)
-
-
-def build_train_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Adds the training arguments shared by ``python -m rsitr.train`` and ``rsitr train`` (here, not in
-    ``rsitr.train``, so building the CLI imports neither torch nor Ray)."""
-    parser.add_argument("--config", default=DEFAULT_PRESET, help="preset name or YAML file")
-    parser.add_argument("--data", required=True, help="ingested dataset folder/URI (holds manifest.json)")
-    parser.add_argument("--storage", default=".rsitr/runs", help="where runs and checkpoints go")
-    parser.add_argument("--name", default=None, help="run name; an existing run of that name resumes")
-    parser.add_argument("--epochs", type=int, default=None)
-    parser.add_argument("--max-minutes", type=float, default=None, help="wall-clock budget for training")
-    parser.add_argument("--workers", type=int, default=None, help="Ray Train workers")
-    parser.add_argument(
-        "--max-failures", type=_count, default=1, help="worker-group restarts from the last checkpoint before giving up"
-    )
-    parser.add_argument(
-        "--no-test",
-        action="store_true",
-        help="leave the test split unread (runs compared on val; `rsitr eval --split test` reads it later)",
-    )
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4")
-    return parser

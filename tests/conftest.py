@@ -106,8 +106,8 @@ def untrained_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torch
 
     from rsitr.config import load_config
+    from rsitr.models.checkpoint import save_checkpoint
     from rsitr.models.msa import build_model
-    from rsitr.train.checkpoint import save_checkpoint
 
     torch.manual_seed(0)
     config = load_config("demo")

@@ -9,9 +9,9 @@ from typing import cast
 from contracts_doc import documented
 
 from rsitr.io import shards
+from rsitr.models import checkpoint
 from rsitr.service.api import create_app
 from rsitr.service.state import SearchService
-from rsitr.train import checkpoint
 
 
 def test_shard_columns_are_the_shard_schema() -> None:

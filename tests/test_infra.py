@@ -13,7 +13,7 @@ import ray
 import yaml
 
 from rsitr.config import load_config
-from rsitr.train import build_parser
+from rsitr.train.command import build_parser
 
 PROJECT = Path(__file__).resolve().parents[1]
 INFRA = PROJECT / "infra"

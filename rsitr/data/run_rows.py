@@ -28,6 +28,7 @@ from ray.data._internal.execution.execution_callback import ExecutionCallback
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
+from rsitr.errors import ConfigError
 from rsitr.io import shards, storage
 
 # Files read and permuted together. Each cache file is a random sample of its dataset, so this only varies which
@@ -46,7 +47,7 @@ def check_shuffle(shuffle: str) -> None:
         ValueError: naming it and the values allowed.
     """
     if shuffle not in SHUFFLES:
-        raise ValueError(f"train.shuffle {shuffle!r}: expected one of {', '.join(SHUFFLES)}")
+        raise ConfigError(f"train.shuffle {shuffle!r}: expected one of {', '.join(SHUFFLES)}")
 
 
 def read_permuted(

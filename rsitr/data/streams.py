@@ -9,6 +9,7 @@ import ray.data
 
 from rsitr.data.preprocess import augment_rs, decode_image, decode_images, label_id, tokenize
 from rsitr.data.run_rows import check_shuffle
+from rsitr.errors import DatasetError
 from rsitr.io import shards
 from rsitr.models.tokenizers import process_tokenizer
 
@@ -31,7 +32,7 @@ def read_split(root: str, split: str, columns: list[str]) -> ray.data.Dataset:
     """
     manifest = shards.read_manifest(root)
     if split not in manifest["splits"]:
-        raise ValueError(f"dataset {root} has no {split!r} split (splits: {sorted(manifest['splits'])})")
+        raise DatasetError(f"dataset {root} has no {split!r} split (splits: {sorted(manifest['splits'])})")
     wanted = sorted(set(columns) | {"split"})
     ds = read_shards(root, wanted)
     return ds.filter(expr=f"split == '{split}'")

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from rsitr.errors import DatasetError
 from rsitr.evaluation.metrics import retrieval_metrics_from_embeddings
 from rsitr.evaluation.rerank import REVERSE_WEIGHT, reranked_metrics
 from rsitr.models.msa import MSA
@@ -73,11 +74,11 @@ def evaluate_model(
     finally:
         model.train(was_training)
     if not image_ids or not owners:
-        raise ValueError("evaluation split has no images or no captions")
+        raise DatasetError("evaluation split has no images or no captions")
     index = {image_id: i for i, image_id in enumerate(image_ids)}
     missing = [o for o in owners if o not in index]
     if missing:
-        raise ValueError(f"{len(missing)} captions belong to images not in the split, e.g. {missing[0]}")
+        raise DatasetError(f"{len(missing)} captions belong to images not in the split, e.g. {missing[0]}")
     caption_image = np.array([index[o] for o in owners])
     metrics = retrieval_metrics_from_embeddings(image_vecs, caption_vecs, caption_image)
     if rerank_k:
@@ -96,7 +97,7 @@ def evaluate_checkpoint(
     # Ray Data and checkpoint loading only here: importing the evaluation math stays light
     from rsitr.data.streams import eval_datasets
     from rsitr.io import storage
-    from rsitr.train import checkpoint as ckpt
+    from rsitr.models import checkpoint as ckpt
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, config, _ = ckpt.load_checkpoint(checkpoint, map_location=device, test_views=test_views)

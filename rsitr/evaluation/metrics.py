@@ -116,3 +116,10 @@ def chance_metrics(n_images: int, captions_per_image: float) -> dict[str, float]
         out[f"t2i_r{k}"] = 100.0 * min(1.0, k / n_images)
     out["mR"] = float(np.mean([out[key] for key in METRIC_KEYS[:-1]]))
     return out
+
+
+def format_metrics(metrics: dict[str, float], title: str) -> str:
+    """A one-table text rendering of R@K and mR under ``title``."""
+    head = " ".join(f"{k:>8}" for k in METRIC_KEYS)
+    row = " ".join(f"{metrics[k]:8.2f}" for k in METRIC_KEYS)
+    return f"{title}\n{head}\n{row}"

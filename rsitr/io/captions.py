@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
 
+from rsitr.errors import UserError
 from rsitr.io import storage
 
 FORMATS = ("karpathy", "coco", "albef", "amfmn", "vt-rsbs")
@@ -47,7 +48,7 @@ _SPACE_BEFORE_PUNCT = re.compile(r"\s+([.,;:!?])")
 _SURROGATE = re.compile("[\udc80-\udcff]")
 
 
-class CaptionFormatError(ValueError):
+class CaptionFormatError(UserError, ValueError):
     """A caption file that is not in (or not valid for) the requested format."""
 
 

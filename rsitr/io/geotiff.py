@@ -27,6 +27,7 @@ from rasterio.enums import Resampling
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.windows import Window
 
+from rsitr.errors import ConfigError, UserError
 from rsitr.io import storage
 from rsitr.io.georef import acquisition_time, footprint, georeference
 
@@ -46,7 +47,7 @@ _STRETCH_PX = 1024
 SCENE_TILE_SIZE = 256
 
 
-class SceneError(ValueError):
+class SceneError(UserError, ValueError):
     """A scene that cannot be tiled: unreadable, bands that do not exist or do not align, no CRS when required."""
 
 
@@ -75,15 +76,15 @@ class TileOptions:
 
     def __post_init__(self) -> None:
         if self.tile_size < 8:
-            raise ValueError(f"tile size {self.tile_size} is too small (minimum 8)")
+            raise ConfigError(f"tile size {self.tile_size} is too small (minimum 8)")
         if not 0 <= self.overlap < self.tile_size:
-            raise ValueError(f"overlap {self.overlap} must be in [0, tile size {self.tile_size})")
+            raise ConfigError(f"overlap {self.overlap} must be in [0, tile size {self.tile_size})")
         if self.edge not in EDGE_MODES:
-            raise ValueError(f"edge mode {self.edge!r} is not one of {', '.join(EDGE_MODES)}")
+            raise ConfigError(f"edge mode {self.edge!r} is not one of {', '.join(EDGE_MODES)}")
         if not 0.0 <= self.max_nodata <= 1.0:
-            raise ValueError(f"max nodata fraction {self.max_nodata} must be within [0, 1]")
+            raise ConfigError(f"max nodata fraction {self.max_nodata} must be within [0, 1]")
         if isinstance(self.bands, str) and self.bands not in BAND_PRESETS:
-            raise ValueError(f"unknown band preset {self.bands!r}; presets: {', '.join(BAND_PRESETS)}")
+            raise ConfigError(f"unknown band preset {self.bands!r}; presets: {', '.join(BAND_PRESETS)}")
 
     @property
     def output_size(self) -> int:
@@ -100,9 +101,9 @@ def parse_bands(text: str | None) -> tuple[int, ...] | str | None:
     try:
         bands = tuple(int(part) for part in text.split(","))
     except ValueError as err:
-        raise ValueError(f"bands {text!r}: expected 1-based numbers like 4,3,2 or a preset") from err
+        raise ConfigError(f"bands {text!r}: expected 1-based numbers like 4,3,2 or a preset") from err
     if len(bands) not in (1, 3) or min(bands) < 1:
-        raise ValueError(f"bands {text!r}: give one band (grey) or three (R,G,B), numbered from 1")
+        raise ConfigError(f"bands {text!r}: give one band (grey) or three (R,G,B), numbered from 1")
     return bands
 
 

@@ -11,6 +11,7 @@ from typing import Any, NotRequired, TypedDict, cast
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from rsitr.errors import DatasetError, UserError
 from rsitr.io import storage
 
 SPLITS = ("train", "val", "test", "none")
@@ -162,7 +163,7 @@ def write_manifest(root: str, manifest: Manifest) -> Manifest:
     return manifest
 
 
-class ShardsNotFoundError(FileNotFoundError):
+class ShardsNotFoundError(UserError, FileNotFoundError):
     """No ingested dataset (manifest + shards) at the given URI."""
 
 
@@ -211,4 +212,4 @@ def parquet_read_named(path: str, columns: Sequence[str]) -> Iterator[None]:
     try:
         yield
     except (OSError, pa.ArrowException) as err:
-        raise ValueError(f"{path}: not a readable Parquet file with columns {list(columns)} ({err})") from err
+        raise DatasetError(f"{path}: not a readable Parquet file with columns {list(columns)} ({err})") from err

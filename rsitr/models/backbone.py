@@ -9,7 +9,7 @@ import timm
 import torch
 from torch import nn
 
-from rsitr.errors import WeightsError
+from rsitr.errors import ConfigError, WeightsError
 from rsitr.io.tensors import load_tensors_only
 from rsitr.models.gswin import GswinBlock
 from rsitr.models.naming import JOIN, tower_names
@@ -114,7 +114,7 @@ def input_statistics(body: nn.Module, normalization: str) -> tuple[tuple[float, 
     if normalization == "backbone":
         cfg = getattr(body, "pretrained_cfg", None) or {}
         return tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD))
-    raise ValueError(f"model.image_normalization {normalization!r}: expected 'imagenet' or 'backbone'")
+    raise ConfigError(f"model.image_normalization {normalization!r}: expected 'imagenet' or 'backbone'")
 
 
 class MultiScaleBackbone(nn.Module):
@@ -149,7 +149,7 @@ class MultiScaleBackbone(nn.Module):
             if missing:
                 raise WeightsError(f"{name}: pretrained weights miss {missing[:5]}")
         if pooling not in {"msa", "avg"}:
-            raise ValueError(f"model.scale_pooling {pooling!r}: expected 'msa' or 'avg'")
+            raise ConfigError(f"model.scale_pooling {pooling!r}: expected 'msa' or 'avg'")
         self.pooling = pooling
         self.stage_modules: list[str] = [info["module"] for info in body.feature_info.get_dicts()]
         self.channels: list[int] = list(body.feature_info.channels())
@@ -160,7 +160,7 @@ class MultiScaleBackbone(nn.Module):
         if head_features:
             classifier = classifier or timm.create_model(timm_name, pretrained=False)
             if not hasattr(classifier, "conv_head") or self.stage_modules[-1] != self._module_chain()[-1]:
-                raise ValueError(f"model.image_head_features: {name} has no conv_head after its last stage")
+                raise ConfigError(f"model.image_head_features: {name} has no conv_head after its last stage")
             # the classifier's 1x1 head convolution (and its norm/activation): one more scale, average-pooled
             self.head = nn.Sequential(classifier.conv_head, classifier.bn2)
             self.channels.append(int(classifier.num_features))
@@ -176,7 +176,7 @@ class MultiScaleBackbone(nn.Module):
             self._freeze_through(frozen_stages)
         for position in gswin_stages:
             if not 1 <= position <= len(self.channels):
-                raise ValueError(f"gswin stage {position}: the backbone has stages 1..{len(self.channels)}")
+                raise ConfigError(f"gswin stage {position}: the backbone has stages 1..{len(self.channels)}")
         # keyed by position so the checkpoint names say which stage each block refines
         self.gswin = nn.ModuleDict(
             {str(p): GswinBlock(self.channels[p - 1], window=gswin_window) for p in sorted(set(gswin_stages))}
@@ -207,7 +207,7 @@ class MultiScaleBackbone(nn.Module):
         self.stage_modules = taps
         chain = self._module_chain()
         if [t for t in chain if t in taps] != taps:
-            raise ValueError(f"model.image_taps {taps}: expected modules of {chain}, in execution order")
+            raise ConfigError(f"model.image_taps {taps}: expected modules of {chain}, in execution order")
         with torch.no_grad():
             _, features = self._run(torch.zeros(1, 3, 64, 64), chain[: chain.index(taps[-1]) + 1])
         self.channels = [int(f.shape[1]) for f in features]
@@ -222,7 +222,7 @@ class MultiScaleBackbone(nn.Module):
                 names.append(name)
         missing = [m for m in self.stage_modules if m not in names]
         if missing:
-            raise ValueError(f"backbone stages {missing} are not in the module chain {names}")
+            raise ConfigError(f"backbone stages {missing} are not in the module chain {names}")
         return names
 
     def _pool(self, features: list[torch.Tensor], first_stage: int) -> list[torch.Tensor]:
@@ -254,7 +254,7 @@ class MultiScaleBackbone(nn.Module):
             ValueError: no stage is frozen, or a Gswin block refines a frozen stage (it would need its map).
         """
         if not self.frozen_stages or any(int(p) <= self.frozen_stages for p in self.gswin):
-            raise ValueError("a frozen prefix needs frozen stages and no Gswin block on them")
+            raise ConfigError("a frozen prefix needs frozen stages and no Gswin block on them")
         cut = self._chain.index(self.stage_modules[self.frozen_stages - 1]) + 1
         x, features = self._run(self._normalize(images), self._chain[:cut])
         pooled = self._pool(features, 0)
@@ -315,7 +315,7 @@ class JoinedBackbone(nn.Module):
         thawed = [t for t in self.parts if t.frozen_stages < len(t.stage_modules) or len(t.gswin)]
         if thawed:
             deepest = max(len(t.stage_modules) for t in self.parts)
-            raise ValueError(
+            raise ConfigError(
                 f"model.image_backbone {name!r} joins towers, which stay frozen: set model.freeze_image_stages to at "
                 f"least {deepest} and use no Gswin block"
             )
@@ -344,5 +344,5 @@ def build_backbone(name: str, frozen_stages: int = 0, **options: Any) -> MultiSc
     if JOIN not in name:
         return MultiScaleBackbone(name, frozen_stages=frozen_stages, **options)
     if options.get("weights_file"):
-        raise ValueError(f"model.image_weights names one file, but model.image_backbone {name!r} joins towers")
+        raise ConfigError(f"model.image_weights names one file, but model.image_backbone {name!r} joins towers")
     return JoinedBackbone(name, frozen_stages, **options)

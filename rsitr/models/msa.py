@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rsitr.config import TEST_VIEW_COUNTS, ModelConfig
+from rsitr.errors import ConfigError
 from rsitr.models.backbone import build_backbone
 from rsitr.models.mscmat import MSCMAT
 from rsitr.models.naming import JOIN
@@ -90,7 +91,7 @@ def head_modules(
         width = config.head_hidden
         fusion = mlp_tail(width, config.embed_dim, config.head_dropout)
     else:
-        raise ValueError(f"model.fusion {config.fusion!r}: expected 'gated' or 'mlp'")
+        raise ConfigError(f"model.fusion {config.fusion!r}: expected 'gated' or 'mlp'")
     scale_proj = nn.ModuleList(linear_in(c, width, config.standardize) for c in channels)
     text_proj: nn.Module | None = None if text_width is None else linear_in(text_width, width, config.standardize)
     if text_proj is not None and config.fusion == "mlp":
@@ -120,7 +121,7 @@ def dihedral_views(images: torch.Tensor, count: int) -> list[torch.Tensor]:
     turn; then their quarter turns and transposes. The 4 and the 8 each form a group, so their set of views, and any
     mean over it, is the same for every flip or turn of the input within that group."""
     if count not in TEST_VIEW_COUNTS:
-        raise ValueError(f"test views {count}: expected one of {TEST_VIEW_COUNTS}")
+        raise ConfigError(f"test views {count}: expected one of {TEST_VIEW_COUNTS}")
     views = [images]
     if count >= 4:
         views += [images.flip(2), images.flip(1), images.flip(1).flip(2)]
@@ -181,11 +182,11 @@ class MSA(HeadOutputs, nn.Module):
             )
         text_width = None if self.text is None else self.text.width
         if config.test_views not in TEST_VIEW_COUNTS:
-            raise ValueError(f"model.test_views {config.test_views}: expected one of {TEST_VIEW_COUNTS}")
+            raise ConfigError(f"model.test_views {config.test_views}: expected one of {TEST_VIEW_COUNTS}")
         if config.head_ensemble < 1:
-            raise ValueError(f"model.head_ensemble {config.head_ensemble}: expected at least 1")
+            raise ConfigError(f"model.head_ensemble {config.head_ensemble}: expected at least 1")
         if config.head_ensemble > 1 and config.mscmat:
-            raise ValueError("model.head_ensemble > 1 and model.mscmat do not combine: MSCMAT's terms have one head")
+            raise ConfigError("model.head_ensemble > 1 and model.mscmat do not combine: MSCMAT's terms have one head")
         # the first set of heads lives on MSA itself, under the names every single-head checkpoint uses
         self.scale_proj, self.fusion, self.text_proj, self.log_temperature = head_modules(
             config, self.backbone.channels, text_width
@@ -196,7 +197,7 @@ class MSA(HeadOutputs, nn.Module):
         self.mscmat: MSCMAT | None = None
         if config.mscmat and self.text is not None:  # MSCMAT scores image-caption pairs: training only
             if JOIN in config.text_model:
-                raise ValueError("model.mscmat reads one text tower's token states: it needs a single text_model")
+                raise ConfigError("model.mscmat reads one text tower's token states: it needs a single text_model")
             self.mscmat = MSCMAT(
                 self.backbone.channels,
                 self.text.width,

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rsitr.errors import ConfigError
+
 
 class ScaleAttention(nn.Module):
     """CA_s and the scoring head of one scale."""
@@ -29,7 +31,7 @@ class ScaleAttention(nn.Module):
     def __init__(self, image_channels: int, text_width: int, dim: int, heads: int) -> None:
         super().__init__()
         if dim % heads:
-            raise ValueError(f"MSCMAT width {dim} is not divisible by {heads} heads")
+            raise ConfigError(f"MSCMAT width {dim} is not divisible by {heads} heads")
         self.heads = heads
         self.query_in = nn.Linear(image_channels, dim)  # W'_s
         self.q = nn.Linear(dim, dim)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rsitr.errors import ConfigError
 from rsitr.models.packaged_text import MPNET_NAMES, packaged_mpnet
 
 # "a+b": towers joined feature-wise (image scales or caption vectors side by side); see
@@ -26,7 +27,7 @@ def tower_names(name: str) -> list[str]:
     """
     names = [part.strip() for part in name.split(JOIN)]
     if not all(names):
-        raise ValueError(f"tower name {name!r}: a model name is missing beside a {JOIN!r}")
+        raise ConfigError(f"tower name {name!r}: a model name is missing beside a {JOIN!r}")
     return names
 
 

@@ -9,7 +9,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, BertConfig, PretrainedConfig
 from transformers.utils import logging as hf_logging
 
-from rsitr.errors import WeightsError
+from rsitr.errors import ConfigError, WeightsError
 from rsitr.models.naming import JOIN, resolve_text_model, tower_names
 
 # architectures that can be built with no hub at all (their tokenizers: rsitr.models.naming.OFFLINE_VOCABULARIES)
@@ -44,7 +44,7 @@ class TextEncoder(nn.Module):
     def __init__(self, name: str, pooling: str = "mean", frozen_layers: int = 0, pretrained: bool = True) -> None:
         super().__init__()
         if pooling not in {"mean", "cls"}:
-            raise ValueError(f"text pooling {pooling!r}: expected 'mean' or 'cls'")
+            raise ConfigError(f"text pooling {pooling!r}: expected 'mean' or 'cls'")
         hf_logging.disable_progress_bar()
         if pretrained:
             try:
@@ -74,7 +74,7 @@ class TextEncoder(nn.Module):
     def _layers(self) -> nn.ModuleList:
         layers = getattr(getattr(self.encoder, "encoder", None), "layer", None)
         if not isinstance(layers, nn.ModuleList):
-            raise ValueError(f"{type(self.encoder).__name__}: no encoder.layer list to split at")
+            raise ConfigError(f"{type(self.encoder).__name__}: no encoder.layer list to split at")
         return layers
 
     def _additive_mask(self, attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -97,7 +97,7 @@ class TextEncoder(nn.Module):
             ValueError: no layer is frozen, or the encoder is not a BERT-style layer stack.
         """
         if not self.frozen_layers:
-            raise ValueError("a frozen text prefix needs model.freeze_text_layers >= 1")
+            raise ConfigError("a frozen text prefix needs model.freeze_text_layers >= 1")
         states = self.encoder.embeddings(input_ids=input_ids)
         return self._run_layers(self._layers()[: self.frozen_layers], states, attention_mask)
 
@@ -135,7 +135,7 @@ class JoinedTextEncoder(nn.Module):
         names = tower_names(name)
         needed = text_layer_count(name)
         if needed is None or frozen_layers < needed:
-            raise ValueError(
+            raise ConfigError(
                 f"model.text_model {name!r} joins towers, which stay frozen: set model.freeze_text_layers to at "
                 f"least {needed if needed is not None else 'the deepest tower'}"
             )

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 
 from rsitr.data.preprocess import tokenize
+from rsitr.models import checkpoint as ckpt
 from rsitr.runtime.precision import inference, unit_float32, use_bf16
-from rsitr.train import checkpoint as ckpt
 
 if TYPE_CHECKING:
     from rsitr.models.msa import MSA

@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import shapely
 
-from rsitr.errors import EmbeddingsNotFoundError
+from rsitr.errors import EmbeddingsMismatchError, EmbeddingsNotFoundError
 from rsitr.io import storage
 from rsitr.retrieval.query import INDEX_META, CellGrid, require_index
 
@@ -67,7 +67,9 @@ def build_index(
     extra: dict[str, Any] = {"embeddings": embeddings, "data": embeddings_source(table)}
     caption_data = caption_rows(read_embeddings(captions), captions) if captions else None
     if caption_data is not None and caption_data["model_version"][0].as_py() != version:
-        raise ValueError(f"{captions}: captions embedded by another model version than {embeddings}; re-embed")
+        raise EmbeddingsMismatchError(
+            f"{captions}: captions embedded by another model version than {embeddings}; re-embed"
+        )
     with storage.unreachable_store_named(out, "building the index at"):
         db = connect(out)
         if caption_data is not None:
@@ -133,7 +135,7 @@ def index_rows(table: pa.Table, where: str = "embeddings") -> pa.Table:
     """
     versions = set(table["model_version"].to_pylist())
     if len(versions) != 1:
-        raise ValueError(f"{where}: embeddings of several model versions {sorted(versions)}; re-embed")
+        raise EmbeddingsMismatchError(f"{where}: embeddings of several model versions {sorted(versions)}; re-embed")
     boxes = _bbox_columns(table["geometry"].to_pylist())
     data = table.rename_columns(["vector" if n == "embedding" else n for n in table.column_names])
     for name, values in boxes.items():
@@ -152,7 +154,7 @@ def caption_rows(table: pa.Table, where: str = "captions") -> pa.Table:
     """
     versions = set(table["model_version"].to_pylist())
     if len(versions) != 1:
-        raise ValueError(f"{where}: expected captions of one model version, found {sorted(versions)}")
+        raise EmbeddingsMismatchError(f"{where}: expected captions of one model version, found {sorted(versions)}")
     return table.rename_columns(
         ["vector" if n == "embedding" else n for n in table.column_names]
     ).replace_schema_metadata(None)

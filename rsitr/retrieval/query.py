@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from rsitr.errors import IndexNotFoundError
+from rsitr.errors import IndexNotFoundError, UserError
 from rsitr.io import storage
 
 # the index's metadata file (``rsitr.retrieval.index`` writes it; its presence means an index was built)
@@ -26,7 +26,7 @@ MAX_BBOX_CELLS = 1024
 _CELL_SLACK = 1e-6
 
 
-class SearchError(ValueError):
+class SearchError(UserError, ValueError):
     """A query that cannot be answered (empty text, mismatched model, bad filter, …)."""
 
 

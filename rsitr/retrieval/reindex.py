@@ -26,9 +26,9 @@ import pyarrow as pa
 from rsitr import ingest
 from rsitr.errors import IndexBusyError
 from rsitr.io import geotiff, shards, storage
+from rsitr.models import checkpoint as ckpt
 from rsitr.retrieval import embed, index
 from rsitr.runtime.locks import LockHeldError, pid_lock
-from rsitr.train import checkpoint as ckpt
 
 log = logging.getLogger("rsitr.retrieval.reindex")
 LOCK_NAME = ".reindex.lock"

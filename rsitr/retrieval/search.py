@@ -16,13 +16,13 @@ from rsitr.config import Config
 from rsitr.data.preprocess import decode_image, tokenize
 from rsitr.evaluation.rerank import rerank_topk
 from rsitr.io import storage
+from rsitr.models import checkpoint as ckpt
 from rsitr.models.msa import MSA
 from rsitr.models.tokenizers import load_tokenizer
 from rsitr.retrieval.batching import MicroBatcher
 from rsitr.retrieval.index import ANN, AnnSettings, ann_settings, open_captions, open_index, sql_text
 from rsitr.retrieval.query import CellGrid, SearchError, SearchFilter, check_k, check_query
 from rsitr.runtime.precision import inference, unit_float32, use_bf16, with_text_weights_in_bf16
-from rsitr.train import checkpoint as ckpt
 
 
 @dataclass
@@ -78,7 +78,7 @@ def nearest(
     return rows
 
 
-# a loaded checkpoint: model, config, state (see rsitr.train.checkpoint.load_checkpoint)
+# a loaded checkpoint: model, config, state (see rsitr.models.checkpoint.load_checkpoint)
 Loaded = tuple[MSA, Config, dict[str, Any]]
 
 

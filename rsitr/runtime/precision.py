@@ -15,6 +15,7 @@ from typing import TypeVar
 import torch
 
 from rsitr.config import PRECISIONS
+from rsitr.errors import ConfigError
 
 ModelT = TypeVar("ModelT", bound=torch.nn.Module)
 
@@ -35,7 +36,7 @@ def checked(precision: str) -> str:
         ValueError: it is not one of ``rsitr.config.PRECISIONS``.
     """
     if precision not in PRECISIONS:
-        raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+        raise ConfigError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
     return precision
 
 

@@ -87,9 +87,9 @@ def start(
     Raises:
         ServiceConfigError: reachable beyond loopback without a token, or no replica asked for.
     """
+    from rsitr.models.checkpoint import read_meta
     from rsitr.retrieval.index import open_index
     from rsitr.runtime.raysession import init_ray
-    from rsitr.train.checkpoint import read_meta
 
     digest = required_digest(host, token)
     # a missing index or checkpoint fails here, in one line, not in a replica's log

@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 
+from rsitr.errors import UserError
+
 TOKEN_VARIABLE = "RSITR_API_TOKEN"
 
 
@@ -14,7 +16,7 @@ def token_digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-class ServiceConfigError(ValueError):
+class ServiceConfigError(UserError, ValueError):
     """A service that must not start as configured (e.g. reachable from other machines without a token)."""
 
 

@@ -11,10 +11,10 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from rsitr.io import shards, storage
+from rsitr.models import checkpoint as ckpt
 from rsitr.retrieval import result_sheet
 from rsitr.retrieval.index import INDEX_META
 from rsitr.retrieval.search import Loaded, Searcher, SearchError
-from rsitr.train import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
 

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from rsitr.config import LossConfig
+from rsitr.errors import ConfigError
 
 
 def triplet_loss(sim: torch.Tensor, margin: float = 0.5) -> torch.Tensor:
@@ -108,16 +109,16 @@ def total_loss(
         )
     if config.mscma_weight or config.csmmc_weight:
         if not mscmat:
-            raise ValueError("loss config weights MSCMA/CSMMC but the model computes no MSCMAT (model.mscmat=false)")
+            raise ConfigError("loss config weights MSCMA/CSMMC but the model computes no MSCMAT (model.mscmat=false)")
         if config.mscma_weight:
             terms["mscma"] = config.mscma_weight * mscma_loss(mscmat, config.mscma_both_directions)
         if config.csmmc_weight:
             terms["csmmc"] = config.csmmc_weight * csmmc_loss(mscmat, config.csmmc_temperature)
     if config.intra_class_weight:
         if labels is None:
-            raise ValueError("loss config weights the intra-class term but the batch carries no labels")
+            raise ConfigError("loss config weights the intra-class term but the batch carries no labels")
         terms["intra"] = config.intra_class_weight * intra_class_loss(sim, labels)
     if not terms:
-        raise ValueError("loss config: every term has weight 0")
+        raise ConfigError("loss config: every term has weight 0")
     terms["loss"] = torch.stack(list(terms.values())).sum()
     return terms

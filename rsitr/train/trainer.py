@@ -17,9 +17,9 @@ from rsitr.data import frozen_cache
 from rsitr.data.streams import eval_datasets, train_dataset
 from rsitr.evaluation.evaluate import evaluate_checkpoint
 from rsitr.io import shards, storage
+from rsitr.models import checkpoint as ckpt
 from rsitr.runtime.raysession import init_ray
-from rsitr.train import checkpoint as ckpt
-from rsitr.train.loop import train_loop
+from rsitr.train.loop import LoopSettings, train_loop
 
 
 @dataclass
@@ -76,12 +76,12 @@ def fit(
     init_ray()
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={
-            "config": config.to_dict(),
-            "steps_per_epoch": steps_per_epoch,
+        train_loop_config=LoopSettings(
+            config,
+            steps_per_epoch,
             # TensorBoard events under a local run folder; with S3 storage the per-step log stays in the job log
-            "log_dir": None if storage.is_remote(storage_path) else storage.join(storage_path, name, "tensorboard"),
-        },
+            log_dir=None if storage.is_remote(storage_path) else storage.join(storage_path, name, "tensorboard"),
+        ).to_dict(),
         scaling_config=_scaling(config),
         datasets=training_datasets(config, data, storage_path),
         dataset_config=DataConfig(datasets_to_split=["train"]),

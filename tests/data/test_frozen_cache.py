@@ -13,8 +13,8 @@ from rsitr.data.run_rows import RunOfEpochs, read_run
 from rsitr.evaluation.evaluate import evaluate_checkpoint
 from rsitr.io import shards
 from rsitr.models.msa import build_model
-from rsitr.train import fit
 from rsitr.train.losses import total_loss
+from rsitr.train.trainer import fit
 
 
 @pytest.mark.parametrize(

@@ -182,7 +182,7 @@ def test_reranked_metrics_keep_order_at_k1_and_differ_at_k10() -> None:
 
 
 def test_early_stopping_waits_patience_epochs_without_a_val_gain() -> None:
-    from rsitr.train import stale_for
+    from rsitr.train.loop import stale_for
 
     def history(*values: float) -> list[dict[str, float]]:
         return [{"epoch": i, "val_mR": v} for i, v in enumerate(values)]

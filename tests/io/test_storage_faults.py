@@ -26,8 +26,8 @@ from safetensors.torch import load as load_safetensors
 from rsitr.errors import StorageUnreachableError
 from rsitr.ingest import ingest_corpus
 from rsitr.io import shards, storage
+from rsitr.models.checkpoint import CONFIG, RESULT, STATE, WEIGHTS, load_checkpoint
 from rsitr.retrieval import index
-from rsitr.train.checkpoint import CONFIG, RESULT, STATE, WEIGHTS, load_checkpoint
 
 BUCKET = "s3://drills"
 PROJECT = Path(__file__).resolve().parents[2]

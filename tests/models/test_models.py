@@ -10,13 +10,13 @@ from safetensors.torch import load_file
 from rsitr.config import load_config
 from rsitr.errors import CheckpointError, UnsafeFileError
 from rsitr.models.backbone import IMAGENET_MEAN, IMAGENET_STD, MultiScaleBackbone, create_classifier
+from rsitr.models.checkpoint import OPTIMIZER, WEIGHTS, load_checkpoint, load_training_state, read_meta, save_checkpoint
 from rsitr.models.gswin import GswinBlock
 from rsitr.models.msa import build_model
 from rsitr.models.mscmat import MSCMAT
 from rsitr.models.tokenizers import load_tokenizer
-from rsitr.train import make_optimizer
-from rsitr.train.checkpoint import OPTIMIZER, WEIGHTS, load_checkpoint, load_training_state, read_meta, save_checkpoint
 from rsitr.train.losses import total_loss
+from rsitr.train.optim import make_optimizer
 
 
 def _batch(n: int = 4, size: int = 64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -15,6 +15,7 @@ from rsitr.config import load_config
 from rsitr.data.preprocess import decode_image, tokenize
 from rsitr.errors import IndexNotFoundError
 from rsitr.io import shards
+from rsitr.models.checkpoint import CheckpointError, save_checkpoint
 from rsitr.models.msa import build_model
 from rsitr.retrieval import embed, reindex
 from rsitr.retrieval import index as index_module
@@ -22,7 +23,6 @@ from rsitr.retrieval.embed import embed_archive
 from rsitr.retrieval.index import build_index, open_index
 from rsitr.retrieval.query import CellGrid
 from rsitr.retrieval.search import Searcher, SearchError, SearchFilter, nearest
-from rsitr.train.checkpoint import CheckpointError, save_checkpoint
 
 PROJECT = Path(__file__).resolve().parents[2]
 

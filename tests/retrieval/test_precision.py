@@ -54,8 +54,8 @@ def test_tiles_embedded_in_bf16_point_where_float32_ones_do(untrained_checkpoint
 
 def test_a_bad_view_count_is_refused_by_name_before_anything_is_read(tmp_path: Path) -> None:
     from rsitr.config import ConfigError
+    from rsitr.models.checkpoint import load_checkpoint
     from rsitr.retrieval.embed import embed_archive
-    from rsitr.train.checkpoint import load_checkpoint
 
     with pytest.raises(ConfigError, match=r"test views 3: expected one of \(1, 4, 8\)"):
         embed_archive(str(tmp_path / "no-checkpoint"), str(tmp_path / "no-data"), str(tmp_path / "out"), test_views=3)

@@ -18,11 +18,11 @@ from generators.data import kill_when, write_geotiff
 from pipelines.index import index_archive
 from pipelines.raycluster import stop_process_group
 from rsitr.config import load_config
+from rsitr.models.checkpoint import save_checkpoint
 from rsitr.models.msa import build_model
 from rsitr.retrieval.index import open_index
 from rsitr.retrieval.reindex import IndexBusyError, index_lock, reindex_archive
 from rsitr.retrieval.search import Searcher
-from rsitr.train.checkpoint import save_checkpoint
 
 PROJECT = Path(__file__).resolve().parents[2]
 

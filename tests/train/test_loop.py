@@ -11,8 +11,10 @@ import torch.distributed as dist
 from rsitr.config import load_config
 from rsitr.data.preprocess import tokenize
 from rsitr.models.msa import MSA, build_model
-from rsitr.train.loop import EpochStream, KeptBatches, RunStream, _agree, leave_unread_modules_out, stale_for
+from rsitr.train.feed import EpochStream, KeptBatches, RunStream
+from rsitr.train.loop import _agree, stale_for
 from rsitr.train.losses import total_loss
+from rsitr.train.step import leave_unread_modules_out
 
 
 class CountedStream:

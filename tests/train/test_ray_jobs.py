@@ -18,8 +18,8 @@ import pytest
 from ray.job_submission import JobStatus, JobSubmissionClient
 
 from pipelines.raycluster import _ray_executable, free_port, local_ray_head, stop_process_group
+from rsitr.models.checkpoint import RESULT
 from rsitr.runtime.raysession import local_ray_environment
-from rsitr.train.checkpoint import RESULT
 
 PROJECT = Path(__file__).resolve().parents[2]
 

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from rsitr.train.checkpoint import RESULT
+from rsitr.models.checkpoint import RESULT
 
 PROJECT = Path(__file__).resolve().parents[2]
 

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 
 from rsitr.io import storage
-from rsitr.train.checkpoint import CONFIG, OPTIMIZER, STATE, WEIGHTS, load_checkpoint
+from rsitr.models.checkpoint import CONFIG, OPTIMIZER, STATE, WEIGHTS, load_checkpoint
 
 
 def test_loading_a_checkpoint_from_s3_downloads_no_optimizer_and_leaves_no_temporary_folder(

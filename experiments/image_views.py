@@ -7,7 +7,7 @@ each run's heads read the result. The towers run in bf16 autocast where the CPU 
 here; 1-view test mR 22.39 against float32's 22.46 on one seed), so "1 view" is measured in the same arithmetic.
 
 Writes JSON (default ``benchmarks/results/image_views.json``) and prints a table. Usage:
-``python benchmarks/image_views.py --data .rsitr/data/rsicd --runs RUN [RUN …] [--rerank K] [--out FILE]``; with
+``python -m experiments.image_views --data .rsitr/data/rsicd --runs RUN [RUN …] [--rerank K] [--out FILE]``; with
 ``--rerank K`` each variant is also measured after the SMR re-rank of its top K (``rsitr.evaluation.rerank``).
 """
 
@@ -28,9 +28,9 @@ from rsitr.data.preprocess import decode_image, tokenize
 from rsitr.evaluation.metrics import retrieval_metrics_from_embeddings
 from rsitr.evaluation.rerank import reranked_metrics
 from rsitr.io import shards
+from rsitr.models import checkpoint as ckpt
 from rsitr.models.msa import MSA, dihedral_views
 from rsitr.runtime.precision import inference, use_bf16
-from rsitr.train import checkpoint as ckpt
 
 Scales = list[torch.Tensor]
 
