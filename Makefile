@@ -9,7 +9,7 @@ EPOCHS ?=
 INDEX ?= .rsitr/index/demo
 PORT ?= 8000
 
-.PHONY: demo serve test test-quick lint typecheck install clean
+.PHONY: demo serve test test-quick test-timing lint typecheck install clean
 
 install: $(STAMP)
 
@@ -31,11 +31,15 @@ serve: $(STAMP)
 	$(VENV)/bin/rsitr serve --index $(INDEX) --port $(PORT)
 
 test: $(STAMP)
-	$(PY) -m pytest -q -ra --durations=25
+	$(PY) -m pytest -q -ra --durations=25 -m "not timing"
 
-# the unit tier: every test that starts no Ray, Prefect, S3 server, service or browser (tests/conftest.py marks those)
+# the unit tier: every test that starts no Ray, Prefect, S3 server, service or browser (marked in tests/)
 test-quick: $(STAMP)
-	$(PY) -m pytest -q -ra -m "not slow"
+	$(PY) -m pytest -q -ra -m "not services and not timing"
+
+# assertions on timings and CPU shares: meaningful on an otherwise idle machine only
+test-timing: $(STAMP)
+	$(PY) -m pytest -q -ra -m timing
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check rsitr pipelines tests benchmarks experiments

@@ -1,6 +1,6 @@
 """Bbox-filtered search at 10⁶ vectors: the product's cell grid against the bounds test alone, side by side.
 
-The index files each tile under a coarse spatial cell (``rsitr.retrieval.query.CellGrid``: the footprint's
+The index files each tile under a coarse spatial cell (``rsitr.retrieval.index_meta.CellGrid``: the footprint's
 south-west corner on a 10° grid, a bitmap index, rows in cell order), so a bbox search starts with ``cell IN (…)``
 and tests the footprint bounds only on those cells' rows. Compared on the same rows: the index as it was before the
 grid (no cell column, rows in the order they were embedded, the bounds scanned on every row); the cell column with
@@ -35,8 +35,9 @@ from rsitr.config import load_config  # noqa: E402
 from rsitr.data.preprocess import decode_image  # noqa: E402
 from rsitr.models.msa import build_model  # noqa: E402
 from rsitr.retrieval.index import ANN, CELL_COLUMN, add_cell_index, add_vector_index, cell_grid, index_rows  # noqa: E402
-from rsitr.retrieval.query import CELL_DEGREES, SearchFilter  # noqa: E402
+from rsitr.retrieval.index_meta import CELL_DEGREES
 from rsitr.retrieval.search import nearest  # noqa: E402
+from rsitr.retrieval.search_inputs import SearchFilter
 
 BBOX_DEGREES = 20.0
 

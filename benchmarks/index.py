@@ -56,7 +56,7 @@ from rsitr.retrieval.index import (
     publish,
     read_embeddings,
 )
-from rsitr.retrieval.query import CellGrid
+from rsitr.retrieval.index_meta import CellGrid
 from rsitr.retrieval.search import SearchFilter, nearest
 from rsitr.runtime.precision import inference, use_bf16
 from rsitr.runtime.raysession import init_ray

@@ -63,7 +63,7 @@ def _inputs_exist(checkpoint: str | None = None, data: str | None = None, index:
     """
     from rsitr.io import shards
     from rsitr.models.checkpoint import read_meta
-    from rsitr.retrieval.query import require_index
+    from rsitr.retrieval.index_meta import require_index
 
     if checkpoint is not None:
         read_meta(checkpoint)
@@ -123,7 +123,8 @@ def _index_update(args: argparse.Namespace) -> None:
 
 
 def _search(args: argparse.Namespace) -> None:
-    from rsitr.retrieval.query import SearchError, check_k, check_query, parse_filter, require_index
+    from rsitr.retrieval.index_meta import read_index_meta, require_index
+    from rsitr.retrieval.search_inputs import SearchError, check_k, check_query, parse_filter
 
     # every check a user's typing can fail runs before torch and LanceDB load (seconds)
     if (args.query is None) == (args.image is None):
@@ -135,10 +136,10 @@ def _search(args: argparse.Namespace) -> None:
     check_k(args.k, args.rerank)
     where = parse_filter(args.bbox, args.after, args.before)
     require_index(args.index)
-    from rsitr.retrieval.search import describe, search
+    from rsitr.retrieval.search import captions_for_image, search
 
     if args.image is not None:
-        captions = describe(args.image, args.index, args.k, args.checkpoint, args.rerank)
+        captions = captions_for_image(args.image, args.index, args.k, args.checkpoint, args.rerank)
         if args.json:
             print(json.dumps(captions, indent=2))
             return
@@ -148,10 +149,9 @@ def _search(args: argparse.Namespace) -> None:
 
     hits = search(args.query, args.index, args.k, args.checkpoint, where, args.rerank)
     if args.html:
-        from rsitr.retrieval.index import open_index
         from rsitr.retrieval.result_sheet import write_html
 
-        _, meta = open_index(args.index)
+        meta = read_index_meta(args.index)
         context = f"top {len(hits)} of {meta['rows']} tiles in {args.index} (model {meta['model_version']})"
         write_html(args.html, args.query, hits, meta.get("data"), context)
     if args.json:

@@ -13,16 +13,38 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.pop("RAY_ADDRESS", None)
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-# a test that uses one of these starts real services (Ray, Prefect, an S3 server) or trains: the slow tier
-SLOW_FIXTURES = {"ray_local", "ray_head", "s3_bucket", "own_s3", "prefect_harness", "demo_shards"}
+# The real data sets (RSICD, RSITMD's captions, the GeoTIFFs): one setting, a folder holding rsicd/, rsitmd/ and
+# geotiff/. Tests that need them skip, naming the path, when it is absent.
+DATA_VARIABLE = "RSITR_DATA"
+REAL_DATA = Path(os.environ.get(DATA_VARIABLE, Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+# What starts a real service, and the marker a test using it must carry (``make test-quick`` leaves them all out).
+SERVICE_MARKERS = ("ray", "prefect", "s3", "serve", "browser")
+FIXTURE_STARTS = {
+    "ray_local": "ray",
+    "ray_head": "ray",
+    "demo_shards": "ray",  # ingested with Ray tasks
+    "demo_index_folder": "ray",
+    "s3_bucket": "s3",
+    "own_s3": "s3",
+    "prefect_harness": "prefect",
+    "service": "serve",
+}
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark every test that needs a service as ``slow`` (``make test-quick`` runs the rest: the unit tier)."""
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every test that starts a service says so with its marker (checked here against the fixtures it uses), and
+    carries ``services`` besides, which ``make test-quick`` deselects."""
+    unmarked = []
     for item in items:
-        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or item.get_closest_marker("e2e"):
-            item.add_marker(pytest.mark.slow)
+        marks = {mark.name for mark in item.iter_markers()}
+        needed = {FIXTURE_STARTS[f] for f in getattr(item, "fixturenames", ()) if f in FIXTURE_STARTS}
+        if needed - marks:
+            unmarked.append(f"{item.nodeid}: add @pytest.mark.{', @pytest.mark.'.join(sorted(needed - marks))}")
+        if marks & set(SERVICE_MARKERS):
+            item.add_marker(pytest.mark.services)
+    if unmarked:
+        raise pytest.UsageError("tests that start services without saying so:\n" + "\n".join(unmarked))
 
 
 @pytest.fixture(scope="session")
@@ -62,10 +84,10 @@ def ray_local() -> Iterator[None]:
 
 
 def shared(*parts: str) -> Path:
-    """A path under ``../shared/data``; skips the test, naming what is missing, when it is absent."""
-    path = SHARED_DATA.joinpath(*parts)
+    """A path under the real data folder (``$RSITR_DATA``); skips the test, naming what is missing, when absent."""
+    path = REAL_DATA.joinpath(*parts)
     if not path.exists():
-        pytest.skip(f"real data {path} is absent (see ../shared/data/README.md)")
+        pytest.skip(f"real data {path} is absent (set {DATA_VARIABLE} to the folder holding rsicd/ and geotiff/)")
     return path
 
 

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import cast
 
+import pytest
 from contracts_doc import documented
 
 from rsitr.io import shards
@@ -18,6 +19,7 @@ def test_shard_columns_are_the_shard_schema() -> None:
     assert documented("Shard") == shards.SHARD_SCHEMA.names
 
 
+@pytest.mark.ray
 def test_manifest_keys_are_the_typed_manifest_and_written_by_a_real_ingest(demo_shards: Path) -> None:
     assert set(documented("Manifest")) == shards.Manifest.__required_keys__
     manifest = json.loads((demo_shards / shards.MANIFEST_NAME).read_text())

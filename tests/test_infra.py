@@ -80,6 +80,7 @@ def test_kuberay_manifests_run_the_package_image_and_a_valid_train_command() -> 
     assert config.train.use_gpu and args.data.startswith("s3://") and args.storage.startswith("s3://")
 
 
+@pytest.mark.prefect
 def test_prefect_cluster_pool_is_accepted_by_a_real_prefect_server(prefect_harness: None) -> None:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate

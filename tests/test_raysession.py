@@ -29,7 +29,7 @@ def test_a_machine_gets_one_footer_reader_per_eight_cores_unless_one_is_named(mo
     assert local_ray_environment() == {FOOTER_ACTORS_VARIABLE: "6"}
 
 
-@pytest.mark.slow
+@pytest.mark.ray
 def test_the_workers_of_a_local_ray_read_it_from_their_environment() -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RSITR_RAY_CLUSTER", FOOTER_ACTORS_VARIABLE)}
     run = subprocess.run(

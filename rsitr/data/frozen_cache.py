@@ -251,7 +251,7 @@ def _read(root: str, split: str) -> ray.data.Dataset:
     return ds.filter(expr=f"split == '{split}'")
 
 
-def train_dataset(
+def cached_train_dataset(
     root: str, max_tokens: int, shuffle: str = "full", epochs: int = 1, seed: int = 0
 ) -> ray.data.Dataset:
     """The training split of a cache for a whole run: ``epochs`` epochs in one stream, each in a new order
@@ -275,7 +275,7 @@ def train_dataset(
     )
 
 
-def eval_datasets(root: str, split: str, max_tokens: int) -> tuple[ray.data.Dataset, ray.data.Dataset]:
+def cached_eval_datasets(root: str, split: str, max_tokens: int) -> tuple[ray.data.Dataset, ray.data.Dataset]:
     """Every image of a split once and every caption with its image id, from the cache (caption states padded to
     ``max_tokens``: :func:`state_tokens`)."""
     images = _read(root, split).map_batches(

@@ -83,7 +83,7 @@ def shuffled(ds: ray.data.Dataset, shuffle: str) -> ray.data.Dataset:
     return ds.randomize_block_order() if shuffle == "blocks" else ds
 
 
-def train_dataset(
+def shard_train_dataset(
     root: str, image_size: int, text_model: str, max_tokens: int, augment: bool, shuffle: str = "full"
 ) -> ray.data.Dataset:
     """The training split, shuffled anew each epoch, then decoded, augmented and tokenised.
@@ -106,7 +106,7 @@ def train_dataset(
     )
 
 
-def eval_datasets(
+def shard_eval_datasets(
     root: str, split: str, image_size: int, text_model: str, max_tokens: int
 ) -> tuple[ray.data.Dataset, ray.data.Dataset]:
     """Two streams for evaluation: every image once, and every caption with its image id."""

@@ -95,13 +95,13 @@ def evaluate_checkpoint(
     """Metrics of a checkpoint (or finished run) on one split of an ingested dataset (``rerank_k``, ``test_views``:
     override the run's ``train.rerank_k``, ``model.test_views``)."""
     # Ray Data and checkpoint loading only here: importing the evaluation math stays light
-    from rsitr.data.streams import eval_datasets
+    from rsitr.data.streams import shard_eval_datasets
     from rsitr.io import storage
     from rsitr.models import checkpoint as ckpt
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, config, _ = ckpt.load_checkpoint(checkpoint, map_location=device, test_views=test_views)
-    images, captions = eval_datasets(
+    images, captions = shard_eval_datasets(
         storage.resolve(data), split, config.model.image_size, config.model.text_model, config.model.max_tokens
     )
     return evaluate_model(

@@ -7,7 +7,7 @@ import logging
 import math
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pyarrow as pa
@@ -17,7 +17,7 @@ import shapely
 
 from rsitr.errors import EmbeddingsMismatchError, EmbeddingsNotFoundError
 from rsitr.io import storage
-from rsitr.retrieval.query import INDEX_META, CellGrid, require_index
+from rsitr.retrieval.index_meta import INDEX_META, CellGrid, IndexMeta, read_index_meta
 
 log = logging.getLogger(__name__)
 TABLE = "tiles"
@@ -43,9 +43,7 @@ def _bbox_columns(geometries: list[bytes | None]) -> dict[str, list[float | None
     return cols
 
 
-def build_index(
-    embeddings: str, out: str, checkpoint: str | None = None, captions: str | None = None
-) -> dict[str, Any]:
+def build_index(embeddings: str, out: str, checkpoint: str | None = None, captions: str | None = None) -> IndexMeta:
     """Build (or rebuild) the index at ``out`` from an embeddings GeoParquet file, and with ``captions`` (a
     captions file from ``rsitr embed --captions``) a caption table for image→text search beside the tiles.
 
@@ -56,7 +54,7 @@ def build_index(
 
     Raises:
         EmbeddingsNotFoundError: ``embeddings`` (or ``captions``) names nothing readable.
-        ValueError: the captions come from another model version than the tiles.
+        EmbeddingsMismatchError: the captions come from another model version than the tiles.
         StorageUnreachableError: the object store stopped answering; readers keep the previous version.
     """
     embeddings, captions = locate_embeddings(embeddings, captions)
@@ -65,7 +63,7 @@ def build_index(
     version = data["model_version"][0].as_py()
     out = storage.resolve(out)
     extra: dict[str, Any] = {"embeddings": embeddings, "data": embeddings_source(table)}
-    caption_data = caption_rows(read_embeddings(captions), captions) if captions else None
+    caption_data = caption_index_rows(read_embeddings(captions), captions) if captions else None
     if caption_data is not None and caption_data["model_version"][0].as_py() != version:
         raise EmbeddingsMismatchError(
             f"{captions}: captions embedded by another model version than {embeddings}; re-embed"
@@ -127,7 +125,7 @@ def embeddings_source(table: pa.Table) -> str | None:
 
 def index_rows(table: pa.Table, where: str = "embeddings") -> pa.Table:
     """Embedding rows as the index stores them: ``vector``, the footprint's lon/lat bounds for filtering and its
-    ``cell`` on the index's grid (:class:`~rsitr.retrieval.query.CellGrid`; null without a footprint), in cell
+    ``cell`` on the index's grid (:class:`~rsitr.retrieval.index_meta.CellGrid`; null without a footprint), in cell
     order, so the rows a bbox reaches lie together.
 
     Raises:
@@ -146,7 +144,7 @@ def index_rows(table: pa.Table, where: str = "embeddings") -> pa.Table:
     return data.take(pc.sort_indices(data, [(CELL_COLUMN, "ascending")])).replace_schema_metadata(None)
 
 
-def caption_rows(table: pa.Table, where: str = "captions") -> pa.Table:
+def caption_index_rows(table: pa.Table, where: str = "captions") -> pa.Table:
     """Caption embedding rows as the index stores them (``vector``, caption_id, image_id, caption, split).
 
     Raises:
@@ -235,10 +233,10 @@ def cell_grid(lance_table: Any) -> CellGrid:
     return CellGrid(widest_lon=widest[0] or 0.0, widest_lat=widest[1] or 0.0)
 
 
-def ann_settings(meta: dict[str, Any]) -> AnnSettings | None:
+def ann_settings(meta: IndexMeta) -> AnnSettings | None:
     """The ANN settings an index was built with (None: exact search). Indexes from before settings were recorded
     are IVF-PQ with the first defaults."""
-    if meta.get("kind") == "exact":
+    if meta["kind"] == "exact":
         return None
     return AnnSettings(**meta["ann"]) if "ann" in meta else AnnSettings(index_type="IVF_PQ")
 
@@ -250,7 +248,7 @@ def publish(
     checkpoint: str | None,
     extra: dict[str, Any],
     ann: AnnSettings = ANN,
-) -> dict[str, Any]:
+) -> IndexMeta:
     """Add the ANN index once the table is large enough, then point ``index.json`` at the table (atomically)."""
     rows = int(lance_table.count_rows())
     kind = "exact"
@@ -270,7 +268,8 @@ def publish(
         extra = {**extra, "ann": asdict(ann)}
     if with_cells:
         extra = {**extra, "cells": asdict(_widened(cell_grid(lance_table), out, lance_table.name))}
-    meta = {
+    # ``extra``: the optional keys (data, archive, ann, cells, captions_table, …)
+    meta = cast(IndexMeta, {
         "table": lance_table.name,
         "rows": rows,
         "model_version": model_version,
@@ -278,7 +277,7 @@ def publish(
         "checkpoint": checkpoint,
         **extra,
         "built_at": datetime.now(UTC).isoformat(),
-    }
+    })  # fmt: skip
     storage.write_json_atomic(storage.join(out, INDEX_META), meta)
     log.info("index %s: %d tiles (%s)", out, rows, kind)
     return meta
@@ -287,9 +286,8 @@ def publish(
 def _widened(grid: CellGrid, out: str, table: str) -> CellGrid:
     """``grid`` widened to the one ``index.json`` records for ``table``: a reader that opened an older version of the
     table may read the grid a later publish records, so the grid never narrows (see :func:`open_index`)."""
-    meta_uri = storage.join(out, INDEX_META)
-    previous = storage.read_json(meta_uri) if storage.exists(meta_uri) else {}
-    recorded = CellGrid.from_meta(previous) if previous.get("table") == table else None
+    previous = _published(out, table)
+    recorded = CellGrid.from_meta(previous) if previous is not None else None
     if recorded is None or recorded.degrees != grid.degrees:
         return grid
     return replace(
@@ -298,29 +296,34 @@ def _widened(grid: CellGrid, out: str, table: str) -> CellGrid:
 
 
 def _recorded_settings(out: str, table: str) -> AnnSettings | None:
+    previous = _published(out, table)
+    return ann_settings(previous) if previous is not None else None
+
+
+def _published(out: str, table: str) -> IndexMeta | None:
+    """The ``index.json`` at ``out`` when it points at ``table`` (a publish of the same table before this one)."""
     meta_uri = storage.join(out, INDEX_META)
-    previous = storage.read_json(meta_uri) if storage.exists(meta_uri) else {}
-    return ann_settings(previous) if previous.get("table") == table else None
+    previous: IndexMeta | None = storage.read_json(meta_uri) if storage.exists(meta_uri) else None
+    return previous if previous is not None and previous["table"] == table else None
 
 
-def open_index(uri: str) -> tuple[Any, dict[str, Any]]:
+def open_index(uri: str) -> tuple[Any, IndexMeta]:
     """The LanceDB table and the metadata of the index at ``uri``.
 
     Raises:
         IndexNotFoundError: no index was built at ``uri``.
     """
-    uri = require_index(uri)
-    meta: dict[str, Any] = storage.read_json(storage.join(uri, INDEX_META))
-    table = connect(uri).open_table(meta["table"])
+    meta = read_index_meta(uri)
+    table = connect(storage.resolve(uri)).open_table(meta["table"])
     # A publish may have committed between reading index.json and opening the table. The grid only widens
     # (publish never narrows it), so the one recorded now covers every footprint the opened version can hold.
-    latest: dict[str, Any] = storage.read_json(storage.join(uri, INDEX_META))
-    if latest.get("table") == meta["table"] and latest.get("cells"):
-        meta = {**meta, "cells": latest["cells"]}
+    latest = read_index_meta(uri)
+    if latest["table"] == meta["table"] and latest.get("cells"):
+        meta["cells"] = latest["cells"]
     return table, meta
 
 
-def open_captions(uri: str, meta: dict[str, Any]) -> Any | None:
+def open_captions(uri: str, meta: IndexMeta) -> Any | None:
     """The caption table of the index at ``uri`` (``meta``: its index.json), or None when it has none."""
     name = meta.get("captions_table")
     return connect(storage.resolve(uri)).open_table(name) if name else None
@@ -329,8 +332,3 @@ def open_captions(uri: str, meta: dict[str, Any]) -> Any | None:
 def sql_text(text: str) -> str:
     """``text`` as a SQL string literal in a LanceDB filter (quotes doubled: no text escapes the literal)."""
     return "'" + text.replace("'", "''") + "'"
-
-
-def describe(meta: dict[str, Any]) -> str:
-    """One line about an index."""
-    return json.dumps({k: meta[k] for k in ("rows", "kind", "model_version")})

@@ -21,7 +21,8 @@ from rsitr.models.msa import MSA
 from rsitr.models.tokenizers import load_tokenizer
 from rsitr.retrieval.batching import MicroBatcher
 from rsitr.retrieval.index import ANN, AnnSettings, ann_settings, open_captions, open_index, sql_text
-from rsitr.retrieval.query import CellGrid, SearchError, SearchFilter, check_k, check_query
+from rsitr.retrieval.index_meta import CellGrid, answering_checkpoint
+from rsitr.retrieval.search_inputs import SearchError, SearchFilter, check_k, check_query
 from rsitr.runtime.precision import inference, unit_float32, use_bf16, with_text_weights_in_bf16
 
 
@@ -96,9 +97,7 @@ class Searcher:
         """
         self.index = index
         self.table, self.meta = open_index(index)
-        source = checkpoint or self.meta.get("checkpoint")
-        if not source:
-            raise SearchError(f"index {index} records no checkpoint; pass --checkpoint")
+        source = answering_checkpoint(self.meta, checkpoint, index)
         self.checkpoint: str = source
         model, config, state = loaded or ckpt.load_checkpoint(source)
         if state["model_version"] != self.meta["model_version"]:
@@ -153,13 +152,13 @@ class Searcher:
         return unit_float32(vectors)
 
     @torch.no_grad()
-    def describe(self, image: str, k: int = 10, rerank: int = 0) -> list[CaptionHit]:
+    def captions_for_image(self, image: str, k: int = 10, rerank: int = 0) -> list[CaptionHit]:
         """Top-``k`` captions of the index for an image file (PNG, JPEG, TIFF, …); with ``rerank``, re-ranked
         against the indexed tiles."""
-        return self.describe_vector(self._encode_image(_read_image(image), image), k, rerank)
+        return self.captions_for_vector(self._encode_image(_read_image(image), image), k, rerank)
 
     @torch.no_grad()
-    def describe_vector(self, vector: torch.Tensor, k: int = 10, rerank: int = 0) -> list[CaptionHit]:
+    def captions_for_vector(self, vector: torch.Tensor, k: int = 10, rerank: int = 0) -> list[CaptionHit]:
         """Top-``k`` captions for an image embedding (see :meth:`encode_image_bytes`)."""
         check_k(k, rerank)
         captions = self._caption_table()
@@ -288,8 +287,8 @@ def search(
     return [asdict(hit) for hit in Searcher(index, checkpoint).search(query, k, where, rerank)]
 
 
-def describe(
+def captions_for_image(
     image: str, index: str, k: int = 10, checkpoint: str | None = None, rerank: int = 0
 ) -> list[dict[str, Any]]:
     """One-shot image → captions search over the index's caption table."""
-    return [asdict(hit) for hit in Searcher(index, checkpoint).describe(image, k, rerank)]
+    return [asdict(hit) for hit in Searcher(index, checkpoint).captions_for_image(image, k, rerank)]

@@ -16,8 +16,8 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
-from rsitr.retrieval.query import SearchError, parse_filter
 from rsitr.retrieval.search import tile_fields
+from rsitr.retrieval.search_inputs import SearchError, parse_filter
 from rsitr.service.security import token_digest
 from rsitr.service.state import SearchService, TileNotFoundError
 
@@ -129,7 +129,7 @@ def _add_searches(app: FastAPI, service: SearchService) -> None:
         """Text → tiles."""
         searcher = service.searcher
         hits = searcher.search(q, k, parse_filter(bbox, after, before, ("after", "before")), rerank)
-        return {"query": q, "index_version": searcher.meta.get("built_at"), "hits": [asdict(h) for h in hits]}
+        return {"query": q, "index_version": searcher.meta["built_at"], "hits": [asdict(h) for h in hits]}
 
     @app.post("/search/image")
     def search_image(
@@ -142,9 +142,9 @@ def _add_searches(app: FastAPI, service: SearchService) -> None:
             raise HTTPException(413, f"upload {file.filename!r} is over the {MAX_UPLOAD_BYTES} byte limit")
         searcher = service.searcher
         vector = searcher.encode_image_bytes(data, repr(file.filename or "upload"))
-        captions = searcher.describe_vector(vector, k) if searcher.captions is not None else None
+        captions = searcher.captions_for_vector(vector, k) if searcher.captions is not None else None
         return {
-            "index_version": searcher.meta.get("built_at"),
+            "index_version": searcher.meta["built_at"],
             "captions": [asdict(c) for c in captions] if captions is not None else None,
             "tiles": [asdict(h) for h in searcher.similar_tiles(vector, k)],
         }
@@ -163,7 +163,7 @@ def _add_tiles(app: FastAPI, service: SearchService) -> None:
         row = service.tile(image_id, searcher)
         return {
             "image_id": image_id,
-            "index_version": searcher.meta.get("built_at"),
+            "index_version": searcher.meta["built_at"],
             "hits": [asdict(h) for h in searcher.similar_tiles(row["vector"], k, exclude=image_id)],
         }
 

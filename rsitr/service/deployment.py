@@ -88,16 +88,12 @@ def start(
         ServiceConfigError: reachable beyond loopback without a token, or no replica asked for.
     """
     from rsitr.models.checkpoint import read_meta
-    from rsitr.retrieval.index import open_index
+    from rsitr.retrieval.index_meta import answering_checkpoint, read_index_meta
     from rsitr.runtime.raysession import init_ray
 
     digest = required_digest(host, token)
     # a missing index or checkpoint fails here, in one line, not in a replica's log
-    _, meta = open_index(index)
-    source = checkpoint or meta.get("checkpoint")
-    if not source:
-        raise ServiceConfigError(f"index {index} records no checkpoint; pass --checkpoint")
-    read_meta(source)
+    read_meta(answering_checkpoint(read_index_meta(index), checkpoint, index))
     init_ray()
     serve.start(http_options={"host": host, "port": port}, logging_config=QUIET_LOGS)
     serve.run(

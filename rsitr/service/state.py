@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 from rsitr.io import shards, storage
 from rsitr.models import checkpoint as ckpt
 from rsitr.retrieval import result_sheet
-from rsitr.retrieval.index import INDEX_META
-from rsitr.retrieval.search import Loaded, Searcher, SearchError
+from rsitr.retrieval.index_meta import answering_checkpoint, read_index_meta
+from rsitr.retrieval.search import Loaded, Searcher
 
 log = logging.getLogger(__name__)
 
@@ -85,26 +85,22 @@ class SearchService:
             self._watcher.start()
 
     def _open(self) -> Searcher:
-        meta = storage.read_json(storage.join(self.index, INDEX_META))
-        source = self._checkpoint or meta.get("checkpoint")
-        if not source:
-            raise SearchError(f"index {self.index} records no checkpoint; pass --checkpoint")
+        source = answering_checkpoint(read_index_meta(self.index), self._checkpoint, self.index)
         if self._loaded is None or self._loaded[0] != source:
             self._loaded = (source, ckpt.load_checkpoint(source))
         return Searcher(self.index, source, loaded=self._loaded[1])
 
     def refresh(self) -> bool:
         """Swap in the index version published since the current one was opened; True when it did."""
-        meta = storage.read_json(storage.join(self.index, INDEX_META))
-        current = self.searcher.meta
-        if (meta.get("built_at"), meta.get("table")) == (current.get("built_at"), current.get("table")):
+        meta, current = read_index_meta(self.index), self.searcher.meta
+        if (meta["built_at"], meta["table"]) == (current["built_at"], current["table"]):
             return False
         searcher = self._open()
         self.searcher = searcher  # one reference assignment: a request sees the old version or the new, whole
         with self._lock:
             self._thumbnails.clear()
         self.swaps += 1
-        log.info("index %s: now answering from the version built at %s", self.index, searcher.meta.get("built_at"))
+        log.info("index %s: now answering from the version built at %s", self.index, searcher.meta["built_at"])
         return True
 
     def _watch(self, poll_seconds: float) -> None:
@@ -128,13 +124,13 @@ class SearchService:
         meta = searcher.meta
         return {
             "status": "ok",
-            "index_version": meta.get("built_at"),
-            "table": meta.get("table"),
+            "index_version": meta["built_at"],
+            "table": meta["table"],
             "table_version": int(searcher.table.version),
-            "model_version": meta.get("model_version"),
-            "rows": meta.get("rows"),
+            "model_version": meta["model_version"],
+            "rows": meta["rows"],
             "caption_rows": meta.get("caption_rows", 0),
-            "kind": meta.get("kind"),
+            "kind": meta["kind"],
             "swaps": self.swaps,
         }
 
@@ -158,7 +154,7 @@ class SearchService:
         """
         searcher = self.searcher
         row = self.tile(image_id, searcher)
-        key = (str(searcher.meta.get("built_at")), image_id)
+        key = (str(searcher.meta["built_at"]), image_id)
         with self._lock:
             if key in self._thumbnails:
                 self._thumbnails.move_to_end(key)

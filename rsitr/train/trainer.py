@@ -14,7 +14,7 @@ import ray.train.torch
 
 from rsitr.config import Config, unique_run_name
 from rsitr.data import frozen_cache
-from rsitr.data.streams import eval_datasets, train_dataset
+from rsitr.data.streams import shard_eval_datasets, shard_train_dataset
 from rsitr.evaluation.evaluate import evaluate_checkpoint
 from rsitr.io import shards, storage
 from rsitr.models import checkpoint as ckpt
@@ -41,11 +41,11 @@ def training_datasets(config: Config, data: str, storage_path: str) -> dict[str,
     if t.cache_frozen:
         cache = frozen_cache.build_cache(config, data, storage_path)
         tokens = frozen_cache.state_tokens(m)
-        train_rows = frozen_cache.train_dataset(cache, tokens, t.shuffle, epochs=t.epochs, seed=t.seed)
-        val_images, val_captions = frozen_cache.eval_datasets(cache, "val", tokens)
+        train_rows = frozen_cache.cached_train_dataset(cache, tokens, t.shuffle, epochs=t.epochs, seed=t.seed)
+        val_images, val_captions = frozen_cache.cached_eval_datasets(cache, "val", tokens)
     else:
-        train_rows = train_dataset(data, m.image_size, m.text_model, m.max_tokens, t.augment, t.shuffle)
-        val_images, val_captions = eval_datasets(data, "val", m.image_size, m.text_model, m.max_tokens)
+        train_rows = shard_train_dataset(data, m.image_size, m.text_model, m.max_tokens, t.augment, t.shuffle)
+        val_images, val_captions = shard_eval_datasets(data, "val", m.image_size, m.text_model, m.max_tokens)
     return {"train": train_rows, "val_images": val_images, "val_captions": val_captions}
 
 

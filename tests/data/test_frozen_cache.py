@@ -77,6 +77,7 @@ def test_settings_a_cache_cannot_honour_are_refused() -> None:
     assert len(keys) == 3 and cache_key(four, manifest) in keys
 
 
+@pytest.mark.ray
 def test_a_run_trains_from_the_cache_and_its_checkpoint_embeds_raw_pixels_alike(
     ray_local: None, demo_shards: Path, tmp_path: Path
 ) -> None:
@@ -113,6 +114,7 @@ def test_a_run_trains_from_the_cache_and_its_checkpoint_embeds_raw_pixels_alike(
     # an MSCMAT that no loss term reads: tests/train/test_loop.py (real DDP, without a training run)
 
 
+@pytest.mark.ray
 def test_a_fully_frozen_text_tower_caches_one_pooled_vector_per_caption(demo_shards: Path) -> None:
     from rsitr.data.cached_rows import eval_caption_rows
     from rsitr.data.frozen_cache import state_tokens
@@ -177,6 +179,7 @@ def test_joined_towers_and_a_head_ensemble_split_like_the_whole_model() -> None:
     torch.testing.assert_close(model.encode_text(ids, mask), whole.text)
 
 
+@pytest.mark.ray
 def test_joined_towers_train_from_the_cache_and_embed_raw_pixels_alike(
     ray_local: None, demo_shards: Path, tmp_path: Path
 ) -> None:
@@ -188,6 +191,7 @@ def test_joined_towers_train_from_the_cache_and_embed_raw_pixels_alike(
     assert result.val["mR"] > 10  # chance on 57 val images is ~ 3
 
 
+@pytest.mark.ray
 def test_a_cache_of_eight_views_holds_each_tiles_mean_over_its_flips_and_turns(demo_shards: Path) -> None:
     import numpy as np
 

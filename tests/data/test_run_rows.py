@@ -26,6 +26,7 @@ def write_files(folder: Path, files: int, rows: int, payload: int = 0) -> list[i
     return [i for i in range(files * rows) if i % 4 != 3]
 
 
+@pytest.mark.ray
 def test_each_epoch_reads_every_row_of_the_split_once_in_its_own_order(ray_local: None, tmp_path: Path) -> None:
     train_ids = write_files(tmp_path / "rows", files=9, rows=20)
     run = read_run(str(tmp_path / "rows"), ["id"], "train", epochs=3, seed=7, order="full", num_cpus=0.25)
@@ -53,6 +54,8 @@ def test_file_orders_are_seeded_and_unknown_orders_refused() -> None:
         read_run("/nonexistent/rows", ["id"], "train", epochs=1, seed=0, order="full", num_cpus=0.25)
 
 
+@pytest.mark.ray
+@pytest.mark.timing
 def test_a_stream_held_back_by_its_consumer_leaves_the_cpu_alone(ray_local: None, tmp_path: Path) -> None:
     # A run's stream waits on training most of the time; Ray Data's scheduler loop spun a core meanwhile (0.9).
     write_files(tmp_path / "rows", files=8, rows=50, payload=20_000)
@@ -75,6 +78,7 @@ def test_a_stream_held_back_by_its_consumer_leaves_the_cpu_alone(ray_local: None
     assert len(next(batches)["id"]) == 16
 
 
+@pytest.mark.ray
 def test_an_unreadable_file_is_named_with_the_reason(ray_local: None, tmp_path: Path) -> None:
     write_files(tmp_path / "rows", files=2, rows=8)
     (tmp_path / "rows" / "part-999.parquet").write_bytes(b"not parquet")

@@ -11,6 +11,8 @@ import pytest
 from rsitr.data.preprocess import caption_rows, decode_with_paths
 from rsitr.data.shard_reads import read_shard_slices
 
+pytestmark = [pytest.mark.ray]
+
 
 def write_shards(folder: Path, shards: int, rows: int) -> list[str]:
     """Shards of ``rows`` images each (``s<shard>-<n>``), image n with 1 + n % 3 captions (``c<j>``)."""

@@ -45,6 +45,7 @@ def test_prefect_yaml_declares_the_deployments() -> None:
     assert nightly["schedules"][0]["cron"]
 
 
+@pytest.mark.prefect
 def test_ingest_corpus_and_archive_flows_run(prefect_harness: None, tmp_path: Path) -> None:
     images, captions = broken_corpus(tmp_path / "corpus")
     corpus = ingest_corpus_flow(
@@ -62,12 +63,14 @@ def test_ingest_corpus_and_archive_flows_run(prefect_harness: None, tmp_path: Pa
         ingest_archive_flow(scenes=scenes, out=str(tmp_path), options={"edge": "wrap"})  # type: ignore[arg-type]
 
 
+@pytest.mark.prefect
 def test_train_on_missing_data_fails_at_once_saying_what_to_ingest(prefect_harness: None, tmp_path: Path) -> None:
     with pytest.raises(MissingDataError, match=r"rsitr ingest corpus .* --dataset rsitmd"):
         train_msa(data=str(tmp_path / "data" / "rsitmd"))
 
 
-@pytest.mark.e2e
+@pytest.mark.prefect
+@pytest.mark.ray
 def test_ingest_train_index_search_end_to_end(
     prefect_harness: None, ray_local: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -43,6 +43,7 @@ def _reconciles(manifest: dict) -> None:
     assert manifest["captions_seen"] == accounted
 
 
+@pytest.mark.ray
 def test_demo_ingest_follows_the_shard_contract(demo_shards: Path) -> None:
     manifest = json.loads((demo_shards / "manifest.json").read_text())
     _reconciles(manifest)
@@ -62,6 +63,7 @@ def test_demo_ingest_follows_the_shard_contract(demo_shards: Path) -> None:
     assert len({r["image_id"] for r in shards.iter_rows(str(demo_shards), ["image_id"])}) == 432
 
 
+@pytest.mark.ray
 def test_reingest_writes_identical_shards(demo_corpus: Path, demo_shards: Path, tmp_path: Path) -> None:
     again = ingest_folder(str(demo_corpus), "demo", str(tmp_path), tile_size=128)
     first = json.loads((demo_shards / "manifest.json").read_text())
@@ -257,6 +259,7 @@ def test_windows_edges_overlap_bands_and_stacks(tmp_path: Path) -> None:
     assert {r["window"]["col_off"]: r["sha256"] for r in _rows(Path(out) / "stack")} == plain
 
 
+@pytest.mark.ray
 def test_parallel_ingest_on_ray_writes_the_same_shards(ray_local: None, tmp_path: Path) -> None:
     images = _images(tmp_path / "images", [f"p{i:03d}.jpg" for i in range(60)])
     (tmp_path / "caps.json").write_text(

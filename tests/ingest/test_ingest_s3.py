@@ -3,12 +3,15 @@
 import hashlib
 from pathlib import Path
 
+import pytest
 from conftest import shared
 from generators.data import broken_corpus
 
 from rsitr.ingest import ingest_corpus, ingest_scenes
 from rsitr.io import shards, storage
 from rsitr.io.geotiff import TileOptions, plan_scene, read_tiles
+
+pytestmark = [pytest.mark.s3]
 
 
 def _upload(local: Path, uri: str) -> None:

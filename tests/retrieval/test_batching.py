@@ -1,8 +1,7 @@
 import threading
-import time
-from collections.abc import Callable
 
 import pytest
+from waiting import wait_for
 
 from rsitr.retrieval.batching import MicroBatcher
 
@@ -10,13 +9,6 @@ from rsitr.retrieval.batching import MicroBatcher
 def _pending(batcher: MicroBatcher[int, int]) -> int:
     with batcher._lock:
         return len(batcher._pending)
-
-
-def _wait_for(condition: Callable[[], bool], what: str, seconds: float = 60.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.005)
 
 
 def _callers(batcher: MicroBatcher[int, int], items: list[int]) -> tuple[list[threading.Thread], dict[int, object]]:
@@ -54,10 +46,10 @@ def _eight_callers_queued_behind_the_first(
     """Caller 0 starts the (held) first batch, callers 1–7 queue behind it, then the batch is released."""
     threads, results = _callers(batcher, list(range(8)))
     threads[0].start()
-    _wait_for(lambda: len(batches) == 1, "the first batch to start")
+    wait_for("the first batch to start", lambda: len(batches) == 1, 60, every=0.005)
     for thread in threads[1:]:
         thread.start()
-    _wait_for(lambda: _pending(batcher) == 7, "seven callers to queue")
+    wait_for("seven callers to queue", lambda: _pending(batcher) == 7, 60, every=0.005)
     gate.set()
     for thread in threads:
         thread.join(60)

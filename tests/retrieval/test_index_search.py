@@ -21,7 +21,7 @@ from rsitr.retrieval import embed, reindex
 from rsitr.retrieval import index as index_module
 from rsitr.retrieval.embed import embed_archive
 from rsitr.retrieval.index import build_index, open_index
-from rsitr.retrieval.query import CellGrid
+from rsitr.retrieval.index_meta import CellGrid
 from rsitr.retrieval.search import Searcher, SearchError, SearchFilter, nearest
 
 PROJECT = Path(__file__).resolve().parents[2]
@@ -32,6 +32,7 @@ def built_index(demo_index_folder: Path) -> Path:
     return demo_index_folder  # shared with other modules: these tests only read it
 
 
+@pytest.mark.ray
 def test_embeddings_are_geoparquet_with_one_row_per_tile(built_index: Path) -> None:
     table = pq.read_table(built_index / "embeddings.parquet")
     assert table.num_rows == 432
@@ -40,12 +41,14 @@ def test_embeddings_are_geoparquet_with_one_row_per_tile(built_index: Path) -> N
     assert len(set(table["model_version"].to_pylist())) == 1
 
 
+@pytest.mark.ray
 def test_embeddings_and_index_json_hold_what_docs_contracts_says(built_index: Path) -> None:
     assert pq.read_schema(built_index / "embeddings.parquet").names == documented("Embeddings")
     meta = json.loads((built_index / index_module.INDEX_META).read_text())
     assert set(documented("Index")) <= set(meta)
 
 
+@pytest.mark.ray
 def test_search_returns_ranked_tiles_with_footprints(built_index: Path) -> None:
     searcher = Searcher(str(built_index))
     hits = searcher.search("a lake in the north of dense forest", k=7)
@@ -56,6 +59,7 @@ def test_search_returns_ranked_tiles_with_footprints(built_index: Path) -> None:
     assert table.count_rows() == 432
 
 
+@pytest.mark.ray
 def test_a_query_padded_to_its_length_embeds_as_one_padded_to_max_tokens(built_index: Path) -> None:
     searcher = Searcher(str(built_index), bf16_queries=False)
     query = "a river crosses dense forest"
@@ -73,6 +77,7 @@ def test_a_query_padded_to_its_length_embeds_as_one_padded_to_max_tokens(built_i
     torch.testing.assert_close(batched[1], searcher.encode_queries([longer])[0], atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.ray
 def test_bf16_queries_find_what_float32_queries_find(built_index: Path) -> None:
     exact, fast = Searcher(str(built_index), bf16_queries=False), Searcher(str(built_index), bf16_queries=True)
     queries = ["a lake in the north of dense forest", "a river crosses dense forest", "bare land beside farmland"]
@@ -82,6 +87,7 @@ def test_bf16_queries_find_what_float32_queries_find(built_index: Path) -> None:
         assert [h.image_id for h in fast.search(query, k=5)] == [h.image_id for h in exact.search(query, k=5)]
 
 
+@pytest.mark.ray
 def test_search_rejects_bad_input(built_index: Path, tmp_path: Path) -> None:
     with pytest.raises(SearchError, match="empty query"):
         Searcher(str(built_index)).search("   ")
@@ -96,6 +102,7 @@ def test_search_rejects_bad_input(built_index: Path, tmp_path: Path) -> None:
         Searcher(str(built_index), checkpoint=str(tmp_path / "no-checkpoint"))
 
 
+@pytest.mark.ray
 def test_rebuild_keeps_one_consistent_table(built_index: Path, tmp_path: Path) -> None:
     meta = build_index(str(built_index / "embeddings.parquet"), str(tmp_path / "copy"))
     assert meta["rows"] == 432 and meta["kind"] == "exact"
@@ -104,6 +111,7 @@ def test_rebuild_keeps_one_consistent_table(built_index: Path, tmp_path: Path) -
     assert table.count_rows() == 432
 
 
+@pytest.mark.ray
 def test_filters_return_only_tiles_inside_the_bbox_and_time_range(built_index: Path) -> None:
     searcher = Searcher(str(built_index))
     everything = searcher.search("dense forest", k=432)
@@ -124,6 +132,7 @@ def test_filters_return_only_tiles_inside_the_bbox_and_time_range(built_index: P
     assert len(dated) == 2 * 36
 
 
+@pytest.mark.ray
 @pytest.mark.parametrize(
     ("argument", "message"),
     [
@@ -144,6 +153,7 @@ def test_bad_filters_get_one_line_errors(
     assert message in error and "\n" not in error
 
 
+@pytest.mark.ray
 def test_html_result_sheet_shows_thumbnails_scores_and_footprints(built_index: Path, tmp_path: Path) -> None:
     sheet = tmp_path / "hits.html"
     assert cli_main(["search", "a river crosses dense forest", "--index", str(built_index), "-k", "4",
@@ -153,6 +163,7 @@ def test_html_result_sheet_shows_thumbnails_scores_and_footprints(built_index: P
     assert "a river crosses dense forest" in page and "http" not in page  # nothing fetched from a network
 
 
+@pytest.mark.ray
 def test_captions_are_embedded_and_searchable_from_an_image(
     built_index: Path, demo_shards: Path, tmp_path: Path
 ) -> None:
@@ -163,7 +174,7 @@ def test_captions_are_embedded_and_searchable_from_an_image(
     image = tmp_path / "tile.png"
     image.write_bytes(next(shards.iter_rows(str(demo_shards), ["image"]))["image"])
     searcher = Searcher(str(built_index))
-    hits = searcher.describe(str(image), k=5)
+    hits = searcher.captions_for_image(str(image), k=5)
     assert [h.rank for h in hits] == [1, 2, 3, 4, 5]
     assert all(h.caption_id.startswith(f"{h.image_id}#") for h in hits)
     with torch.no_grad():  # the caption table is small, so the search is exact: compare with brute force
@@ -176,6 +187,7 @@ def test_captions_are_embedded_and_searchable_from_an_image(
     assert all(text[h.caption_id] == h.caption for h in hits)
 
 
+@pytest.mark.ray
 def test_rerank_scores_follow_the_smr_formula(built_index: Path) -> None:
     query = "a river crosses dense forest"
     searcher = Searcher(str(built_index))
@@ -208,6 +220,7 @@ def searcher_tokens(searcher: Searcher, text: str) -> dict[str, np.ndarray]:
     return tokenize([text], searcher.config.model.text_model, searcher.config.model.max_tokens)
 
 
+@pytest.mark.ray
 def test_image_search_and_rerank_need_a_caption_table(
     built_index: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -221,6 +234,7 @@ def test_image_search_and_rerank_need_a_caption_table(
     assert "either a text query" in capsys.readouterr().err
 
 
+@pytest.mark.ray
 def test_an_interrupted_embedding_resumes_with_the_shards_it_had_not_finished(
     ray_local: None,
     built_index: Path,
@@ -270,6 +284,7 @@ def test_an_interrupted_embedding_resumes_with_the_shards_it_had_not_finished(
     assert not np.allclose(averaged, np.stack(whole["embedding"].to_numpy(zero_copy_only=False)), atol=1e-3)
 
 
+@pytest.mark.ray
 def test_tiles_and_captions_reach_the_embedding_actors_a_batch_at_a_time(ray_local: None, demo_shards: Path) -> None:
     # each block is one input of the actor pool: a shard in one block would be embedded by one actor alone
     uri = shards.shard_uris(str(demo_shards))[0]
@@ -284,6 +299,8 @@ def test_tiles_and_captions_reach_the_embedding_actors_a_batch_at_a_time(ray_loc
         assert sum(sizes) == count and max(sizes) <= 16 and len(sizes) >= count / 16, sizes
 
 
+@pytest.mark.ray
+@pytest.mark.s3
 def test_the_index_lives_on_s3_too(ray_local: None, built_index: Path, demo_shards: Path, s3_bucket: str) -> None:
     summary = embed_archive(open_index(str(built_index))[1]["checkpoint"], str(demo_shards), f"{s3_bucket}/embedded")
     assert summary["embeddings"] == f"{s3_bucket}/embedded/embeddings.parquet"
@@ -298,6 +315,7 @@ def test_the_index_lives_on_s3_too(ray_local: None, built_index: Path, demo_shar
     assert rebuilt["rows"] == 432 and Searcher(f"{s3_bucket}/index").table.count_rows() == 432
 
 
+@pytest.mark.ray
 def test_an_append_keeps_the_ann_settings_the_index_was_built_with(
     built_index: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -313,6 +331,7 @@ def test_an_append_keeps_the_ann_settings_the_index_was_built_with(
     assert index_module.ann_settings(meta) == pq_settings
 
 
+@pytest.mark.ray
 def test_index_build_takes_the_folder_rsitr_embed_wrote(
     built_index: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -361,6 +380,7 @@ def _spread_over_the_globe(table: pa.Table) -> pa.Table:
     return table.set_column(table.schema.get_field_index("geometry"), "geometry", pa.array(moved, pa.binary()))
 
 
+@pytest.mark.ray
 def test_bbox_search_starts_from_the_index_cells_and_finds_what_the_bounds_alone_find(
     built_index: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -394,6 +414,7 @@ def test_bbox_search_starts_from_the_index_cells_and_finds_what_the_bounds_alone
         assert by_cells == by_bounds and set(by_cells) <= inside
 
 
+@pytest.mark.ray
 def test_an_index_from_before_the_cell_grid_keeps_answering_bbox_searches_after_an_append(
     built_index: Path, tmp_path: Path
 ) -> None:
@@ -410,6 +431,7 @@ def test_an_index_from_before_the_cell_grid_keeps_answering_bbox_searches_after_
     assert rows["image_id"][431].as_py() in {h.image_id for h in hits}
 
 
+@pytest.mark.ray
 def test_the_recorded_grid_widens_with_a_wide_footprint_and_never_narrows(built_index: Path, tmp_path: Path) -> None:
     embeddings = index_module.read_embeddings(str(built_index / "embeddings.parquet"))
     table = index_module.connect(str(tmp_path)).create_table("tiles", data=index_module.index_rows(embeddings.slice(1)))

@@ -33,6 +33,8 @@ def _scene(folder: Path, name: str, seed: int) -> Path:
     return write_geotiff(folder / name, pixels)
 
 
+@pytest.mark.prefect
+@pytest.mark.ray
 def test_nightly_flow_indexes_only_new_scenes_and_a_second_run_is_a_no_op(
     prefect_harness: None, ray_local: None, untrained_checkpoint: Path, tmp_path: Path
 ) -> None:
@@ -84,6 +86,7 @@ INTERRUPTIBLE = textwrap.dedent(
 )
 
 
+@pytest.mark.ray
 def test_an_interrupted_reindex_leaves_the_previous_version_queryable(
     ray_local: None, untrained_checkpoint: Path, tmp_path: Path
 ) -> None:
@@ -142,6 +145,8 @@ SERVE_NIGHTLY = textwrap.dedent(
 )
 
 
+@pytest.mark.prefect
+@pytest.mark.ray
 def test_the_served_nightly_deployment_indexes_scenes_dropped_into_the_archive(
     prefect_harness: None, untrained_checkpoint: Path, tmp_path: Path
 ) -> None:

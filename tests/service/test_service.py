@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import pytest
 from PIL import Image
+from waiting import wait_for
 
 from rsitr.cli import main as cli_main
 from rsitr.retrieval.index import build_index
@@ -32,15 +33,6 @@ def _free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
-
-
-def _wait_until(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +57,8 @@ def client(service: str) -> Iterator[httpx.Client]:
         yield session
 
 
+@pytest.mark.ray
+@pytest.mark.serve
 def test_health_names_the_index_and_model_versions(client: httpx.Client, served_index: Path) -> None:
     health = client.get("/healthz").json()
     searcher = Searcher(str(served_index))
@@ -73,6 +67,8 @@ def test_health_names_the_index_and_model_versions(client: httpx.Client, served_
     assert health["index_version"] == searcher.meta["built_at"]
 
 
+@pytest.mark.ray
+@pytest.mark.serve
 def test_text_search_answers_what_the_cli_answers(client: httpx.Client, served_index: Path) -> None:
     body = client.get("/search", params={"q": QUERY, "k": 6, "bbox": "-180,-90,180,90"}).json()
     expected = Searcher(str(served_index)).search(QUERY, k=6)
@@ -81,6 +77,8 @@ def test_text_search_answers_what_the_cli_answers(client: httpx.Client, served_i
     assert all(h["footprint"].startswith("POLYGON") and h["acquired_at"] for h in body["hits"])
 
 
+@pytest.mark.ray
+@pytest.mark.serve
 def test_a_tile_has_metadata_a_png_thumbnail_and_neighbours(client: httpx.Client, served_index: Path) -> None:
     first = client.get("/search", params={"q": QUERY, "k": 1}).json()["hits"][0]
     tile = client.get(f"/tiles/{first['image_id']}").json()
@@ -96,6 +94,8 @@ def test_a_tile_has_metadata_a_png_thumbnail_and_neighbours(client: httpx.Client
     assert all(a["score"] >= b["score"] for a, b in zip(similar, similar[1:], strict=False))
 
 
+@pytest.mark.ray
+@pytest.mark.serve
 def test_an_uploaded_tile_finds_itself_and_captions(client: httpx.Client) -> None:
     first = client.get("/search", params={"q": "dense forest", "k": 1}).json()["hits"][0]
     png = client.get(f"/tiles/{first['image_id']}/thumbnail.png").content
@@ -105,6 +105,8 @@ def test_an_uploaded_tile_finds_itself_and_captions(client: httpx.Client) -> Non
     assert len(body["captions"]) == 3 and all(c["caption"] for c in body["captions"])
 
 
+@pytest.mark.ray
+@pytest.mark.serve
 @pytest.mark.parametrize(
     ("method", "path", "kwargs", "status", "message"),
     [
@@ -133,6 +135,8 @@ def test_bad_input_gets_a_4xx_with_a_one_line_reason(
     assert message in error and "\n" not in error
 
 
+@pytest.mark.ray
+@pytest.mark.serve
 def test_page_docs_and_their_assets_come_from_the_service(client: httpx.Client) -> None:
     page = client.get("/").text
     assert '<form id="search-form"' in page and "https://" not in page
@@ -142,6 +146,8 @@ def test_page_docs_and_their_assets_come_from_the_service(client: httpx.Client) 
     assert "/search" in client.get("/openapi.json").json()["paths"]
 
 
+@pytest.mark.ray
+@pytest.mark.serve
 def test_a_token_guards_every_route_that_reads_the_index(service: str, served_index: Path) -> None:
     from ray import serve
 
@@ -171,6 +177,8 @@ def test_serving_beyond_loopback_needs_a_token(capsys: pytest.CaptureFixture[str
     assert "RSITR_API_TOKEN" in error and "\n" not in error
 
 
+@pytest.mark.ray
+@pytest.mark.serve
 def test_a_missing_index_or_checkpoint_stops_rsitr_serve_in_one_line(
     served_index: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -183,6 +191,8 @@ def test_a_missing_index_or_checkpoint_stops_rsitr_serve_in_one_line(
         assert message in error and "\n" not in error
 
 
+@pytest.mark.ray
+@pytest.mark.serve
 def test_rsitr_serve_prints_its_url_answers_and_stops_on_ctrl_c(served_index: Path) -> None:
     port = _free_port()
     command = [str(Path(sys.executable).with_name("rsitr")), "serve", "--index", str(served_index), "--port", str(port)]
@@ -209,6 +219,8 @@ def test_rsitr_serve_prints_its_url_answers_and_stops_on_ctrl_c(served_index: Pa
             process.kill()
 
 
+@pytest.mark.ray
+@pytest.mark.serve
 def test_a_new_index_version_is_served_without_a_failed_request(
     client: httpx.Client, served_index: Path, untrained_checkpoint: Path
 ) -> None:
@@ -228,13 +240,13 @@ def test_a_new_index_version_is_served_without_a_failed_request(
     for worker in workers:
         worker.start()
     try:
-        _wait_until(lambda: answered[0] >= 10, 120, "the first queries")
+        wait_for("the first queries", lambda: answered[0] >= 10, 120)
         build_index(  # a re-index publishes a new version of the same index
             str(served_index / "embeddings.parquet"), str(served_index), str(untrained_checkpoint)
         )
-        _wait_until(lambda: client.get("/healthz").json()["index_version"] != before["index_version"], 120, "swap")
+        wait_for("swap", lambda: client.get("/healthz").json()["index_version"] != before["index_version"], 120)
         seen = answered[0]
-        _wait_until(lambda: answered[0] >= seen + 10, 120, "queries after the swap")
+        wait_for("queries after the swap", lambda: answered[0] >= seen + 10, 120)
     finally:
         stop.set()
         for worker in workers:
@@ -244,6 +256,9 @@ def test_a_new_index_version_is_served_without_a_failed_request(
     assert errors == []
 
 
+@pytest.mark.browser
+@pytest.mark.ray
+@pytest.mark.serve
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed (.ci/run installs it)")
 def test_the_page_searches_and_draws_results_in_a_real_browser(service: str, tmp_path: Path) -> None:
     url = f"{service}/?q=dense+forest&k=8"

@@ -8,14 +8,14 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from ray.job_submission import JobStatus, JobSubmissionClient
+from waiting import wait_for
 
 from pipelines.raycluster import _ray_executable, free_port, local_ray_head, stop_process_group
 from rsitr.models.checkpoint import RESULT
@@ -40,7 +40,7 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         with (logs / "node.log").open("wb") as log:
             node = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            _wait("the second raylet to join", lambda: node.poll() is None and _alive_nodes(url) == 2, 120)
+            wait_for("the second raylet to join", lambda: _alive_nodes(url) == 2, 120, every=1.0, process=node)
             yield url
         finally:
             stop_process_group(node, signal.SIGINT)
@@ -56,16 +56,7 @@ def _env(**extra: str) -> dict[str, str]:
     return {**env, "RAY_AUTH_MODE": "disabled", **extra}
 
 
-def _wait(what: str, check: Callable[[], Any], timeout: float) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(1.0)
-    raise TimeoutError(f"{what} within {timeout:.0f} s")
-
-
+@pytest.mark.ray
 def test_ray_job_submit_trains_across_two_raylets(ray_head: str, demo_shards: Path, tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     command = [
@@ -92,6 +83,8 @@ SERVE = textwrap.dedent(
 )
 
 
+@pytest.mark.prefect
+@pytest.mark.ray
 def test_cancelling_the_flow_run_stops_its_ray_job(
     prefect_harness: None, ray_head: str, demo_shards: Path, tmp_path: Path
 ) -> None:
@@ -121,7 +114,7 @@ def test_cancelling_the_flow_run_stops_its_ray_job(
                 except Exception:  # not registered yet
                     return None
 
-            _wait("the served deployment did not register", deployment, 120)
+            wait_for("the served deployment to register", deployment, 120, every=1.0)
             parameters = {"data": str(demo_shards), "config": "demo", "storage_path": str(tmp_path / "runs"),
                           "name": "to-cancel", "epochs": 50}  # fmt: skip
             flow_run = run_deployment("train-msa/cancel-test", parameters=parameters, timeout=0)
@@ -131,19 +124,21 @@ def test_cancelling_the_flow_run_stops_its_ray_job(
                     (j for j in jobs.list_jobs() if "to-cancel" in (j.entrypoint or "") and j.status == "RUNNING"), None
                 )
 
-            job = _wait("the flow's Ray job did not start", running_job, 300)
+            job = wait_for("the flow's Ray job to start", running_job, 300, every=1.0)
             prefect.set_flow_run_state(flow_run.id, Cancelling(), force=True)
-            _wait(
-                "the Ray job was not stopped",
+            wait_for(
+                "the Ray job to stop",
                 lambda: jobs.get_job_status(job.submission_id) == JobStatus.STOPPED,
                 120,
+                every=1.0,
             )
-            state = _wait(
-                "the flow run did not end Cancelled",
+            state = wait_for(
+                "the flow run to end Cancelled",
                 lambda: (
                     (s := prefect.read_flow_run(flow_run.id).state) is not None and s.type == StateType.CANCELLED and s
                 ),
                 120,
+                every=1.0,
             )
             assert state.is_cancelled()
     finally:

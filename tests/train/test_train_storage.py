@@ -13,6 +13,8 @@ from safetensors.torch import load as load_safetensors
 from rsitr.io import storage
 from rsitr.models.checkpoint import CONFIG, OPTIMIZER, STATE, WEIGHTS, load_checkpoint
 
+pytestmark = [pytest.mark.s3]
+
 
 def test_loading_a_checkpoint_from_s3_downloads_no_optimizer_and_leaves_no_temporary_folder(
     s3_bucket: str, untrained_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

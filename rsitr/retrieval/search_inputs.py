@@ -1,4 +1,5 @@
-"""What a search asks and how it is checked: the query text, k, the where/when filter, the index's presence.
+"""What a search is given, and the checks it passes first: the query text, k, the re-rank depth, the where/when
+filter.
 
 Light on purpose (no torch, LanceDB or Ray): the CLI and the service refuse bad input with these before they load a
 model or open an index.
@@ -9,73 +10,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
 
-from rsitr.errors import IndexNotFoundError, UserError
-from rsitr.io import storage
+from rsitr.errors import UserError
+from rsitr.retrieval.index_meta import CellGrid
 
-# the index's metadata file (``rsitr.retrieval.index`` writes it; its presence means an index was built)
-INDEX_META = "index.json"
 MAX_K = 1000
 MAX_RERANK = 1000
-# the index's coarse spatial grid (degrees per cell): 20° boxes over 10⁶ tiles read ~1 % of the rows' bounds
-CELL_DEGREES = 10.0
-# a bbox needing more cells than this is tested on every row's bounds (the list would prune little)
-MAX_BBOX_CELLS = 1024
-# footprint extents are differences of floats: widening by this keeps a rounding error from dropping a cell
-_CELL_SLACK = 1e-6
 
 
 class SearchError(UserError, ValueError):
     """A query that cannot be answered (empty text, mismatched model, bad filter, …)."""
-
-
-@dataclass(frozen=True)
-class CellGrid:
-    """The index's coarse lon/lat grid (``index.json``'s ``cells``).
-
-    Each tile is filed under the cell of its footprint's south-west corner (the ``cell`` column, bitmap-indexed).
-    A footprint that meets a bbox has that corner inside the bbox widened south and west by the widest footprint in
-    the index, so a bbox search keeps those few cells first and tests the exact bounds only on their rows.
-    """
-
-    degrees: float = CELL_DEGREES
-    widest_lon: float = 0.0  # the largest max_lon - min_lon in the index
-    widest_lat: float = 0.0
-
-    @property
-    def columns(self) -> int:
-        return math.floor(360 / self.degrees) + 1
-
-    @property
-    def rows(self) -> int:
-        return math.floor(180 / self.degrees) + 1
-
-    def cell(self, lon: Any, lat: Any) -> Any:
-        """The cell of a south-west corner; works on floats and on numpy arrays alike (NaN in, NaN out)."""
-        return ((lat + 90) // self.degrees) * self.columns + (lon + 180) // self.degrees
-
-    def cells_meeting(self, bbox: tuple[float, float, float, float]) -> list[int] | None:
-        """Every cell in which a footprint meeting ``bbox`` can have its south-west corner; None when there are
-        more than :data:`MAX_BBOX_CELLS` or all of them (the bounds test alone is then as good)."""
-        min_lon, min_lat, max_lon, max_lat = bbox
-        first_column = max(0, int((min_lon - self.widest_lon - _CELL_SLACK + 180) // self.degrees))
-        last_column = min(self.columns - 1, int((max_lon + 180) // self.degrees))
-        first_row = max(0, int((min_lat - self.widest_lat - _CELL_SLACK + 90) // self.degrees))
-        last_row = min(self.rows - 1, int((max_lat + 90) // self.degrees))
-        count = (last_column - first_column + 1) * (last_row - first_row + 1)
-        if count > MAX_BBOX_CELLS or count == self.columns * self.rows:
-            return None
-        return [
-            row * self.columns + column
-            for row in range(first_row, last_row + 1)
-            for column in range(first_column, last_column + 1)
-        ]
-
-    @classmethod
-    def from_meta(cls, meta: dict[str, Any]) -> CellGrid | None:
-        """The grid an index records, or None (an index built before it had one)."""
-        return cls(**meta["cells"]) if meta.get("cells") else None
 
 
 @dataclass(frozen=True)
@@ -194,15 +138,3 @@ def check_k(k: int, rerank: int) -> None:
         raise SearchError(f"--rerank {rerank}: re-rank at most {MAX_RERANK} candidates")
     if rerank < 0:
         raise SearchError(f"--rerank {rerank}: give the number of candidates to re-rank (0: off)")
-
-
-def require_index(uri: str) -> str:
-    """``uri`` resolved, once it holds a built index.
-
-    Raises:
-        IndexNotFoundError: no index was built at ``uri``.
-    """
-    uri = storage.resolve(uri)
-    if not storage.exists(storage.join(uri, INDEX_META)):
-        raise IndexNotFoundError(f"no index at {uri} (missing {INDEX_META}); build one with `rsitr index build`")
-    return uri
