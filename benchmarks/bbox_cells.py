@@ -13,7 +13,7 @@ variant in turn (interleaved, so the variants share the machine's state), the pr
 (``rsitr.retrieval.search.nearest``). Recall@10 against exact numpy search over the rows that pass the same filter.
 
 Prints a table, writes JSON, and ends with one JSON line: ``p99_ms`` and ``recall_at_10`` per variant.
-Usage: ``python benchmarks/bbox_cells.py [--rows 1000000] [--queries 400]``  (≈ 8 min at 10⁶ on 2 cores)
+Usage: ``python -m benchmarks.bbox_cells [--rows 1000000] [--queries 400]``  (≈ 8 min at 10⁶ on 2 cores)
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@
    search (numpy over the same vectors and the same filter). With and without a bbox filter. ``--variants``
    compares ANN settings side by side on the same table ("product" is ``rsitr.retrieval.index.ANN``).
 
-Prints a table and writes JSON. Usage: ``python benchmarks/index.py [--images 2048] [--sizes 100000 1000000]
+Prints a table and writes JSON. Usage: ``python -m benchmarks.index [--images 2048] [--sizes 100000 1000000]
 [--variants product ivf_pq32 …]`` (``--checkpoint``: a trained one; default an untrained CPU-default model — the
 tower's cost is the same, the vectors' shape is not, so pass a trained one for the search numbers). ``--quick``:
 2,048 images, 10⁶ vectors, 100 queries, the product's settings only (about 5 minutes). Embedding has a fixed

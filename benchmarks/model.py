@@ -10,7 +10,7 @@ with its packaged weights), a step = forward + backward + AdamW at batch 32, 224
 Evaluation: encode RSICD's 1,093 test images once and its 5,465 captions, then R@K (chunked), from decoded pixels
 (JPEG decoding is timed apart).
 
-Usage: ``python benchmarks/model.py [--steps 2] [--skip-eval] [--out benchmarks/results/model.json]``
+Usage: ``python -m benchmarks.model [--steps 2] [--skip-eval] [--out benchmarks/results/model.json]``
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ are to the float32 ones (cosine; 1.0 = identical ranking).
 
 Prints a table, writes JSON, and ends with one JSON line: ``fp32_ms``, ``bf16_ms``, ``bf16_stored_ms``, ``speedup``
 (float32 over bf16 as stored), ``cos_min``, ``stored_identical``.
-Usage: ``python benchmarks/query_precision.py [--checkpoint RUN | --config PRESET] [--batches 16]``
+Usage: ``python -m benchmarks.query_precision [--checkpoint RUN | --config PRESET] [--batches 16]``
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ The matrix has RSICD's test shape (1,093 images × 5,465 captions) with scores r
 occur, as RSICD's duplicate captions make them; both ways must give the same orders and scores. Prints a table and
 writes JSON; the last line is one JSON object with ``speedup``.
 
-Usage: ``python benchmarks/rerank_speed.py [--images 1093] [--captions 5465] [--k 50] [--weight 2.0] [--repeats 3]``
+Usage: ``python -m benchmarks.rerank_speed [--images 1093] [--captions 5465] [--k 50] [--weight 2.0] [--repeats 3]``
 """
 
 from __future__ import annotations

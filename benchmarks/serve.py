@@ -6,7 +6,7 @@ for ``--seconds``. Latency is measured at the client (HTTP included). The client
 cores as the service: the figures are what one 2-core machine does for both.
 
 Prints a table, writes JSON, and ends with one JSON line: ``qps``, ``p99_ms``, ``errors``, ``errors_during_swap``.
-Usage: ``python benchmarks/serve.py [--quick] [--config PRESET] [--tiles 100000] [--clients 1 8 16] [--seconds 60]``
+Usage: ``python -m benchmarks.serve [--quick] [--config PRESET] [--tiles 100000] [--clients 1 8 16] [--seconds 60]``
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@
 ``model.test_views`` (``rsitr.models.msa.dihedral_views``) averages the pooled scales over the views; the embedding
 mean (each view through the heads, then averaged) is measured beside it. The runs must share their frozen image
 towers (seeds of one frozen-tower preset, such as ``msa-four-towers``): the towers run once per view and batch, and
-each run's heads read the result. The towers run in bf16 autocast where the CPU has bf16 hardware (about 3× faster
-here; 1-view test mR 22.39 against float32's 22.46 on one seed), so "1 view" is measured in the same arithmetic.
+each run's heads read the result. The towers run in bf16 autocast where the CPU has bf16 hardware (as
+``rsitr embed`` does), so "1 view" is measured in the same arithmetic as the others.
 
 Writes JSON (default ``benchmarks/results/image_views.json``) and prints a table. Usage:
 ``python -m experiments.image_views --data .rsitr/data/rsicd --runs RUN [RUN …] [--rerank K] [--out FILE]``; with
@@ -62,7 +62,7 @@ def _variants(views: list[Scales]) -> dict[str, Callable[[MSA], torch.Tensor]]:
 
 
 def summary(scores: list[float]) -> dict[str, Any]:
-    """Per-run mR, their mean and sample std (as ``benchmarks/ablation.py`` reports seeds)."""
+    """Per-run mR, their mean and sample std (the mean ± sample std over seeds)."""
     std = statistics.stdev(scores) if len(scores) > 1 else 0.0
     return {"per_run": scores, "mean": statistics.fmean(scores), "std": std}
 

@@ -17,7 +17,7 @@ import yaml
 from rsitr.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-# the CPU default: the best val mR measured on RSICD within 3 h on 2 cores (README "Quality on RSICD")
+# the CPU default: the recipe with the best RSICD val mR that trains within 3 h on 2 cores (docs/results.md)
 DEFAULT_PRESET = "msa-four-towers"
 # inference precision (rsitr.runtime.precision): auto = bf16 autocast on CPUs with bf16 hardware, else float32
 PRECISIONS = ("auto", "float32", "bfloat16")

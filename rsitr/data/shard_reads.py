@@ -2,10 +2,9 @@
 tiles, caption rows), a slice of rows at a time.
 
 Ray 2.60's ``read_parquet`` lists the files in a task and reads their footers in an actor before the first read,
-then hands each block to a separate map stage. Embedding 2,048 tiles on 2 cores, those were more processes starting
-beside the embedding actors: with the decode in the read task the first embeddings came after 12.0-13.0 s instead of
-13.9-15.0 s, and the whole embedding took 38.7-40.7 s instead of 41.0-43.7 s (four runs each, alternating). A
-shard's files are named by the manifest, so nothing needs listing.
+then hands each block to a separate map stage: more processes starting beside the embedding actors, which on a
+small machine delays the first embeddings. A shard's files are named by the manifest, so nothing needs listing,
+and the decode runs in the read task itself.
 
 numpy and pyarrow only in what the read tasks run, as in :mod:`rsitr.data.cached_rows`.
 """

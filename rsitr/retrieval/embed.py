@@ -144,8 +144,8 @@ def decoded_tiles(uris: list[str], image_size: int, batch_size: int, decoders: i
 
 def decoders_for(actors: int) -> int:
     """Decode tasks to run at once beside ``actors``: one per CPU actor (decoding a tile costs ~1/30 of embedding it
-    on a core), four per GPU. Unbounded, each shard's read started a decode process at once (12 for RSICD's 6
-    shards, 2 cores), and the actors' start waited behind them: first embeddings after 26 s instead of 16 s."""
+    on a core), four per GPU. Unbounded, every shard's read would start a decode process at once, and on a small
+    machine the actors' own start would wait behind them."""
     return actors * (4 if torch.cuda.is_available() else 1)
 
 

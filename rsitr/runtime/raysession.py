@@ -40,7 +40,7 @@ def init_ray() -> None:
     """Connect to the configured cluster, or start a local Ray, once per process.
 
     A fresh local Ray declares at least 4 logical CPUs: with only 2, the train workers and Ray Data's read and
-    decode stages starve each other (see STACK.md); torch runs one thread per worker anyway.
+    decode stages starve each other; torch runs one thread per worker anyway.
     """
     if not ray.is_initialized():
         address = cluster_address()

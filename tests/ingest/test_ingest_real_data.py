@@ -1,4 +1,4 @@
-"""Ingest of the real data in ../shared/data: RSICD in its three formats, RSITMD's captions, the sample GeoTIFFs."""
+"""Ingest of the real data ($RSITR_DATA): RSICD in its three formats, RSITMD's captions, the sample GeoTIFFs."""
 
 import json
 from pathlib import Path
