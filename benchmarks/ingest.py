@@ -7,7 +7,7 @@
 - peak memory (max RSS) of ingesting ``cog_world.tif`` (36000 × 18000) in a fresh process, beside the RSS of a
   process that only imports the same modules.
 
-Usage: ``python -m benchmarks.ingest [--quick] [--data ../shared/data] [--out benchmarks/results/ingest.json]``
+Usage: ``python -m benchmarks.ingest [--quick] [--data $RSITR_DATA] [--out benchmarks/results/ingest.json]``
 (``--quick``: the corpus with one worker only, well under a minute). The last line printed is one JSON object with
 ``corpus_vs_bound``: the one-worker corpus ingest's seconds over the bound's.
 """

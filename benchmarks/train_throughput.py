@@ -10,7 +10,7 @@ whether the stream keeps up. Nothing validates between epochs here, so nothing h
 small machine the stream's work shares the cores with the steps. Prints a table, writes JSON.
 
 Usage: ``python -m benchmarks.train_throughput [--config msa-lite0-minilm] [--data URI] [--rounds 3] [key=value …]``
-(without ``--data``: RSICD as benchmarks/quality.py ingests it, else the generated demo corpus). ``--quick``: the
+(without ``--data``: RSICD as ``benchmarks.quality`` ingests it, else the generated demo corpus). ``--quick``: the
 generated demo corpus (306 train rows), 6 rounds (a few minutes). The last line printed is one JSON object:
 ``fed_vs_bound`` (the later streamed epochs' samples/s over the bound's), ``data_wait`` (their wait fraction),
 ``first_epoch_vs_bound`` and ``all_epochs_vs_bound``.

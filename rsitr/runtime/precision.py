@@ -76,7 +76,7 @@ def store_linear_weights_in_bf16(module: torch.nn.Module) -> None:
 
     Autocast casts a float32 weight to bf16 on every forward; a weight already in bf16 is used as it is, so the
     results are bit for bit the same. The casts read and write every weight once per forward, a fixed cost per pass:
-    a third of it for eight short queries through the four-tower text towers (104 → 71 ms, benchmarks/README.md).
+    about a third of the time of eight short queries through the four-tower text towers.
     """
     for layer in module.modules():
         if isinstance(layer, torch.nn.Linear):
