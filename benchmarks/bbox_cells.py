@@ -31,12 +31,12 @@ import torch
 
 from benchmarks.common import RESULTS, RSICD, require
 from benchmarks.index import real_shaped, tiles_table  # the same rows as the index benchmark
-from rsitr.config import load_config  # noqa: E402
-from rsitr.data.preprocess import decode_image  # noqa: E402
-from rsitr.models.msa import build_model  # noqa: E402
-from rsitr.retrieval.index import ANN, CELL_COLUMN, add_cell_index, add_vector_index, cell_grid, index_rows  # noqa: E402
+from rsitr.config import load_config
+from rsitr.data.preprocess import decode_image
+from rsitr.models.msa import build_model
+from rsitr.retrieval.index import ANN, CELL_COLUMN, add_cell_index, add_vector_index, cell_grid, index_rows
 from rsitr.retrieval.index_meta import CELL_DEGREES
-from rsitr.retrieval.search import nearest  # noqa: E402
+from rsitr.retrieval.search import nearest
 from rsitr.retrieval.search_inputs import SearchFilter
 
 BBOX_DEGREES = 20.0

@@ -10,13 +10,14 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from waiting import wait_for
 
 
 @dataclass(frozen=True)
@@ -142,16 +143,13 @@ def _stop(process: subprocess.Popen[bytes], kill: bool = False) -> None:
 
 
 def _wait_ready(server: S3Server, process: subprocess.Popen[bytes], timeout: float, log: Path) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"weed exited with {process.returncode}: {log.read_text()[-2000:]}")
+    def answers() -> bool:
         try:
             urllib.request.urlopen(server.endpoint, timeout=2)
         except urllib.error.HTTPError:
-            return  # the gateway answers (403 to an anonymous request): it is up
+            return True  # the gateway answers (403 to an anonymous request): it is up
         except (urllib.error.URLError, ConnectionError, TimeoutError):
-            time.sleep(0.3)
-            continue
-        return
-    raise RuntimeError(f"weed did not answer on {server.endpoint} within {timeout:.0f} s: {log.read_text()[-2000:]}")
+            return False
+        return True
+
+    wait_for(f"weed to answer on {server.endpoint}", answers, timeout, every=0.3, process=process, log=log)

@@ -104,3 +104,24 @@ def test_bad_input_is_refused_before_torch_ray_or_lancedb_load(tmp_path: Path) -
     reasons = run.stderr.strip().splitlines()
     assert len(reasons) == len(bad) and "empty query" in reasons[0] and "no index at" in reasons[4]
     assert all(none in reason for reason in reasons[4:]), reasons
+
+
+def test_a_user_error_is_one_line_and_any_other_error_keeps_its_traceback(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import rsitr.cli
+    from rsitr.errors import ConfigError
+
+    def bad_setting(args: object) -> None:
+        raise ConfigError("model.test_views 3: expected one of (1, 4, 8)")
+
+    monkeypatch.setattr(rsitr.cli, "_demo_data", bad_setting)
+    assert cli_main(["demo-data"]) == 2
+    assert capsys.readouterr().err == "rsitr demo-data: model.test_views 3: expected one of (1, 4, 8)\n"
+
+    def bug(args: object) -> None:
+        raise ValueError("operands could not be broadcast together")  # e.g. numpy's: a bug, not the user's doing
+
+    monkeypatch.setattr(rsitr.cli, "_demo_data", bug)
+    with pytest.raises(ValueError, match="broadcast"):
+        cli_main(["demo-data"])

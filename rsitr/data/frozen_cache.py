@@ -259,7 +259,7 @@ def cached_train_dataset(
     (:func:`state_tokens`).
 
     Raises:
-        ValueError: an unknown ``shuffle``.
+        ConfigError: an unknown ``shuffle``.
         FileNotFoundError: the cache holds no rows.
     """
     rows = read_run(storage.join(root, "rows"), TRAIN_COLUMNS, "train", epochs, seed, shuffle, DATA_TASK_CPUS)

@@ -1,7 +1,7 @@
 """Decoding and tokenising shared by training (in Ray Data) and inference (embedding, search).
 
 No Ray, and nothing imports torch or transformers until a text is tokenized: a Ray Data task that only decodes
-starts in a fraction of a second instead of ~5 s of imports, beside the actors that are loading the model.
+starts in a fraction of a second instead of seconds of imports, beside the actors that are loading the model.
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ def check_shuffle(shuffle: str) -> None:
     """Refuse a ``shuffle`` that is not one of :data:`SHUFFLES`.
 
     Raises:
-        ValueError: naming it and the values allowed.
+        ConfigError: naming it and the values allowed.
     """
     if shuffle not in SHUFFLES:
         raise ConfigError(f"train.shuffle {shuffle!r}: expected one of {', '.join(SHUFFLES)}")
@@ -56,7 +56,7 @@ def read_permuted(
     """The ``split`` rows of some Parquet files, as one table; with ``seed``, in an order drawn from it.
 
     Raises:
-        ValueError: a file that cannot be read, or lacks a column (named, with the reason).
+        DatasetError: a file that cannot be read, or lacks a column (named, with the reason).
 
     ``filesystem``: a pyarrow filesystem, or None for local paths and ``s3://`` URIs (:func:`storage.arrow_filesystem`:
     it carries a custom S3 endpoint to the read tasks).
@@ -167,7 +167,7 @@ def read_run(
 
     Raises:
         FileNotFoundError: no Parquet file under ``folder``.
-        ValueError: an unknown ``order``.
+        ConfigError: an unknown ``order``.
     """
     base, filesystem = storage.arrow_filesystem(folder)
     files = {f"{base.rstrip('/')}/{name}": size for name, size in storage.list_files(folder).items()}
@@ -175,8 +175,8 @@ def read_run(
     if not files:
         raise FileNotFoundError(f"no Parquet files under {folder}")
     source = RunOfEpochs(files, columns, split, epochs, seed, order, filesystem)
-    # One read at a time: each is a few files (~0.2 s of a ~2 s epoch here). Unbounded, Ray Data began 11 at once
-    # in new processes on 2 cores, and the first batch came 11 s after the stream started.
+    # One read at a time: each is a few files, a small part of an epoch. Unbounded, Ray Data would begin one read per
+    # file at once, each in a new process, and on a small machine the first batch would wait behind them all.
     return ray.data.read_datasource(
         source,
         num_cpus=num_cpus,

@@ -31,7 +31,7 @@ def _record_batches(path: str, filesystem: Any, columns: Sequence[str], rows: in
     """One Parquet file's ``columns``, ``rows`` rows at a time.
 
     Raises:
-        ValueError: the file cannot be read, or lacks a column (named, with the reason).
+        DatasetError: the file cannot be read, or lacks a column (named, with the reason).
     """
     with shards.parquet_read_named(path, columns):
         yield from pq.ParquetFile(path, filesystem=filesystem).iter_batches(batch_size=rows, columns=columns)
@@ -43,7 +43,7 @@ def read_slices(
     """``transform`` of each ``slice_rows`` rows of one Parquet file, in order, each slice with a ``path`` column.
 
     Raises:
-        ValueError: the file cannot be read, or lacks a column (named, with the reason). A transform's own errors
+        DatasetError: the file cannot be read, or lacks a column (named, with the reason). A transform's own errors
             (a tile that does not decode) pass through as they are.
 
     ``filesystem``: a pyarrow filesystem, or None for local paths (as :func:`storage.arrow_filesystem` gives it).

@@ -28,7 +28,7 @@ def read_split(root: str, split: str, columns: list[str]) -> ray.data.Dataset:
 
     Raises:
         shards.ShardsNotFoundError: ``root`` holds no ingested dataset.
-        ValueError: the dataset has no rows in ``split``.
+        DatasetError: the dataset has no rows in ``split``.
     """
     manifest = shards.read_manifest(root)
     if split not in manifest["splits"]:
@@ -45,7 +45,7 @@ def train_rows(
     image (and with ``augment`` one random dihedral view).
 
     A task, not an actor: Ray Data starts a training stream's actors anew each epoch (a process and its imports,
-    ~3 s of the demo's ~4 s pipeline on 2 cores), while a task runs in a worker process Ray keeps, with the
+    most of a small epoch's pipeline), while a task runs in a worker process Ray keeps, with the
     tokenizer it loaded (:func:`~rsitr.models.tokenizers.process_tokenizer`). Each batch draws from a fresh
     generator seeded by the OS, as the shuffle before it is.
     """
@@ -75,7 +75,7 @@ def shuffled(ds: ray.data.Dataset, shuffle: str) -> ray.data.Dataset:
     """``ds`` in a new order each epoch: ``full`` (global shuffle), ``blocks`` (block order only) or ``none``.
 
     Raises:
-        ValueError: an unknown ``shuffle``.
+        ConfigError: an unknown ``shuffle``.
     """
     check_shuffle(shuffle)
     if shuffle == "full":
@@ -93,7 +93,7 @@ def shard_train_dataset(
     right for corpora up to a few GB), ``blocks`` (block order only: cheap, weaker) or ``none``.
 
     Raises:
-        ValueError: an unknown ``shuffle``.
+        ConfigError: an unknown ``shuffle``.
     """
     ds = shuffled(read_split(root, "train", ["image", "captions", "label"]), shuffle)
     return ds.map_batches(

@@ -64,7 +64,7 @@ def evaluate_model(
     ``mR_plain``.
 
     Raises:
-        ValueError: a caption belongs to an image that is not in the image stream, or the split is empty.
+        DatasetError: a caption belongs to an image that is not in the image stream, or the split is empty.
     """
     was_training = model.training
     model.eval()

@@ -207,7 +207,7 @@ def parquet_read_named(path: str, columns: Sequence[str]) -> Iterator[None]:
     fails naming the file, the columns and the reason (a Ray read task's error names no file otherwise).
 
     Raises:
-        ValueError: as above, from the read's ``OSError`` or Arrow error.
+        DatasetError: as above, from the read's ``OSError`` or Arrow error.
     """
     try:
         yield

@@ -107,7 +107,7 @@ def input_statistics(body: nn.Module, normalization: str) -> tuple[tuple[float, 
     trained with, from timm's pretrained config (EfficientNet-Lite: 0.5/0.5).
 
     Raises:
-        ValueError: an unknown ``normalization``.
+        ConfigError: an unknown ``normalization``.
     """
     if normalization == "imagenet":
         return IMAGENET_MEAN, IMAGENET_STD
@@ -251,7 +251,7 @@ class MultiScaleBackbone(nn.Module):
         (N, Σ C_s), and the feature map the first trainable module reads.
 
         Raises:
-            ValueError: no stage is frozen, or a Gswin block refines a frozen stage (it would need its map).
+            ConfigError: no stage is frozen, or a Gswin block refines a frozen stage (it would need its map).
         """
         if not self.frozen_stages or any(int(p) <= self.frozen_stages for p in self.gswin):
             raise ConfigError("a frozen prefix needs frozen stages and no Gswin block on them")
@@ -339,7 +339,7 @@ def build_backbone(name: str, frozen_stages: int = 0, **options: Any) -> MultiSc
     """The image tower a ``model.image_backbone`` names: one backbone, or several joined by ``+``.
 
     Raises:
-        ValueError: joined towers with a local weights file (it would fit only one of them).
+        ConfigError: joined towers with a local weights file (it would fit only one of them).
     """
     if JOIN not in name:
         return MultiScaleBackbone(name, frozen_stages=frozen_stages, **options)

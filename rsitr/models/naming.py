@@ -23,7 +23,7 @@ def tower_names(name: str) -> list[str]:
     """The models a tower name stands for: one, or several joined by ``+``.
 
     Raises:
-        ValueError: an empty name on either side of a ``+``.
+        ConfigError: an empty name on either side of a ``+``.
     """
     names = [part.strip() for part in name.split(JOIN)]
     if not all(names):

@@ -94,7 +94,7 @@ class TextEncoder(nn.Module):
         """Token states after the embeddings and the frozen layers (they never change while training).
 
         Raises:
-            ValueError: no layer is frozen, or the encoder is not a BERT-style layer stack.
+            ConfigError: no layer is frozen, or the encoder is not a BERT-style layer stack.
         """
         if not self.frozen_layers:
             raise ConfigError("a frozen text prefix needs model.freeze_text_layers >= 1")

@@ -129,7 +129,7 @@ def index_rows(table: pa.Table, where: str = "embeddings") -> pa.Table:
     order, so the rows a bbox reaches lie together.
 
     Raises:
-        ValueError: the rows come from several model versions.
+        EmbeddingsMismatchError: the rows come from several model versions.
     """
     versions = set(table["model_version"].to_pylist())
     if len(versions) != 1:
@@ -148,7 +148,7 @@ def caption_index_rows(table: pa.Table, where: str = "captions") -> pa.Table:
     """Caption embedding rows as the index stores them (``vector``, caption_id, image_id, caption, split).
 
     Raises:
-        ValueError: the rows come from several model versions, or there are none.
+        EmbeddingsMismatchError: the rows come from several model versions, or there are none.
     """
     versions = set(table["model_version"].to_pylist())
     if len(versions) != 1:

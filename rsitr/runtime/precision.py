@@ -34,7 +34,7 @@ def checked(precision: str) -> str:
     """``precision`` itself.
 
     Raises:
-        ValueError: it is not one of ``rsitr.config.PRECISIONS``.
+        ConfigError: it is not one of ``rsitr.config.PRECISIONS``.
     """
     if precision not in PRECISIONS:
         raise ConfigError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
@@ -45,7 +45,7 @@ def use_bf16(precision: str, device: torch.device) -> bool:
     """Whether inference on ``device`` runs in bf16 autocast for ``precision`` (auto: on CPUs with bf16 hardware).
 
     Raises:
-        ValueError: ``precision`` is not one of ``rsitr.config.PRECISIONS``.
+        ConfigError: ``precision`` is not one of ``rsitr.config.PRECISIONS``.
     """
     if device.type != "cpu" or checked(precision) == "float32":
         return False

@@ -12,9 +12,9 @@ import ray.data
 CLUSTER_VARIABLE = "RSITR_RAY_CLUSTER"
 
 # Ray Data 2.60 lists each Parquet read's files through a pool of footer-reading actors, 32 by default: sized for
-# big clusters reading object stores. On a few cores, starting those processes costs more than the reads (a
-# one-epoch demo run on 2 cores: 136 CPU-seconds with 32, 89 with one). Ray's workers read it from the
-# environment their raylet started with, so it is set before this machine starts a Ray.
+# big clusters reading object stores. On a few cores, starting those processes costs more than the reads (a third
+# of a small training run's CPU time). Ray's workers read it from the environment their raylet started with, so
+# it is set before a local Ray starts.
 FOOTER_ACTORS_VARIABLE = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
 
 

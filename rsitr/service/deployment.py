@@ -86,6 +86,8 @@ def start(
 
     Raises:
         ServiceConfigError: reachable beyond loopback without a token, or no replica asked for.
+        IndexNotFoundError, IndexCheckpointError, CheckpointError: no index at ``index``, or no checkpoint to answer
+            with (neither given nor recorded by the index, or not there).
     """
     from rsitr.models.checkpoint import read_meta
     from rsitr.retrieval.index_meta import answering_checkpoint, read_index_meta

@@ -98,7 +98,7 @@ def total_loss(
         temperature: a learned InfoNCE temperature, used instead of ``config.temperature``.
 
     Raises:
-        ValueError: every term has weight 0, or a weighted term lacks its input.
+        ConfigError: every term has weight 0, or a weighted term lacks its input.
     """
     terms: dict[str, torch.Tensor] = {}
     if config.triplet_weight:

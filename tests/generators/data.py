@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +23,7 @@ from rasterio.control import GroundControlPoint
 from rasterio.crs import CRS
 from rasterio.errors import NotGeoreferencedWarning
 from rasterio.transform import from_origin
+from waiting import wait_for
 
 UTM33N = CRS.from_epsg(32633)
 MARS_WKT = (
@@ -161,11 +161,7 @@ def kill_when(command: list[str], ready: Callable[[], bool], what: str, cwd: Pat
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RSITR_RAY_CLUSTER")}
     child = subprocess.Popen(command, cwd=cwd, env=env, start_new_session=True)
     try:
-        deadline = time.monotonic() + timeout
-        while not ready():
-            assert child.poll() is None, f"{what}: the process ended first"
-            assert time.monotonic() < deadline, f"{what}: not within {timeout:.0f} s"
-            time.sleep(0.1)
+        wait_for(what, ready, timeout, every=0.1, process=child)
     finally:
         if child.poll() is None:
             os.killpg(child.pid, signal.SIGKILL)

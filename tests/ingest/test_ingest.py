@@ -2,11 +2,8 @@
 
 import io
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -14,7 +11,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import shapely
-from generators.data import broken_corpus, gradient, jpeg_bytes, odd_scenes, write_geotiff
+from generators.data import broken_corpus, gradient, jpeg_bytes, kill_when, odd_scenes, write_geotiff
 from PIL import Image
 
 from rsitr.ingest import IngestError, ingest_corpus, ingest_folder, ingest_scenes
@@ -296,13 +293,9 @@ def test_a_killed_ingest_resumes_to_the_same_result(tmp_path: Path) -> None:
     ]
     clean = subprocess.run([*command, "--out", str(tmp_path / "clean")], capture_output=True, text=True, cwd=PROJECT)
     assert clean.returncode == 0, clean.stderr
-    victim = subprocess.Popen([*command, "--out", str(tmp_path / "killed")], cwd=PROJECT, stderr=subprocess.DEVNULL)
     records = tmp_path / "killed" / "k" / "_ingest"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and len(list(records.glob("part-*.json"))) < 20:
-        time.sleep(0.01)
-    os.kill(victim.pid, signal.SIGKILL)
-    victim.wait()
+    twenty_done = lambda: len(list(records.glob("part-*.json"))) >= 20  # noqa: E731
+    kill_when([*command, "--out", str(tmp_path / "killed")], twenty_done, "20 units recorded", PROJECT, timeout=120)
     done = len(list(records.glob("part-*.json")))
     assert 20 <= done < count and not (tmp_path / "killed" / "k" / "manifest.json").exists()
     resumed = subprocess.run([*command, "--out", str(tmp_path / "killed")], capture_output=True, text=True, cwd=PROJECT)

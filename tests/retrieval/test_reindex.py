@@ -5,7 +5,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from generators.data import kill_when, write_geotiff
+from waiting import wait_for
 
 from pipelines.index import index_archive
 from pipelines.raycluster import stop_process_group
@@ -170,15 +170,15 @@ def test_the_served_nightly_deployment_indexes_scenes_dropped_into_the_archive(
     )
     try:
         with get_client(sync_client=True) as prefect:
-            deadline = time.monotonic() + 120
-            while True:
+
+            def registered() -> Any:
                 try:
-                    deployment = prefect.read_deployment_by_name("index-archive/nightly")
-                    break
+                    return prefect.read_deployment_by_name("index-archive/nightly")
                 except Exception:  # not registered yet
-                    assert runner.poll() is None, (tmp_path / "runner.log").read_text()[-3000:]
-                    assert time.monotonic() < deadline, "the nightly deployment did not register"
-                    time.sleep(1)
+                    return None
+
+            log_file = tmp_path / "runner.log"
+            deployment = wait_for("the nightly deployment to register", registered, 120, 1.0, runner, log_file)
             assert deployment.schedules and deployment.schedules[0].schedule.cron == "0 3 * * *"
         for night, names in enumerate((["harbour.tif"], ["fields.tif", "forest.tif"])):
             for name in names:  # scenes arriving in the archive during the day (different content: new seeds)
@@ -204,11 +204,12 @@ def _final_states(run_ids: list[Any], deadline_s: float) -> list[str]:
     """The final state type of each flow run, waiting for every one of them to reach one."""
     from prefect import get_client
 
-    deadline = time.monotonic() + deadline_s
     with get_client(sync_client=True) as prefect:
-        while True:
+
+        def final() -> list[str] | None:
             states = [prefect.read_flow_run(run_id).state for run_id in run_ids]
             if all(state is not None and state.is_final() for state in states):
                 return [state.type.value for state in states if state is not None]
-            assert time.monotonic() < deadline, f"flow runs still in {[s.type.value for s in states if s]}"
-            time.sleep(1)
+            return None
+
+        return wait_for("every flow run to reach a final state", final, deadline_s, every=1.0)
