@@ -331,4 +331,4 @@ def test_the_page_searches_and_draws_results_in_a_real_browser(service: str, tmp
         shot = page.screenshot(SCREENSHOTS / "search-page.png")
     with Image.open(shot) as image:
         assert image.size == (1280, 900)
-        assert len(set(image.convert("RGB").resize((64, 64)).getdata())) > 50  # a map and thumbnails, not a blank page
+        assert len(image.convert("RGB").resize((64, 64)).getcolors(4096) or []) > 50  # a map and thumbnails, not blank
