@@ -115,12 +115,12 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     optimizer = make_optimizer(model, t)
     steps = max(1, settings.steps_per_epoch)
     scheduler = make_scheduler(optimizer, steps * t.epochs, steps)
+    started = time.monotonic()  # train.max_minutes counts from here
     start_epoch, history = _resume(model, optimizer, scheduler, rank)
     step = TrainStep(model, optimizer, scheduler, config, device)
     board = StepLog(settings.log_dir, rank, t.log_every_steps, world)
     stream = open_train_stream(ray.train.get_dataset_shard("train"), t, max(2, t.batch_size // world), device, steps)
     validate = Validation(t, device, start=stream.flowing) if rank == 0 else None
-    started = time.monotonic()
     for epoch in range(start_epoch, t.epochs):
         metrics: dict[str, float] = {"epoch": epoch, **run_epoch(step, stream.epoch(), board, epoch, world)}
         out_of_time = bool(t.max_minutes) and time.monotonic() - started > 60 * t.max_minutes
