@@ -106,16 +106,9 @@ function setupBoxDrawing() {
   });
 }
 
-async function setupMap() {
-  const settings = await fetch("map.json").then((r) => r.json()).catch(() => ({ tiles: null, max_zoom: 6 }));
+function setupMap() {
   // boxZoom off: shift-drag draws the search box instead
   map.leaflet = L.map("map", { boxZoom: false, worldCopyJump: true, minZoom: 0 }).setView([20, 0], 1);
-  map.deepest = settings.max_zoom;
-  if (settings.tiles) {
-    L.tileLayer(settings.tiles, {
-      maxNativeZoom: settings.max_zoom, maxZoom: 18, attribution: settings.attribution, noWrap: false,
-    }).addTo(map.leaflet);
-  }
   setupBoxDrawing();
   $("draw-box").addEventListener("click", () => setDrawing(!state.drawing));
   $("world").addEventListener("click", () => map.leaflet.setView([20, 0], 1));
@@ -126,6 +119,15 @@ async function setupMap() {
     state.box = parts.length === 4 && parts.every(Number.isFinite) ? parts : null;
     drawBox();
   });
+}
+
+async function addBasemap() {
+  const settings = await fetch("map.json").then((r) => r.json()).catch(() => ({ tiles: null, max_zoom: 6 }));
+  map.deepest = settings.max_zoom;
+  if (!settings.tiles) return;
+  L.tileLayer(settings.tiles, {
+    maxNativeZoom: settings.max_zoom, maxZoom: 18, attribution: settings.attribution,
+  }).addTo(map.leaflet);
 }
 
 // --- results --------------------------------------------------------------------------------------------------
@@ -223,14 +225,14 @@ $("search-form").addEventListener("submit", (event) => {
 });
 $("token").value = sessionStorage.getItem("rsitr-token") || "";
 $("token").addEventListener("change", () => { sessionStorage.setItem("rsitr-token", $("token").value); health(); });
+setupMap();
+addBasemap();
 health();
 setInterval(health, 30000);
-setupMap().then(() => {
-  // a query in the page's address (?q=…) runs at once: links to a search can be shared
-  const initial = new URLSearchParams(location.search);
-  if (initial.get("bbox")) { $("bbox").value = initial.get("bbox"); $("bbox").dispatchEvent(new Event("change")); }
-  if (initial.get("q")) {
-    for (const name of ["q", "k", "after", "before"]) if (initial.get(name)) $(name).value = initial.get(name);
-    run(searchPath(), `“${$("q").value}”`);
-  }
-});
+// a query in the page's address (?q=…) runs at once: links to a search can be shared
+const initial = new URLSearchParams(location.search);
+if (initial.get("bbox")) { $("bbox").value = initial.get("bbox"); $("bbox").dispatchEvent(new Event("change")); }
+if (initial.get("q")) {
+  for (const name of ["q", "k", "after", "before"]) if (initial.get(name)) $(name).value = initial.get(name);
+  run(searchPath(), `“${$("q").value}”`);
+}
