@@ -4,6 +4,8 @@ caption embeddings to the encoded image), optionally re-ranked by similarity-mat
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -19,10 +21,9 @@ from rsitr.io import storage
 from rsitr.models import checkpoint as ckpt
 from rsitr.models.msa import MSA
 from rsitr.models.tokenizers import load_tokenizer
-from rsitr.retrieval.batching import MicroBatcher
 from rsitr.retrieval.index import ANN, AnnSettings, ann_settings, open_captions, open_index, sql_text
 from rsitr.retrieval.index_meta import CellGrid, answering_checkpoint
-from rsitr.retrieval.search_inputs import SearchError, SearchFilter, check_k, check_query
+from rsitr.retrieval.search_inputs import SearchError, SearchFilter, TextQuery, check_k
 from rsitr.runtime.precision import inference, unit_float32, use_bf16, with_text_weights_in_bf16
 
 
@@ -54,6 +55,19 @@ class CaptionHit:
 
 # the most results, re-ranked candidates and id length one query may ask for (the CLI and the service alike)
 MAX_ID_LENGTH = 512
+
+# index searches a batch of queries runs at once, in threads every Searcher of the process shares
+LOOKUP_THREADS = 2
+_LOOKUPS: list[ThreadPoolExecutor] = []
+_LOOKUPS_LOCK = threading.Lock()
+
+
+def _lookups() -> ThreadPoolExecutor:
+    with _LOOKUPS_LOCK:
+        if not _LOOKUPS:
+            _LOOKUPS.append(ThreadPoolExecutor(LOOKUP_THREADS, thread_name_prefix="index-search"))
+        return _LOOKUPS[0]
+
 
 # reference vectors the re-rank compares a query with (a fixed sample of the other side's table beyond this)
 REFERENCE_LIMIT = 20_000
@@ -116,27 +130,38 @@ class Searcher:
         self._references: dict[str, torch.Tensor] = {}
         self._tokenizer = load_tokenizer(config.model.text_model)  # loading it takes longer than a query
         self._tokenizer_lock = threading.Lock()
-        # concurrent queries (a service's request threads) share one text-tower pass
-        self._queries: MicroBatcher[str, torch.Tensor] = MicroBatcher(self.encode_queries)
         device = next(self.model.parameters()).device
         wanted = "auto" if bf16_queries is None else ("bfloat16" if bf16_queries else "float32")
         self.bf16_queries = use_bf16(wanted, device)
         self._query_model = with_text_weights_in_bf16(model) if self.bf16_queries else model
 
-    @torch.no_grad()
     def search(self, query: str, k: int = 10, where: SearchFilter | None = None, rerank: int = 0) -> list[Hit]:
         """Top-``k`` tiles for ``query`` among those that pass ``where``; with ``rerank``, the top ``rerank``
         re-ranked against the index's captions (:mod:`rsitr.evaluation.rerank`) before the first ``k`` are kept."""
-        check_query(query)
-        check_k(k, rerank)
-        vector = self.encode_query(query)
-        rows = nearest(self.table, vector.numpy(), max(k, rerank), where, self.ann, self.grid)
-        reranked = self._rerank(vector, rows, self._caption_table(), "captions") if rerank else None
-        return [_hit(rank, row, score) for rank, (row, score) in enumerate(_order(rows, reranked, k), start=1)]
+        return self.search_many([TextQuery(query, k, where, rerank)])[0]
+
+    @torch.no_grad()
+    def search_many(self, queries: Sequence[TextQuery]) -> list[list[Hit]]:
+        """The tiles of :meth:`search` for each query, its text encoded together with the others in one text-tower
+        pass (a service answering concurrent requests): one pass for many queries costs far less than one each."""
+        if any(query.rerank for query in queries):
+            self._caption_table()  # refused before any work: the index has no captions to re-rank against
+        if not queries:
+            return []
+        vectors = self.encode_queries([query.text for query in queries])
+        if len(queries) == 1:
+            return [self._tiles_for(vectors[0], queries[0])]
+        # the index searches run side by side (LanceDB releases the GIL while it searches)
+        return list(_lookups().map(self._tiles_for, vectors, queries))
+
+    def _tiles_for(self, vector: torch.Tensor, query: TextQuery) -> list[Hit]:
+        rows = nearest(self.table, vector.numpy(), max(query.k, query.rerank), query.where, self.ann, self.grid)
+        reranked = self._rerank(vector, rows, self._caption_table(), "captions") if query.rerank else None
+        return [_hit(rank, row, score) for rank, (row, score) in enumerate(_order(rows, reranked, query.k), start=1)]
 
     def encode_query(self, query: str) -> torch.Tensor:
-        """The unit embedding of a text query (encoded together with any other thread's waiting queries)."""
-        return self._queries(query)
+        """The unit embedding of a text query."""
+        return self.encode_queries([query])[0]
 
     @torch.no_grad()
     def encode_queries(self, queries: list[str]) -> torch.Tensor:
@@ -155,7 +180,7 @@ class Searcher:
     def captions_for_image(self, image: str, k: int = 10, rerank: int = 0) -> list[CaptionHit]:
         """Top-``k`` captions of the index for an image file (PNG, JPEG, TIFF, …); with ``rerank``, re-ranked
         against the indexed tiles."""
-        return self.captions_for_vector(self._encode_image(_read_image(image), image), k, rerank)
+        return self.captions_for_vector(self.encode_image_bytes(_read_image(image), image), k, rerank)
 
     @torch.no_grad()
     def captions_for_vector(self, vector: torch.Tensor, k: int = 10, rerank: int = 0) -> list[CaptionHit]:
@@ -176,7 +201,25 @@ class Searcher:
         Raises:
             SearchError: the bytes are not an image.
         """
-        return self._encode_image(data, name)
+        return self.encode_images([self.decode_image(data, name)])[0]
+
+    def decode_image(self, data: bytes, name: str = "upload") -> np.ndarray:
+        """The pixels the image tower reads from an encoded image (PNG, JPEG, TIFF, …); ``name`` labels it in errors.
+
+        Raises:
+            SearchError: the bytes are not an image.
+        """
+        try:
+            pixels: np.ndarray = decode_image(data, self.config.model.image_size)
+        except (OSError, ValueError, Image.DecompressionBombError) as err:
+            raise SearchError(f"image {name}: cannot be read as an image ({err})") from None
+        return pixels
+
+    @torch.no_grad()
+    def encode_images(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        """Embeddings of decoded images (see :meth:`decode_image`), one per row, from one image-tower pass."""
+        vectors: torch.Tensor = self.model.encode_image(torch.as_tensor(np.stack(images)))
+        return vectors
 
     def similar_tiles(
         self,
@@ -200,14 +243,6 @@ class Searcher:
             return None
         rows: list[dict[str, Any]] = self.table.search().where(f"image_id = {sql_text(image_id)}").limit(1).to_list()
         return rows[0] if rows else None
-
-    def _encode_image(self, data: bytes, name: str) -> torch.Tensor:
-        try:
-            pixels = decode_image(data, self.config.model.image_size)
-        except (OSError, ValueError, Image.DecompressionBombError) as err:
-            raise SearchError(f"image {name}: cannot be read as an image ({err})") from None
-        vector: torch.Tensor = self.model.encode_image(torch.as_tensor(pixels[None]))[0]
-        return vector
 
     def _caption_table(self) -> Any:
         if self.captions is None:

@@ -63,6 +63,21 @@ class SearchFilter:
         return " AND ".join(clauses) or None
 
 
+@dataclass(frozen=True)
+class TextQuery:
+    """One text → tiles search: what to look for, how many tiles, where/when, and how many candidates to re-rank
+    (0: off). Checked when made, so a bad query is refused on its own, before it joins others in a batch."""
+
+    text: str
+    k: int = 10
+    where: SearchFilter | None = None
+    rerank: int = 0
+
+    def __post_init__(self) -> None:
+        check_query(self.text)
+        check_k(self.k, self.rerank)
+
+
 def _bbox_text(bbox: tuple[float, ...]) -> str:
     return ",".join(f"{v:g}" for v in bbox)
 

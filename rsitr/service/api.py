@@ -3,22 +3,27 @@ the same checks the CLI applies (:mod:`rsitr.retrieval.search`)."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 from dataclasses import asdict
 from importlib import resources
 from typing import Any
 
 import swagger_ui_bundle
+import torch
 from fastapi import FastAPI, File, Query, Request, Response, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from rsitr.retrieval.search import tile_fields
-from rsitr.retrieval.search_inputs import SearchError, parse_filter
+from rsitr.retrieval.search import CaptionHit, Hit, Searcher, tile_fields
+from rsitr.retrieval.search_inputs import SearchError, TextQuery, check_k, parse_filter
 from rsitr.service.basemap import BasemapSettings, PackagedTiles, leaflet_folder, packaged_mbtiles
+from rsitr.service.batches import QueryBatches
 from rsitr.service.security import token_digest
 from rsitr.service.state import SearchService, TileNotFoundError
 
@@ -40,11 +45,11 @@ def _validation_message(err: RequestValidationError) -> str:
 
 
 def create_app(
-    service: SearchService, required_token_digest: str | None = None, basemap: BasemapSettings | None = None
+    queries: QueryBatches, required_token_digest: str | None = None, basemap: BasemapSettings | None = None
 ) -> FastAPI:
-    """The API over ``service``; with ``required_token_digest`` every route but the page, its map and the API
-    description requires ``Authorization: Bearer <token>`` whose SHA-256 is that digest. ``basemap``: what the
-    page's map draws under the results (default: the packaged offline tiles)."""
+    """The API over ``queries.service``, its searches batched by ``queries``. With ``required_token_digest`` every
+    route but the page, its map and the API description requires ``Authorization: Bearer <token>`` whose SHA-256 is
+    that digest. ``basemap``: what the page's map draws under the results (default: the packaged offline tiles)."""
     app = FastAPI(
         title="rsitr search",
         description="Text → tiles and image → captions/tiles over a remote-sensing index.",
@@ -53,11 +58,11 @@ def create_app(
     app.mount("/static", StaticFiles(directory=str(resources.files("rsitr.service") / "static")), name="static")
     app.mount("/docs-assets", StaticFiles(directory=swagger_ui_bundle.swagger_ui_path), name="docs-assets")
     _answer_errors_in_one_line(app)
-    _guard(app, required_token_digest)
+    app.add_middleware(Guard, required_token_digest=required_token_digest)
     _add_pages(app)
     _add_map(app, basemap or BasemapSettings())
-    _add_searches(app, service)
-    _add_tiles(app, service)
+    _add_searches(app, queries)
+    _add_tiles(app, queries.service)
     return app
 
 
@@ -79,22 +84,34 @@ def _answer_errors_in_one_line(app: FastAPI) -> None:
         return _error(err.status_code, str(err.detail), getattr(err, "headers", None))
 
 
-def _guard(app: FastAPI, required_token_digest: str | None) -> None:
-    """The bearer token (when one is required) and the upload size limit, checked before any route runs."""
+class Guard:
+    """The bearer token (when one is required) and the upload size limit, checked before any route runs (plain
+    ASGI: a refused request never reaches the app, an admitted one passes through untouched)."""
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next: Any) -> Response:
-        root = request.scope.get("root_path", "")  # a Serve route prefix, e.g. /search-app
-        path = request.url.path.removeprefix(root) or "/"
-        if required_token_digest and path not in PUBLIC_PATHS and not path.startswith(PUBLIC_PREFIXES):
-            scheme, _, presented = request.headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token_digest(presented), required_token_digest):
+    def __init__(self, app: ASGIApp, required_token_digest: str | None) -> None:
+        self.app = app
+        self.required_token_digest = required_token_digest
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        refusal = self._refusal(scope) if scope["type"] == "http" else None
+        if refusal is not None:
+            await refusal(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+    def _refusal(self, scope: Scope) -> JSONResponse | None:
+        headers = Headers(scope=scope)
+        root = scope.get("root_path", "")  # a Serve route prefix, e.g. /search-app
+        path = str(scope["path"]).removeprefix(root) or "/"
+        digest = self.required_token_digest
+        if digest and path not in PUBLIC_PATHS and not path.startswith(PUBLIC_PREFIXES):
+            scheme, _, presented = headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token_digest(presented), digest):
                 return _error(401, "a bearer token is required: Authorization: Bearer <token>", CHALLENGE)
-        length = request.headers.get("content-length")
+        length = headers.get("content-length")
         if length and length.isdigit() and int(length) > MAX_UPLOAD_BYTES:
             return _error(413, f"upload of {int(length)} bytes is over the {MAX_UPLOAD_BYTES} byte limit")
-        response: Response = await call_next(request)
-        return response
+        return None
 
 
 def _add_pages(app: FastAPI) -> None:
@@ -136,14 +153,16 @@ def _add_map(app: FastAPI, basemap: BasemapSettings) -> None:
         return Response(png, media_type="image/png", headers={"Cache-Control": "max-age=86400"})
 
 
-def _add_searches(app: FastAPI, service: SearchService) -> None:
+def _add_searches(app: FastAPI, queries: QueryBatches) -> None:
+    service = queries.service
+
     @app.get("/healthz")
     def healthz() -> dict[str, Any]:
-        """The index version, model version and row counts being served."""
-        return service.health()
+        """The index version, model version and row counts being served, and the query batches run so far."""
+        return {**service.health(), "batches": queries.counts()}
 
     @app.get("/search")
-    def search(
+    async def search(
         q: str = Query("", description="what to look for, e.g. 'storage tanks beside a river'"),
         k: int = Query(10, description="how many tiles"),
         bbox: str | None = Query(None, description="minlon,minlat,maxlon,maxlat (degrees)"),
@@ -152,27 +171,34 @@ def _add_searches(app: FastAPI, service: SearchService) -> None:
         rerank: int = Query(0, description="re-rank this many candidates against the captions (0: off)"),
     ) -> dict[str, Any]:
         """Text → tiles."""
-        searcher = service.searcher
-        hits = searcher.search(q, k, parse_filter(bbox, after, before, ("after", "before")), rerank)
+        searcher, hits = await queries.search(
+            TextQuery(q, k, parse_filter(bbox, after, before, ("after", "before")), rerank)
+        )
         return {"query": q, "index_version": searcher.meta["built_at"], "hits": [asdict(h) for h in hits]}
 
     @app.post("/search/image")
-    def search_image(
+    async def search_image(
         file: UploadFile = File(..., description="an image tile (PNG, JPEG, TIFF, …)"),  # noqa: B008
         k: int = Query(10, description="how many captions and tiles"),
     ) -> dict[str, Any]:
         """Image → captions of the index (when it has a caption table) and similar tiles."""
-        data = file.file.read(MAX_UPLOAD_BYTES + 1)
+        check_k(k, 0)
+        data = await file.read(MAX_UPLOAD_BYTES + 1)
         if len(data) > MAX_UPLOAD_BYTES:
             raise HTTPException(413, f"upload {file.filename!r} is over the {MAX_UPLOAD_BYTES} byte limit")
-        searcher = service.searcher
-        vector = searcher.encode_image_bytes(data, repr(file.filename or "upload"))
-        captions = searcher.captions_for_vector(vector, k) if searcher.captions is not None else None
+        searcher, vector = await queries.encode_image(data, repr(file.filename or "upload"))
+        captions, tiles = await asyncio.to_thread(_neighbours, searcher, vector, k)
         return {
             "index_version": searcher.meta["built_at"],
             "captions": [asdict(c) for c in captions] if captions is not None else None,
-            "tiles": [asdict(h) for h in searcher.similar_tiles(vector, k)],
+            "tiles": [asdict(h) for h in tiles],
         }
+
+
+def _neighbours(searcher: Searcher, vector: torch.Tensor, k: int) -> tuple[list[CaptionHit] | None, list[Hit]]:
+    """An image embedding's nearest captions (when the index has a caption table) and tiles."""
+    captions = searcher.captions_for_vector(vector, k) if searcher.captions is not None else None
+    return captions, searcher.similar_tiles(vector, k)
 
 
 def _add_tiles(app: FastAPI, service: SearchService) -> None:

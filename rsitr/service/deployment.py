@@ -13,6 +13,7 @@ from ray import serve
 
 from rsitr.service.api import create_app
 from rsitr.service.basemap import BasemapSettings
+from rsitr.service.batches import MAX_BATCH, QueryBatches
 from rsitr.service.security import TOKEN_VARIABLE, ServiceConfigError, required_digest
 from rsitr.service.state import POLL_SECONDS, SearchService
 
@@ -21,11 +22,14 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
 
 
+# torch threads in a replica: it holds one CPU, and its batches run one at a time (rsitr.service.batches)
+TORCH_THREADS = 1
 # no access log line per request: at tens of queries a second, forwarding them costs the cores the queries need
 QUIET_LOGS = {"enable_access_log": False}
 
 
-@serve.deployment(max_ongoing_requests=32, logging_config=QUIET_LOGS)
+# room for a full batch being encoded and the next one forming (see rsitr.service.batches)
+@serve.deployment(max_ongoing_requests=2 * MAX_BATCH, logging_config=QUIET_LOGS)
 @serve.ingress()
 class SearchDeployment:
     """One replica: the index and its model, opened once, answering the API of :mod:`rsitr.service.api`."""
@@ -40,14 +44,13 @@ class SearchDeployment:
     ) -> None:
         import torch
 
-        # a replica holds one CPU; concurrent requests run in threads, one core's worth of torch threads between them
-        torch.set_num_threads(1)
-        self.service = SearchService(index, checkpoint, poll_seconds)
+        torch.set_num_threads(TORCH_THREADS)
+        self.queries = QueryBatches(SearchService(index, checkpoint, poll_seconds))
         self.digest = digest
         self.basemap = basemap
 
     def __serve_build_asgi_app__(self) -> Any:
-        return create_app(self.service, self.digest, self.basemap)
+        return create_app(self.queries, self.digest, self.basemap)
 
 
 def application(

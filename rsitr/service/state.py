@@ -15,6 +15,7 @@ from rsitr.models import checkpoint as ckpt
 from rsitr.retrieval import result_sheet
 from rsitr.retrieval.index_meta import answering_checkpoint, read_index_meta
 from rsitr.retrieval.search import Loaded, Searcher
+from rsitr.retrieval.search_inputs import SearchFilter, TextQuery
 
 log = logging.getLogger(__name__)
 
@@ -22,10 +23,16 @@ log = logging.getLogger(__name__)
 POLL_SECONDS = 15.0
 THUMBNAIL_SIZE = 256
 THUMBNAILS_KEPT = 512
+WARM_FILTER = SearchFilter(bbox=(-10.0, -10.0, 10.0, 10.0))
 
 
 class TileNotFoundError(LookupError):
     """An image id the index does not hold (or whose pixels no shard holds)."""
+
+
+def warm(searcher: Searcher) -> None:
+    """Run a search with and without a bbox, so the files a search reads are open and cached before requests come."""
+    searcher.search_many([TextQuery("a warm-up query", 10), TextQuery("a warm-up query", 10, WARM_FILTER)])
 
 
 class ShardImages:
@@ -78,6 +85,7 @@ class SearchService:
         self._lock = threading.Lock()
         self.swaps = 0
         self.searcher = self._open()
+        warm(self.searcher)
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
         if poll_seconds > 0:
@@ -96,6 +104,7 @@ class SearchService:
         if (meta["built_at"], meta["table"]) == (current["built_at"], current["table"]):
             return False
         searcher = self._open()
+        warm(searcher)  # its first searches read the new table's files: here, not in a request
         self.searcher = searcher  # one reference assignment: a request sees the old version or the new, whole
         with self._lock:
             self._thumbnails.clear()

@@ -23,6 +23,7 @@ from rsitr.retrieval.embed import embed_archive
 from rsitr.retrieval.index import build_index, open_index
 from rsitr.retrieval.index_meta import CellGrid
 from rsitr.retrieval.search import Searcher, SearchError, SearchFilter, nearest
+from rsitr.retrieval.search_inputs import TextQuery
 
 PROJECT = Path(__file__).resolve().parents[2]
 
@@ -75,6 +76,31 @@ def test_a_query_padded_to_its_length_embeds_as_one_padded_to_max_tokens(built_i
     batched = searcher.encode_queries([query, longer])
     torch.testing.assert_close(batched[0], expected[0], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(batched[1], searcher.encode_queries([longer])[0], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.ray
+def test_a_batch_of_searches_answers_what_each_search_answers_alone(built_index: Path, demo_shards: Path) -> None:
+    searcher = Searcher(str(built_index))
+    corner = shapely.from_wkt(searcher.search("dense forest", k=432)[-1].footprint).bounds
+    queries = [
+        TextQuery("a lake in the north of dense forest", 7),
+        TextQuery("a river crosses dense forest", 5, SearchFilter(bbox=corner)),
+        TextQuery("bare land beside farmland", 10, rerank=20),
+        TextQuery("many buildings and green trees are around a playground next to a road", 3),
+        TextQuery("dense forest", 4, SearchFilter(after=datetime(2024, 4, 1, tzinfo=UTC))),
+    ]
+    for query, hits in zip(queries, searcher.search_many(queries), strict=True):
+        alone = searcher.search(query.text, query.k, query.where, query.rerank)
+        assert [h.image_id for h in hits] == [h.image_id for h in alone] and len(hits) == len(alone) > 0
+        # in bfloat16 (CPUs with it) a query padded beside longer ones moves in the fourth decimal
+        assert [h.score for h in hits] == pytest.approx([h.score for h in alone], abs=1e-3)
+        assert [h.rerank_score for h in hits] == pytest.approx([h.rerank_score for h in alone], abs=1e-3)
+    images = [row["image"] for row, _ in zip(shards.iter_rows(str(demo_shards), ["image"]), range(3), strict=False)]
+    together = searcher.encode_images([searcher.decode_image(data) for data in images])
+    for data, vector in zip(images, together, strict=True):
+        torch.testing.assert_close(vector, searcher.encode_image_bytes(data), atol=1e-5, rtol=1e-4)
+    with pytest.raises(SearchError, match="'notes.txt': cannot be read as an image"):
+        searcher.decode_image(b"not an image", "'notes.txt'")
 
 
 @pytest.mark.ray

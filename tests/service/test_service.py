@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from waiting import wait_for
 from rsitr.cli import main as cli_main
 from rsitr.retrieval.index import build_index
 from rsitr.retrieval.search import Searcher
+from rsitr.retrieval.search_inputs import SearchFilter
 
 QUERY = "a river crosses dense forest"
 
@@ -100,10 +102,38 @@ def test_a_tile_has_metadata_a_png_thumbnail_and_neighbours(client: httpx.Client
 def test_an_uploaded_tile_finds_itself_and_captions(client: httpx.Client) -> None:
     first = client.get("/search", params={"q": "dense forest", "k": 1}).json()["hits"][0]
     png = client.get(f"/tiles/{first['image_id']}/thumbnail.png").content
-    body = client.post("/search/image", files={"file": ("tile.png", png, "image/png")}, params={"k": 3}).json()
-    assert body["tiles"][0]["image_id"] == first["image_id"]
-    assert body["tiles"][0]["score"] == pytest.approx(1.0, abs=1e-3)
-    assert len(body["captions"]) == 3 and all(c["caption"] for c in body["captions"])
+    uploads = [("tile.png", png, "image/png")] * 3 + [("notes.txt", b"not an image", "text/plain")]
+    with ThreadPoolExecutor(len(uploads)) as pool:  # uploads at once share an image-tower pass; a bad one fails alone
+        answers = list(pool.map(lambda f: client.post("/search/image", files={"file": f}, params={"k": 3}), uploads))
+    assert [a.status_code for a in answers] == [200, 200, 200, 400] and "notes.txt" in answers[3].json()["error"]
+    for body in (a.json() for a in answers[:3]):
+        assert body["tiles"][0]["image_id"] == first["image_id"]
+        assert body["tiles"][0]["score"] == pytest.approx(1.0, abs=1e-3)
+        assert len(body["captions"]) == 3 and all(c["caption"] for c in body["captions"])
+
+
+@pytest.mark.ray
+@pytest.mark.serve
+def test_concurrent_queries_are_answered_in_batches_as_each_alone(client: httpx.Client, served_index: Path) -> None:
+    queries = [f"{place} beside {land}" for place in ("a lake", "a river", "a road", "houses") for land in
+               ("dense forest", "farmland", "bare land", "a playground")]  # fmt: skip
+    asked = [{"q": q, "k": 5, **({"bbox": "-180,-90,0,90"} if i % 2 else {})} for i, q in enumerate(queries)]
+    searcher = Searcher(str(served_index))
+    before = client.get("/healthz").json()["batches"]["text"]
+    with ThreadPoolExecutor(len(asked) + 1) as pool:
+        bad = pool.submit(client.get, "/search", params={"q": " "})
+        answers = list(pool.map(lambda params: client.get("/search", params=params), asked))
+    assert bad.result().status_code == 400  # refused alone, before it could join a batch
+    for params, response in zip(asked, answers, strict=True):
+        assert response.status_code == 200, response.text
+        where = SearchFilter(bbox=(-180, -90, 0, 90)) if "bbox" in params else None
+        alone = searcher.search(params["q"], 5, where)
+        hits = response.json()["hits"]
+        assert [h["image_id"] for h in hits] == [h.image_id for h in alone]
+        assert [h["score"] for h in hits] == pytest.approx([h.score for h in alone], abs=1e-3)
+    after = client.get("/healthz").json()["batches"]["text"]
+    assert after["queries"] - before["queries"] == len(asked)
+    assert after["batches"] - before["batches"] < len(asked)  # some queries shared a text-tower pass
 
 
 @pytest.mark.ray
