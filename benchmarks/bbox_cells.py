@@ -34,10 +34,11 @@ from benchmarks.index import real_shaped, tiles_table  # the same rows as the in
 from rsitr.config import load_config
 from rsitr.data.preprocess import decode_image
 from rsitr.models.msa import build_model
-from rsitr.retrieval.index import ANN, CELL_COLUMN, add_cell_index, add_vector_index, cell_grid, index_rows
+from rsitr.retrieval.index import ANN, add_cell_index, add_vector_index, cell_grid
 from rsitr.retrieval.index_meta import CELL_DEGREES
 from rsitr.retrieval.search import nearest
 from rsitr.retrieval.search_inputs import SearchFilter
+from rsitr.retrieval.tile_rows import CELL_COLUMN, index_rows
 
 BBOX_DEGREES = 20.0
 

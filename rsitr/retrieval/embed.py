@@ -33,13 +33,14 @@ from rsitr.io import shards, storage
 from rsitr.models import checkpoint as ckpt
 from rsitr.retrieval.embedders import CaptionEmbedder, ImageEmbedder
 from rsitr.retrieval.index import CAPTIONS_FILE, EMBEDDINGS_FILE
+from rsitr.retrieval.tile_rows import PROVENANCE_KEY
 from rsitr.runtime.precision import checked
 from rsitr.runtime.raysession import init_ray
 
 log = logging.getLogger(__name__)
 PARTS_DIR = "_parts"
-# schema metadata naming the ingested dataset the embeddings came from (result sheets read thumbnails there)
-PROVENANCE_KEY = b"rsitr"
+# rows per Parquet row group of the files written: a reader (the index build) can take them a group at a time
+ROW_GROUP_ROWS = 65_536
 META_COLUMNS = ["image_id", "geometry", "acquired_at", "source_uri", "window", "split"]
 
 
@@ -194,7 +195,7 @@ def _write_table(table: pa.Table, data: str, uri: str) -> None:
     geo = shards.geo_metadata() if "geometry" in table.column_names else {}
     table = table.replace_schema_metadata({**geo, PROVENANCE_KEY: json.dumps({"data": data}).encode()})
     sink = io.BytesIO()
-    pq.write_table(table, sink, compression="zstd")
+    pq.write_table(table, sink, compression="zstd", row_group_size=ROW_GROUP_ROWS)
     storage.write_bytes_atomic(uri, sink.getvalue())
 
 

@@ -2,29 +2,26 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, cast
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import shapely
 
 from rsitr.errors import EmbeddingsMismatchError, EmbeddingsNotFoundError
 from rsitr.io import storage
 from rsitr.retrieval.index_meta import INDEX_META, CellGrid, IndexMeta, read_index_meta
+from rsitr.retrieval.tile_rows import CELL_COLUMN, SortedTiles
 
 log = logging.getLogger(__name__)
 TABLE = "tiles"
 CAPTIONS_TABLE = "captions"
 ANN_THRESHOLD = 100_000
 FILTER_COLUMNS = ("min_lon", "max_lon", "min_lat", "max_lat", "acquired_at")
-CELL_COLUMN = "cell"
 
 
 def connect(uri: str) -> Any:
@@ -32,15 +29,6 @@ def connect(uri: str) -> Any:
     import lancedb  # here, not at the top: importing it takes seconds, and bad input is refused before that
 
     return lancedb.connect(uri, storage_options=storage.lance_options(uri))
-
-
-def _bbox_columns(geometries: list[bytes | None]) -> dict[str, list[float | None]]:
-    cols: dict[str, list[float | None]] = {"min_lon": [], "min_lat": [], "max_lon": [], "max_lat": []}
-    for wkb in geometries:
-        bounds = shapely.from_wkb(wkb).bounds if wkb else (None,) * 4
-        for key, value in zip(cols, bounds, strict=True):
-            cols[key].append(value)
-    return cols
 
 
 def build_index(embeddings: str, out: str, checkpoint: str | None = None, captions: str | None = None) -> IndexMeta:
@@ -58,25 +46,24 @@ def build_index(embeddings: str, out: str, checkpoint: str | None = None, captio
         StorageUnreachableError: the object store stopped answering; readers keep the previous version.
     """
     embeddings, captions = locate_embeddings(embeddings, captions)
-    table = read_embeddings(embeddings)
-    data = index_rows(table, embeddings)
-    version = data["model_version"][0].as_py()
     out = storage.resolve(out)
-    extra: dict[str, Any] = {"embeddings": embeddings, "data": embeddings_source(table)}
-    caption_data = caption_index_rows(read_embeddings(captions), captions) if captions else None
-    if caption_data is not None and caption_data["model_version"][0].as_py() != version:
-        raise EmbeddingsMismatchError(
-            f"{captions}: captions embedded by another model version than {embeddings}; re-embed"
-        )
-    with storage.unreachable_store_named(out, "building the index at"):
-        db = connect(out)
-        if caption_data is not None:
-            caption_table = db.create_table(CAPTIONS_TABLE, data=caption_data, mode="overwrite")
-            if caption_table.count_rows() >= ANN_THRESHOLD:
-                add_vector_index(caption_table)  # built and searched with the default ANN settings
-            extra.update(captions_table=CAPTIONS_TABLE, caption_rows=caption_data.num_rows)
-        lance_table = db.create_table(TABLE, data=data, mode="overwrite")
-        return publish(out, lance_table, version, checkpoint, extra)
+    with SortedTiles(embeddings) as tiles:  # in cell order, in bounded memory (see rsitr.retrieval.tile_rows)
+        version = tiles.model_version
+        extra: dict[str, Any] = {"embeddings": embeddings, "data": tiles.source}
+        caption_data = caption_index_rows(read_embeddings(captions), captions) if captions else None
+        if caption_data is not None and caption_data["model_version"][0].as_py() != version:
+            raise EmbeddingsMismatchError(
+                f"{captions}: captions embedded by another model version than {embeddings}; re-embed"
+            )
+        with storage.unreachable_store_named(out, "building the index at"):
+            db = connect(out)
+            if caption_data is not None:
+                caption_table = db.create_table(CAPTIONS_TABLE, data=caption_data, mode="overwrite")
+                if caption_table.count_rows() >= ANN_THRESHOLD:
+                    add_vector_index(caption_table)  # built and searched with the default ANN settings
+                extra.update(captions_table=CAPTIONS_TABLE, caption_rows=caption_data.num_rows)
+            lance_table = db.create_table(TABLE, data=tiles.reader(), mode="overwrite")
+    return publish(out, lance_table, version, checkpoint, extra)
 
 
 # what `rsitr embed --out FOLDER` writes (rsitr.retrieval.embed; named here so the index needs no torch)
@@ -115,33 +102,6 @@ def read_embeddings(uri: str) -> pa.Table:
             return pq.read_table(handle)
         except pa.ArrowInvalid as err:
             raise EmbeddingsNotFoundError(f"{uri}: not an embeddings GeoParquet file ({err})") from err
-
-
-def embeddings_source(table: pa.Table) -> str | None:
-    """The ingested dataset an embeddings table was computed from, when it records one."""
-    source: str | None = json.loads((table.schema.metadata or {}).get(b"rsitr", b"{}")).get("data")
-    return source
-
-
-def index_rows(table: pa.Table, where: str = "embeddings") -> pa.Table:
-    """Embedding rows as the index stores them: ``vector``, the footprint's lon/lat bounds for filtering and its
-    ``cell`` on the index's grid (:class:`~rsitr.retrieval.index_meta.CellGrid`; null without a footprint), in cell
-    order, so the rows a bbox reaches lie together.
-
-    Raises:
-        EmbeddingsMismatchError: the rows come from several model versions.
-    """
-    versions = set(table["model_version"].to_pylist())
-    if len(versions) != 1:
-        raise EmbeddingsMismatchError(f"{where}: embeddings of several model versions {sorted(versions)}; re-embed")
-    boxes = _bbox_columns(table["geometry"].to_pylist())
-    data = table.rename_columns(["vector" if n == "embedding" else n for n in table.column_names])
-    for name, values in boxes.items():
-        data = data.append_column(name, pa.array(values, type=pa.float64()))
-    corner = np.asarray(CellGrid().cell(data["min_lon"].to_numpy(), data["min_lat"].to_numpy()))
-    cells = pa.array(np.nan_to_num(corner, nan=-1).astype(np.int32), mask=np.isnan(corner))
-    data = data.append_column(CELL_COLUMN, cells)
-    return data.take(pc.sort_indices(data, [(CELL_COLUMN, "ascending")])).replace_schema_metadata(None)
 
 
 def caption_index_rows(table: pa.Table, where: str = "captions") -> pa.Table:

@@ -28,6 +28,7 @@ from rsitr.errors import IndexBusyError
 from rsitr.io import geotiff, shards, storage
 from rsitr.models import checkpoint as ckpt
 from rsitr.retrieval import embed, index
+from rsitr.retrieval.tile_rows import CELL_COLUMN, index_rows
 from rsitr.runtime.locks import LockHeldError, pid_lock
 
 log = logging.getLogger("rsitr.retrieval.reindex")
@@ -208,8 +209,8 @@ def _publish_batch(db: Any, name: str, table: Any, rows: pa.Table, batch: str) -
     rows = rows.append_column("batch", [[batch] * rows.num_rows])
     if table is None:
         return db.create_table(name, data=rows)
-    if index.CELL_COLUMN not in table.schema.names:  # a table from before the cell grid: its searches scan bounds
-        rows = rows.drop_columns([index.CELL_COLUMN])
+    if CELL_COLUMN not in table.schema.names:  # a table from before the cell grid: its searches scan bounds
+        rows = rows.drop_columns([CELL_COLUMN])
     table.delete(f"batch = {index.sql_text(batch)}")  # a half-published earlier attempt of this batch
     table.add(rows)
     return table
@@ -260,4 +261,4 @@ def _ingest_and_embed(
         return None, manifest
     summary = embed.embed_archive(checkpoint, root, storage.join(batches, batch, "embedded"))
     table = index.read_embeddings(summary["embeddings"])
-    return index.index_rows(table, summary["embeddings"]), manifest
+    return index_rows(table, summary["embeddings"]), manifest

@@ -13,7 +13,7 @@ from contracts_doc import documented
 from rsitr.cli import main as cli_main
 from rsitr.config import load_config
 from rsitr.data.preprocess import decode_image, tokenize
-from rsitr.errors import IndexNotFoundError
+from rsitr.errors import EmbeddingsNotFoundError, IndexNotFoundError
 from rsitr.io import shards
 from rsitr.models.checkpoint import CheckpointError, save_checkpoint
 from rsitr.models.msa import build_model
@@ -24,6 +24,7 @@ from rsitr.retrieval.index import build_index, open_index
 from rsitr.retrieval.index_meta import CellGrid
 from rsitr.retrieval.search import Searcher, SearchError, SearchFilter, nearest
 from rsitr.retrieval.search_inputs import TextQuery
+from rsitr.retrieval.tile_rows import SortedTiles, index_rows
 
 PROJECT = Path(__file__).resolve().parents[2]
 
@@ -126,6 +127,28 @@ def test_search_rejects_bad_input(built_index: Path, tmp_path: Path) -> None:
         Searcher(str(built_index), checkpoint=str(other))
     with pytest.raises(CheckpointError):
         Searcher(str(built_index), checkpoint=str(tmp_path / "no-checkpoint"))
+
+
+@pytest.mark.ray
+def test_an_embeddings_file_streams_into_the_rows_index_rows_makes_of_it(built_index: Path, tmp_path: Path) -> None:
+    file = built_index / "embeddings.parquet"
+    expected = index_rows(index_module.read_embeddings(str(file)))
+    with SortedTiles(str(file), batch_rows=50) as tiles:  # 432 rows: nine batches, the last one short
+        scratch = tiles._vectors.parent
+        streamed = pa.Table.from_batches(list(tiles.batches()), schema=tiles.schema)
+        assert scratch.exists() and (tiles.rows, tiles.model_version) == (432, expected["model_version"][0].as_py())
+    assert not scratch.exists()  # the spilled vectors go with the build
+    assert streamed.schema == expected.schema
+    # ties in cell order may come in either order: compare row by row, keyed by id
+    assert streamed["cell"].to_pylist() == expected["cell"].to_pylist()
+    assert sorted(streamed.to_pylist(), key=lambda r: r["image_id"]) == sorted(
+        expected.to_pylist(), key=lambda r: r["image_id"]
+    )
+    notes = tmp_path / "notes.parquet"
+    pq.write_table(pa.table({"image_id": ["a"], "caption": ["no vectors here"]}), notes)
+    for bad in (notes, built_index / "index.json"):
+        with pytest.raises(EmbeddingsNotFoundError, match=bad.name):
+            SortedTiles(str(bad))
 
 
 @pytest.mark.ray
@@ -346,7 +369,7 @@ def test_an_append_keeps_the_ann_settings_the_index_was_built_with(
     built_index: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(index_module, "ANN_THRESHOLD", 200)  # the demo's 432 tiles get an ANN index
-    rows = index_module.index_rows(index_module.read_embeddings(str(built_index / "embeddings.parquet")))
+    rows = index_rows(index_module.read_embeddings(str(built_index / "embeddings.parquet")))
     table = index_module.connect(str(tmp_path)).create_table("tiles", data=rows.slice(0, 300))
     pq_settings = index_module.AnnSettings("IVF_PQ", sub_vectors=16, nprobes=4, refine_factor=None)
     meta = index_module.publish(str(tmp_path), table, "v", None, {}, ann=pq_settings)
@@ -414,7 +437,7 @@ def test_bbox_search_starts_from_the_index_cells_and_finds_what_the_bounds_alone
     spread = _spread_over_the_globe(pq.read_table(built_index / "embeddings.parquet"))
     pq.write_table(spread, tmp_path / "embeddings.parquet")
     meta = build_index(str(tmp_path / "embeddings.parquet"), str(tmp_path / "exact"), checkpoint)
-    rows = index_module.index_rows(spread)
+    rows = index_rows(spread)
     assert rows["cell"].to_pylist() == sorted(rows["cell"].to_pylist())  # stored in cell order
     assert len(set(rows["cell"].to_pylist())) > 5
     grid = CellGrid.from_meta(meta)
@@ -444,7 +467,7 @@ def test_bbox_search_starts_from_the_index_cells_and_finds_what_the_bounds_alone
 def test_an_index_from_before_the_cell_grid_keeps_answering_bbox_searches_after_an_append(
     built_index: Path, tmp_path: Path
 ) -> None:
-    rows = index_module.index_rows(index_module.read_embeddings(str(built_index / "embeddings.parquet")))
+    rows = index_rows(index_module.read_embeddings(str(built_index / "embeddings.parquet")))
     db = index_module.connect(str(tmp_path))
     first = rows.slice(0, 300).drop_columns(["cell"])
     old = db.create_table("tiles", data=first.append_column("batch", [["batch-old"] * first.num_rows]))
@@ -460,12 +483,12 @@ def test_an_index_from_before_the_cell_grid_keeps_answering_bbox_searches_after_
 @pytest.mark.ray
 def test_the_recorded_grid_widens_with_a_wide_footprint_and_never_narrows(built_index: Path, tmp_path: Path) -> None:
     embeddings = index_module.read_embeddings(str(built_index / "embeddings.parquet"))
-    table = index_module.connect(str(tmp_path)).create_table("tiles", data=index_module.index_rows(embeddings.slice(1)))
+    table = index_module.connect(str(tmp_path)).create_table("tiles", data=index_rows(embeddings.slice(1)))
     narrow = index_module.publish(str(tmp_path), table, "v", None, {})["cells"]
     minx, miny, _, _ = shapely.from_wkb(embeddings["geometry"][0].as_py()).bounds
     wide = pa.array([shapely.to_wkb(shapely.box(minx, miny, minx + 3, miny + 2))], pa.binary())  # a scene as one tile
     first = embeddings.slice(0, 1)
-    table.add(index_module.index_rows(first.set_column(first.schema.get_field_index("geometry"), "geometry", wide)))
+    table.add(index_rows(first.set_column(first.schema.get_field_index("geometry"), "geometry", wide)))
     widened = index_module.publish(str(tmp_path), table, "v", None, {})["cells"]
     assert narrow["widest_lon"] < 1 and (widened["widest_lon"], widened["widest_lat"]) == pytest.approx((3, 2))
     table.delete(f"image_id = {index_module.sql_text(first['image_id'][0].as_py())}")
