@@ -106,14 +106,21 @@ def trained_on_views() -> list[str]:
 
 
 def service() -> list[str]:
-    """The search service under closed-loop load, and across an index swap."""
+    """The search service under closed-loop load, across an index swap, and its bound (the replica's own code in
+    one process, no HTTP)."""
     rows = []
     for path in sorted(RESULTS.glob("serve-*.json")):
         data = _load(path.name)
         for run in [*data["runs"], {**data["swap"], "clients": f"{data['swap']['clients']}, across a swap"}]:
+            batch = f"{run['mean_batch']:.1f}" if "mean_batch" in run else ""
             rows.append([data["config"], f"{data['tiles']:,}", str(run["clients"]), f"{run['qps']:.1f}",
-                         f"{run['p50_ms']:.0f}", f"{run['p99_ms']:.0f}", str(run["errors"])])  # fmt: skip
-    return _table(["preset", "tiles", "clients", "queries/s", "p50 ms", "p99 ms", "errors"], rows)
+                         f"{run['p50_ms']:.0f}", f"{run['p99_ms']:.0f}", batch, str(run["errors"])])  # fmt: skip
+        if "bound" in data:
+            bound, where = data["bound"], [data["config"], f"{data['tiles']:,}"]
+            rows.append([*where, "bound, one query at a time", f"{bound['single_qps']:.1f}",
+                         f"{bound['single_ms']:.0f} (mean)", f"{bound['single_p99_ms']:.0f}", "1", ""])  # fmt: skip
+            rows.append([*where, "bound, batched", f"{bound['batched_qps']:.1f}", "", "", str(bound["batch"]), ""])
+    return _table(["preset", "tiles", "clients", "queries/s", "p50 ms", "p99 ms", "mean batch", "errors"], rows)
 
 
 def bbox_cells() -> list[str]:
@@ -125,6 +132,22 @@ def bbox_cells() -> list[str]:
     return _table([title, "p50 ms", "p99 ms", "recall@10"], rows)
 
 
+def archive_index() -> list[str]:
+    """An index at archive scale: building it, serving it, and searching it with and without a bbox."""
+    data = _load("index.json")
+    rows = []
+    for size, at in data["search"].items():
+        product = at["variants"].get("product") or next(iter(at["variants"].values()))
+        plain, boxed = product["no_filter"], product["bbox_filter"]
+        rows.append([f"{int(size):,}", f"{at['vectors_gib']:.2f}", f"{at['index_build']['seconds']:.0f}",
+                     f"{at['index_build']['peak_gib']:.2f}", f"{at['serving']['peak_gib']:.2f}",
+                     f"{plain['p99_ms']:.1f} / {plain['recall_at_10']:.3f}",
+                     f"{boxed['p99_ms']:.1f} / {boxed['recall_at_10']:.3f}"])  # fmt: skip
+    head = ["tiles", "vectors GiB", "build s", "build peak GiB", "serving peak GiB", "p99 ms / recall@10",
+            "20° bbox: p99 ms / recall@10"]  # fmt: skip
+    return [f"Vectors of {data['checkpoint']}.", "", *_table(head, rows)]
+
+
 SECTIONS = {
     "default": default_runs,
     "ablation": ablation,
@@ -133,6 +156,7 @@ SECTIONS = {
     "trained-on-views": trained_on_views,
     "service": service,
     "bbox-cells": bbox_cells,
+    "archive-index": archive_index,
 }
 
 

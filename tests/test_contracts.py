@@ -12,7 +12,7 @@ from contracts_doc import documented
 from rsitr.io import shards
 from rsitr.models import checkpoint
 from rsitr.service.api import create_app
-from rsitr.service.state import SearchService
+from rsitr.service.batches import QueryBatches
 
 
 def test_shard_columns_are_the_shard_schema() -> None:
@@ -37,7 +37,7 @@ def test_checkpoint_files_are_what_save_checkpoint_writes(untrained_checkpoint: 
 
 
 def test_api_routes_are_the_apps_routes() -> None:
-    app = create_app(cast(SearchService, None))  # routes only: no request is made
+    app = create_app(cast(QueryBatches, None))  # routes only: no request is made
     served = {
         f"{method} {route.path.replace(':path', '')}"
         for route in app.routes

@@ -86,7 +86,7 @@ def nearest(
     request = table.search(vector, vector_column_name="vector").distance_type("cosine").limit(k)
     predicate = where.where(grid) if where else None
     if ann is not None:
-        request = ann.apply(request, filtered=predicate is not None)
+        request = ann.apply(request, exact=ann.exact_for(table, predicate))
     if predicate:
         request = request.where(predicate, prefilter=True)
     rows: list[dict[str, Any]] = request.to_list()

@@ -25,7 +25,7 @@ from rsitr.retrieval.search_inputs import SearchError, TextQuery, check_k, parse
 from rsitr.service.basemap import BasemapSettings, PackagedTiles, leaflet_folder, packaged_mbtiles
 from rsitr.service.batches import QueryBatches
 from rsitr.service.security import token_digest
-from rsitr.service.state import SearchService, TileNotFoundError
+from rsitr.service.state import TileNotFoundError
 
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 # what answers without a token: the page, its map and the API's description, which hold no data of the index
@@ -62,7 +62,7 @@ def create_app(
     _add_pages(app)
     _add_map(app, basemap or BasemapSettings())
     _add_searches(app, queries)
-    _add_tiles(app, queries.service)
+    _add_tiles(app, queries)
     return app
 
 
@@ -154,12 +154,10 @@ def _add_map(app: FastAPI, basemap: BasemapSettings) -> None:
 
 
 def _add_searches(app: FastAPI, queries: QueryBatches) -> None:
-    service = queries.service
-
     @app.get("/healthz")
     def healthz() -> dict[str, Any]:
         """The index version, model version and row counts being served, and the query batches run so far."""
-        return {**service.health(), "batches": queries.counts()}
+        return {**queries.service.health(), "batches": queries.counts()}
 
     @app.get("/search")
     async def search(
@@ -201,17 +199,19 @@ def _neighbours(searcher: Searcher, vector: torch.Tensor, k: int) -> tuple[list[
     return captions, searcher.similar_tiles(vector, k)
 
 
-def _add_tiles(app: FastAPI, service: SearchService) -> None:
+def _add_tiles(app: FastAPI, queries: QueryBatches) -> None:
     @app.get("/tiles/{image_id:path}/thumbnail.png", response_class=Response)
     def thumbnail(image_id: str) -> Response:
         """A PNG thumbnail of an indexed tile."""
-        return Response(service.thumbnail(image_id), media_type="image/png", headers={"Cache-Control": "max-age=300"})
+        return Response(
+            queries.service.thumbnail(image_id), media_type="image/png", headers={"Cache-Control": "max-age=300"}
+        )
 
     @app.get("/tiles/{image_id:path}/similar")
     def similar(image_id: str, k: int = Query(10, description="how many tiles")) -> dict[str, Any]:
         """More like this: the tiles nearest an indexed tile's embedding."""
-        searcher = service.searcher
-        row = service.tile(image_id, searcher)
+        searcher = queries.service.searcher
+        row = queries.service.tile(image_id, searcher)
         return {
             "image_id": image_id,
             "index_version": searcher.meta["built_at"],
@@ -221,4 +221,4 @@ def _add_tiles(app: FastAPI, service: SearchService) -> None:
     @app.get("/tiles/{image_id:path}")
     def tile(image_id: str) -> dict[str, Any]:
         """An indexed tile's metadata: source, window, footprint, acquisition time."""
-        return tile_fields(service.tile(image_id))
+        return tile_fields(queries.service.tile(image_id))

@@ -1,9 +1,11 @@
 import json
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import shapely
@@ -378,6 +380,30 @@ def test_an_append_keeps_the_ann_settings_the_index_was_built_with(
     meta = index_module.publish(str(tmp_path), table, "v", None, {})  # the default settings are IVF-SQ
     assert (meta["rows"], meta["kind"], meta["ann"]["nprobes"]) == (432, "ivf_pq", 4)
     assert index_module.ann_settings(meta) == pq_settings
+
+
+@pytest.mark.ray
+def test_a_filter_that_keeps_few_rows_ranks_them_exactly(
+    built_index: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(index_module, "ANN_THRESHOLD", 200)  # the demo's 432 tiles get an ANN index
+    rows = index_rows(index_module.read_embeddings(str(built_index / "embeddings.parquet")))
+    table = index_module.connect(str(tmp_path)).create_table("tiles", data=rows)
+    coarse = index_module.AnnSettings("IVF_PQ", sub_vectors=4, nprobes=1, refine_factor=None)  # recall suffers
+    index_module.publish(str(tmp_path), table, "v", None, {}, ann=coarse)
+    north = float(np.sort(rows["max_lat"].to_numpy())[-40])  # the northern 40 or so tiles
+    narrow, wide = f"max_lat >= {north!r}", "max_lat >= -90"
+    kept = table.count_rows(narrow)
+    exact_below = replace(coarse, exact_below=kept)
+    assert exact_below.exact_for(table, narrow) and not exact_below.exact_for(table, wide)
+    assert not exact_below.exact_for(table, None) and not coarse.exact_for(table, narrow)
+    vectors = rows.filter(pc.field("max_lat") >= north)
+    query = vectors["vector"][0].values.to_numpy()
+    scores = np.stack(vectors["vector"].to_numpy(zero_copy_only=False)) @ query
+    truth = [vectors["image_id"][int(i)].as_py() for i in np.argsort(-scores)[:10]]
+    where = SearchFilter(bbox=(-180, north, 180, 90))
+    found = [r["image_id"] for r in nearest(table, query, 10, where, exact_below)]
+    assert found == truth
 
 
 @pytest.mark.ray
