@@ -109,10 +109,11 @@ def _checkpoint(work: Path, given: str | None, preset: str, data: str, epochs: i
     return str(work / "checkpoint")
 
 
-def embedding_throughput(checkpoint: str, images: list[Path], data: str) -> tuple[dict[str, Any], np.ndarray]:
-    """tiles/s of the product's embedding of ``data`` (the ingested ``images``) vs the bare tower; returns the
-    embeddings too."""
-    work = Path(data).parent.parent
+def embedding_throughput(
+    checkpoint: str, images: list[Path], data: str, work: Path
+) -> tuple[dict[str, Any], np.ndarray]:
+    """tiles/s of the product's embedding of ``data`` (the ingested ``images``, into ``work``) vs the bare tower;
+    returns the embeddings too."""
     model, config, _ = ckpt.load_checkpoint(checkpoint)
     model.eval()
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -399,7 +400,7 @@ def main() -> None:
             else "untrained"
         )
         report["checkpoint"] = args.checkpoint or f"{args.config}, {trained}"
-        report["embedding"], real = embedding_throughput(checkpoint, images, data)
+        report["embedding"], real = embedding_throughput(checkpoint, images, data, work)
         model, config, state = ckpt.load_checkpoint(checkpoint)
         corpus = read_corpus([str(RSICD / "captions" / "vt-rsbs_RSICD.csv")])
         captions = sorted({c for record in corpus.records.values() for c in record.captions})
