@@ -366,12 +366,16 @@ def test_the_index_lives_on_s3_too(ray_local: None, built_index: Path, demo_shar
     assert rebuilt["rows"] == 432 and Searcher(f"{s3_bucket}/index").table.count_rows() == 432
 
 
+@pytest.fixture
+def ann_rows(built_index: Path, monkeypatch: pytest.MonkeyPatch) -> pa.Table:
+    """The demo's index rows, with the ANN threshold lowered so that its 432 tiles get an ANN index."""
+    monkeypatch.setattr(index_module, "ANN_THRESHOLD", 200)
+    return index_rows(index_module.read_embeddings(str(built_index / "embeddings.parquet")))
+
+
 @pytest.mark.ray
-def test_an_append_keeps_the_ann_settings_the_index_was_built_with(
-    built_index: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(index_module, "ANN_THRESHOLD", 200)  # the demo's 432 tiles get an ANN index
-    rows = index_rows(index_module.read_embeddings(str(built_index / "embeddings.parquet")))
+def test_an_append_keeps_the_ann_settings_the_index_was_built_with(ann_rows: pa.Table, tmp_path: Path) -> None:
+    rows = ann_rows
     table = index_module.connect(str(tmp_path)).create_table("tiles", data=rows.slice(0, 300))
     pq_settings = index_module.AnnSettings("IVF_PQ", sub_vectors=16, nprobes=4, refine_factor=None)
     meta = index_module.publish(str(tmp_path), table, "v", None, {}, ann=pq_settings)
@@ -383,11 +387,8 @@ def test_an_append_keeps_the_ann_settings_the_index_was_built_with(
 
 
 @pytest.mark.ray
-def test_a_filter_that_keeps_few_rows_ranks_them_exactly(
-    built_index: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(index_module, "ANN_THRESHOLD", 200)  # the demo's 432 tiles get an ANN index
-    rows = index_rows(index_module.read_embeddings(str(built_index / "embeddings.parquet")))
+def test_a_filter_that_keeps_few_rows_ranks_them_exactly(ann_rows: pa.Table, tmp_path: Path) -> None:
+    rows = ann_rows
     table = index_module.connect(str(tmp_path)).create_table("tiles", data=rows)
     coarse = index_module.AnnSettings("IVF_PQ", sub_vectors=4, nprobes=1, refine_factor=None)  # recall suffers
     index_module.publish(str(tmp_path), table, "v", None, {}, ann=coarse)
